@@ -1,0 +1,318 @@
+//! The record ABI shared by the kernel programs (`src/main.rs`, built for bpf) and the
+//! userspace agent (which decodes the ring buffer with these types).
+//!
+//! Every record in the ring buffer starts with a `u32` [`RecordKind`] tag, so userspace can
+//! read the tag first and then the struct it names. All structs are `#[repr(C)]`, made of
+//! fixed-width integers with explicit padding, so that both sides agree byte for byte and
+//! any bit pattern is a valid value (userspace reads them with `read_unaligned`).
+#![cfg_attr(target_arch = "bpf", no_std)]
+
+/// Largest capture per syscall the programs are compiled for. The load-time setting
+/// (`--capture-bytes`) is clamped to it. A power of two: offsets and lengths into the
+/// scratch buffer are masked with `MAX_CAPTURE - 1`, which is how the verifier learns
+/// their bounds for the iovec gather.
+pub const MAX_CAPTURE: usize = 8192;
+
+/// How many iovecs of one readv/writev/recvmsg/sendmsg are gathered. Later iovecs are
+/// not captured (the record says so with [`FLAG_TRUNCATED`]); the total length stays exact.
+pub const MAX_IOVECS: usize = 8;
+
+/// How many `mmsghdr` entries of one sendmmsg/recvmmsg are summed into the total length.
+pub const MAX_MMSG: usize = 8;
+
+/// Bytes of a socket address kept in a [`ConnOpen`] record: a full `sockaddr_un`
+/// (2 bytes family + 108 bytes path) rounded up to a multiple of 8.
+pub const SOCKADDR_BYTES: usize = 112;
+
+/// Bit set in connection ids assigned by userspace (connections found in /proc at start),
+/// so they can never collide with ids assigned by the kernel programs.
+pub const CONN_ID_USERSPACE_BIT: u64 = 1 << 63;
+
+/// The tag at offset 0 of every ring-buffer record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// [`DataHeader`] followed by `cap_len` captured bytes.
+    Data = 1,
+    /// [`ConnOpen`]: a socket of a tracked process became a traced connection.
+    ConnOpen = 2,
+    /// [`ConnClose`]: an fd of a traced connection was closed (or replaced by dup2/dup3).
+    ConnClose = 3,
+    /// [`ConnDup`]: a traced connection got another fd (dup, dup2, dup3, fcntl F_DUPFD*).
+    ConnDup = 4,
+    /// [`FdEpoch`]: close_range(2) invalidated the process's fd table (epoch bump).
+    FdEpoch = 5,
+    /// [`ProcEvent`] for a fork of a tracked process.
+    ProcFork = 6,
+    /// [`ProcEvent`] for any exec on the host (userspace selectors decide what to track).
+    ProcExec = 7,
+    /// [`ProcEvent`] for the exit of a tracked process (its last thread).
+    ProcExit = 8,
+}
+
+impl RecordKind {
+    /// Decodes a tag read from the ring buffer.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Data,
+            2 => Self::ConnOpen,
+            3 => Self::ConnClose,
+            4 => Self::ConnDup,
+            5 => Self::FdEpoch,
+            6 => Self::ProcFork,
+            7 => Self::ProcExec,
+            8 => Self::ProcExit,
+            _ => return None,
+        })
+    }
+}
+
+/// Which syscall produced a data record.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Syscall {
+    Read = 1,
+    Write = 2,
+    Readv = 3,
+    Writev = 4,
+    Recvfrom = 5,
+    Sendto = 6,
+    Recvmsg = 7,
+    Sendmsg = 8,
+    Recvmmsg = 9,
+    Sendmmsg = 10,
+    Sendfile = 11,
+}
+
+impl Syscall {
+    /// All data syscalls, in tag order.
+    pub const ALL: [Syscall; 11] = [
+        Self::Read,
+        Self::Write,
+        Self::Readv,
+        Self::Writev,
+        Self::Recvfrom,
+        Self::Sendto,
+        Self::Recvmsg,
+        Self::Sendmsg,
+        Self::Recvmmsg,
+        Self::Sendmmsg,
+        Self::Sendfile,
+    ];
+
+    /// Decodes a tag from a data record.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(v).wrapping_sub(1)).copied()
+    }
+
+    /// The syscall's name as in `man 2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Readv => "readv",
+            Self::Writev => "writev",
+            Self::Recvfrom => "recvfrom",
+            Self::Sendto => "sendto",
+            Self::Recvmsg => "recvmsg",
+            Self::Sendmsg => "sendmsg",
+            Self::Recvmmsg => "recvmmsg",
+            Self::Sendmmsg => "sendmmsg",
+            Self::Sendfile => "sendfile",
+        }
+    }
+
+    /// Whether the process received (`true`) or sent (`false`) these bytes.
+    pub fn is_recv(self) -> bool {
+        matches!(self, Self::Read | Self::Readv | Self::Recvfrom | Self::Recvmsg | Self::Recvmmsg)
+    }
+}
+
+/// Data direction, from the traced process's point of view.
+pub const DIR_RECV: u8 = 1;
+/// Data direction, from the traced process's point of view.
+pub const DIR_SEND: u8 = 2;
+
+/// `cap_len < total_len`: the capture holds only a prefix of what the syscall moved.
+pub const FLAG_TRUNCATED: u8 = 1;
+/// Reading the user buffer faulted; `cap_len` is 0 (or what was gathered before the fault).
+pub const FLAG_FAULT: u8 = 2;
+/// A counted-only syscall (sendfile, sendmmsg, recvmmsg): no bytes are captured.
+pub const FLAG_NO_CAPTURE: u8 = 4;
+
+/// Header of a [`RecordKind::Data`] record; `cap_len` captured bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DataHeader {
+    pub kind: u32,
+    pub cap_len: u32,
+    /// Syscall entry, `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub enter_ns: u64,
+    /// Syscall exit, same clock.
+    pub exit_ns: u64,
+    pub conn_id: u64,
+    /// The syscall's return value: bytes moved (for the mmsg calls, summed over the
+    /// first [`MAX_MMSG`] messages).
+    pub total_len: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    pub syscall: u8,
+    pub dir: u8,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Role of a traced connection.
+pub const ROLE_UNCONNECTED: u8 = 0;
+/// We accepted it: the process is the server.
+pub const ROLE_SERVER: u8 = 1;
+/// We connected it: the process is the client.
+pub const ROLE_CLIENT: u8 = 2;
+
+/// A [`RecordKind::ConnOpen`] record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnOpen {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub tid: u32,
+    pub fd: u32,
+    pub role: u8,
+    /// Non-zero when `connect` returned EINPROGRESS (non-blocking; completes later).
+    pub in_progress: u8,
+    pub _pad: u16,
+    /// Valid bytes of `addr`; 0 when the syscall gave no address (accept with NULL).
+    pub addr_len: u32,
+    /// The peer's `struct sockaddr` as the syscall had it (raw, family first).
+    pub addr: [u8; SOCKADDR_BYTES],
+}
+
+/// A [`RecordKind::ConnClose`] or [`RecordKind::ConnDup`] record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnFd {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub tid: u32,
+    pub fd: u32,
+}
+
+/// A [`RecordKind::FdEpoch`] record: close_range(2) closed fds `[lo, hi]` and moved the
+/// process's fd table to `epoch`. Userspace re-enters the connections outside the range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FdEpoch {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ts_ns: u64,
+    pub lo: u32,
+    pub hi: u32,
+    pub epoch: u32,
+    pub _pad: u32,
+}
+
+/// A [`RecordKind::ProcFork`], [`RecordKind::ProcExec`] or [`RecordKind::ProcExit`] record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcEvent {
+    pub kind: u32,
+    /// The process (fork: the new child's pid; exec/exit: the process).
+    pub pid: u32,
+    pub ts_ns: u64,
+    /// fork: the parent's tgid; exec: 1 if the process is tracked; exit: 0.
+    pub arg: u32,
+    /// exec of a tracked process: its new fd-table epoch (CLOEXEC fds are gone).
+    pub epoch: u32,
+}
+
+/// Key of the socket table: an fd of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// Value of the socket table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockVal {
+    /// 0 while the socket is not connected yet (`socket()` seen, `connect` not yet).
+    pub conn_id: u64,
+    /// The process's fd-table epoch when this entry was made; a stale entry is ignored.
+    pub epoch: u32,
+    pub role: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the tracked-process table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcVal {
+    /// Bumped on exec and close_range; socket entries from an older epoch are stale.
+    pub epoch: u32,
+    pub _pad: u32,
+}
+
+/// Indexes of the per-CPU counter array `COUNTERS`. Loss counters first.
+pub mod counter {
+    /// Data records dropped because the ring buffer was full.
+    pub const RING_FULL_DATA: u32 = 0;
+    /// Connection and process records dropped because the ring buffer was full.
+    pub const RING_FULL_CONTROL: u32 = 1;
+    /// Data records whose capture is shorter than the syscall's length.
+    pub const CAPTURE_TRUNCATED: u32 = 2;
+    /// Reads of user memory that faulted (buffer, iovec, msghdr or sockaddr).
+    pub const READ_FAULT: u32 = 3;
+    /// Sockets not traced because the socket table was full.
+    pub const SOCK_TABLE_FULL: u32 = 4;
+    /// Syscalls not traced because the in-flight syscall table was full.
+    pub const INFLIGHT_TABLE_FULL: u32 = 5;
+    /// Child processes not tracked because the process table was full.
+    pub const PROC_TABLE_FULL: u32 = 6;
+    /// Bytes of data records dropped because the ring buffer was full (their total lengths).
+    pub const RING_FULL_DATA_BYTES: u32 = 7;
+    /// Data records written to the ring buffer.
+    pub const DATA_RECORDS: u32 = 8;
+    /// Bytes captured into data records.
+    pub const CAPTURED_BYTES: u32 = 9;
+    /// recv/recvfrom/recvmsg calls with MSG_PEEK, not recorded (the data is read again).
+    pub const PEEK_SKIPPED: u32 = 10;
+    /// Number of counters.
+    pub const COUNT: u32 = 11;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    //! Map keys and values userspace reads and writes through aya.
+    use super::*;
+
+    // SAFETY: #[repr(C)] structs of integers with explicit padding: no uninitialised bytes,
+    // every bit pattern valid.
+    unsafe impl aya::Pod for SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockVal {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ProcVal {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+mod host {
+    //! Compile-time checks of the layout both sides rely on.
+    use super::*;
+    use core::mem::size_of;
+
+    const _: () = assert!(size_of::<DataHeader>() == 56);
+    const _: () = assert!(size_of::<ConnOpen>() == 40 + SOCKADDR_BYTES);
+    const _: () = assert!(size_of::<ConnFd>() == 32);
+    const _: () = assert!(size_of::<FdEpoch>() == 32);
+    const _: () = assert!(size_of::<ProcEvent>() == 24);
+    const _: () = assert!(size_of::<SockKey>() == 8);
+    const _: () = assert!(size_of::<SockVal>() == 16);
+    const _: () = assert!(MAX_CAPTURE.is_power_of_two());
+}

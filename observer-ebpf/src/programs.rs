@@ -1,0 +1,946 @@
+//! The tracepoint programs. See `lib.rs` for the records they emit.
+//!
+//! Shape of every traced syscall: the `sys_enter_*` program checks that the calling process
+//! is tracked (and, for data syscalls, that the fd is a known connected socket of the
+//! current fd-table epoch) and stashes the arguments in `INFLIGHT` under the thread's
+//! pid_tgid; the `sys_exit_*` program takes the stash back and, on success, emits a record.
+//! Syscall tracepoint records: arguments are 8-byte slots from offset 16; `ret` of an
+//! exit is at offset 16 (see /sys/kernel/tracing/events/syscalls/*/format).
+
+use core::{mem::size_of, ptr::addr_of_mut};
+
+use aya_ebpf::{
+    EbpfContext, Global,
+    bindings::BPF_NOEXIST,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user,
+        generated::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user as read_user_raw},
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use observer_ebpf::{
+    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_TRUNCATED, FdEpoch,
+    MAX_CAPTURE, MAX_IOVECS, MAX_MMSG, ProcEvent, ProcVal, ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED,
+    RecordKind, SOCKADDR_BYTES, SockKey, SockVal, Syscall, counter,
+};
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// The observer's own TGID: never traced, whatever the selectors say.
+#[unsafe(no_mangle)]
+static OWN_TGID: Global<u32> = Global::new(0);
+
+/// Bytes captured per syscall (`--capture-bytes`), clamped to `MAX_CAPTURE`.
+#[unsafe(no_mangle)]
+static CAPTURE_BYTES: Global<u32> = Global::new(4096);
+
+/// All records, in order. Userspace sets the size (`--ring-buffer-bytes`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+
+/// Tracked processes by TGID. Userspace adds the selected ones; forks add children.
+#[map]
+static TRACKED: HashMap<u32, ProcVal> = HashMap::with_max_entries(8192, 0);
+
+/// Sockets of tracked processes: (tgid, fd) -> connection. Sized by `--max-connections`.
+#[map]
+static SOCKS: HashMap<SockKey, SockVal> = HashMap::with_max_entries(65536, 0);
+
+/// Arguments of syscalls in flight, by pid_tgid (one syscall per thread at a time).
+#[map]
+static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
+
+/// Scratch space for a data record: header plus up to 2 * MAX_CAPTURE bytes (the upper
+/// half only exists so the verifier can bound "masked offset + clamped length").
+#[map]
+static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU sequence for connection ids.
+#[map]
+static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Loss and activity counters, indexed by `observer_ebpf::counter`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[repr(C)]
+struct DataRecord {
+    hdr: DataHeader,
+    data: [u8; 2 * MAX_CAPTURE],
+}
+
+const HDR: usize = size_of::<DataHeader>();
+
+/// What a thread is in the middle of. `op` is a `Syscall` tag (1..=11) or one of the OP_*.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Inflight {
+    enter_ns: u64,
+    /// buffer / iovec array / msghdr / sockaddr pointer
+    ptr: u64,
+    /// count / vlen / addrlen pointer / new fd / clone flags
+    arg: u64,
+    conn_id: u64,
+    fd: u32,
+    op: u8,
+    _pad: [u8; 3],
+}
+
+const OP_SOCKET: u8 = 32;
+const OP_CONNECT: u8 = 33;
+const OP_ACCEPT: u8 = 34;
+const OP_DUP: u8 = 35;
+const OP_CLONE: u8 = 36;
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u64 = 1;
+const SOCK_TYPE_MASK: u64 = 0xf;
+const MSG_PEEK: u64 = 2;
+const EINPROGRESS: i64 = 115;
+const CLONE_THREAD: u64 = 0x10000;
+const CLOSE_RANGE_CLOEXEC: u64 = 4;
+const F_DUPFD: u64 = 0;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+const NO_FD: u64 = u64::MAX;
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+/// Reads syscall argument `n` (0-based) of a `sys_enter_*` record, or `ret` (n = 0) of a
+/// `sys_exit_*` record. Tracepoint contexts may be read directly within the record.
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: the tracepoint record holds 8-byte slots from offset 16; n is a constant
+    // below 6 at every call site, so the read stays inside the record.
+    unsafe { core::ptr::read_unaligned((ctx.as_ptr() as *const u8).add(16 + 8 * n) as *const u64) }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn count(idx: u32, n: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot of this map; programs do not nest on one CPU.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+fn own_tgid(tgid: u32) -> bool {
+    tgid == OWN_TGID.load()
+}
+
+/// The tracked-process entry of the caller, unless it is the observer itself.
+#[inline(always)]
+fn tracked(tgid: u32) -> Option<ProcVal> {
+    if own_tgid(tgid) {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    unsafe { TRACKED.get(&tgid).copied() }
+}
+
+/// The socket entry of (tgid, fd) if it belongs to the current fd-table epoch.
+#[inline(always)]
+fn socket(tgid: u32, fd: u32, proc_: &ProcVal) -> Option<SockVal> {
+    // SAFETY: the value is copied out at once.
+    let s = unsafe { SOCKS.get(&SockKey { tgid, fd }).copied() }?;
+    if s.epoch != proc_.epoch {
+        return None;
+    }
+    Some(s)
+}
+
+#[inline(always)]
+fn stash(pid_tgid: u64, op: u8, fd: u32, ptr: u64, arg: u64, conn_id: u64) {
+    let v = Inflight { enter_ns: now(), ptr, arg, conn_id, fd, op, _pad: [0; 3] };
+    if INFLIGHT.insert(&pid_tgid, &v, 0).is_err() {
+        count(counter::INFLIGHT_TABLE_FULL, 1);
+    }
+}
+
+/// Takes the caller's stash back if it is for `op`.
+#[inline(always)]
+fn unstash(pid_tgid: u64, op: u8) -> Option<Inflight> {
+    // SAFETY: the value is copied out before the entry is removed.
+    let v = unsafe { INFLIGHT.get(&pid_tgid).copied() }?;
+    let _ = INFLIGHT.remove(&pid_tgid);
+    if v.op != op {
+        return None;
+    }
+    Some(v)
+}
+
+#[inline(always)]
+fn next_conn_id() -> u64 {
+    let Some(p) = CONN_SEQ.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU slot; programs do not nest on one CPU.
+    let seq = unsafe {
+        *p += 1;
+        *p
+    };
+    // SAFETY: helper without arguments.
+    let cpu = u64::from(unsafe { bpf_get_smp_processor_id() }) & 0xfff;
+    (seq << 12) | cpu
+}
+
+#[inline(always)]
+fn capture_limit() -> u64 {
+    let c = u64::from(CAPTURE_BYTES.load());
+    if c > MAX_CAPTURE as u64 { MAX_CAPTURE as u64 } else { c }
+}
+
+/// Copies `len` (<= MAX_CAPTURE) user bytes from `src` to `dst + off` (off < MAX_CAPTURE).
+/// Returns false on a fault.
+#[inline(always)]
+fn read_into(data: *mut u8, off: u64, len: u64, src: u64) -> bool {
+    let o = (off & (MAX_CAPTURE as u64 - 1)) as usize;
+    let mut l = len;
+    if l > MAX_CAPTURE as u64 {
+        l = MAX_CAPTURE as u64;
+    }
+    if l == 0 {
+        return true;
+    }
+    // SAFETY: o < MAX_CAPTURE and l <= MAX_CAPTURE, and data points to 2 * MAX_CAPTURE
+    // bytes of the scratch map value; the helper checks the user pointer itself.
+    unsafe { read_user_raw(data.add(o).cast(), l as u32, src as *const _) == 0 }
+}
+
+// ---------------------------------------------------------------------------------------
+// Data syscalls
+// ---------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn enter_data(sys: Syscall, fd: u64, ptr: u64, len: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(p) = tracked(tgid) else { return };
+    let Some(s) = socket(tgid, fd as u32, &p) else { return };
+    if s.role == ROLE_UNCONNECTED {
+        return;
+    }
+    stash(pid_tgid, sys as u8, fd as u32, ptr, len, s.conn_id);
+}
+
+/// How the exit program finds the bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// One buffer: `ptr`.
+    Flat,
+    /// An iovec array `ptr` with `arg` entries.
+    Iov,
+    /// A `struct user_msghdr` at `ptr`.
+    Msg,
+    /// Nothing captured; `ret` is the byte count.
+    Counted,
+    /// Nothing captured; `ret` is a message count, sum `msg_len` of the mmsghdr array.
+    Mmsg,
+}
+
+#[inline(always)]
+fn exit_data(ctx: &TracePointContext, sys: Syscall, shape: Shape) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inf) = unstash(pid_tgid, sys as u8) else { return };
+    let ret = arg(ctx, 0) as i64;
+    if ret <= 0 {
+        return;
+    }
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: rec points to this CPU's scratch value; fields are written in place so no
+    // large temporary lands on the 512-byte stack.
+    let data: *mut u8 = unsafe { addr_of_mut!((*rec).data).cast() };
+
+    let mut total = ret as u64;
+    let mut flags = 0u8;
+    let want = {
+        let c = capture_limit();
+        if total < c { total } else { c }
+    };
+    let mut got: u64 = 0;
+    match shape {
+        Shape::Flat => {
+            if read_into(data, 0, want, inf.ptr) {
+                got = want;
+            } else {
+                flags |= FLAG_FAULT;
+            }
+        }
+        Shape::Iov | Shape::Msg => {
+            let (mut iov, mut vlen) = (inf.ptr, inf.arg);
+            if shape == Shape::Msg {
+                // struct user_msghdr: msg_iov @16, msg_iovlen @24
+                // SAFETY: the helper checks the user pointer.
+                let hdr = unsafe { bpf_probe_read_user((inf.ptr + 16) as *const [u64; 2]) };
+                match hdr {
+                    Ok([i, n]) => {
+                        iov = i;
+                        vlen = n;
+                    }
+                    Err(_) => {
+                        vlen = 0;
+                        flags |= FLAG_FAULT;
+                    }
+                }
+            }
+            for i in 0..MAX_IOVECS as u64 {
+                if i >= vlen || got >= want {
+                    break;
+                }
+                // SAFETY: the helper checks the user pointer.
+                let Ok([base, len]) = (unsafe { bpf_probe_read_user((iov + 16 * i) as *const [u64; 2]) })
+                else {
+                    flags |= FLAG_FAULT;
+                    break;
+                };
+                let room = want - got;
+                let n = if len < room { len } else { room };
+                if !read_into(data, got, n, base) {
+                    flags |= FLAG_FAULT;
+                    break;
+                }
+                got += n;
+            }
+        }
+        Shape::Counted => flags |= FLAG_NO_CAPTURE,
+        Shape::Mmsg => {
+            flags |= FLAG_NO_CAPTURE;
+            // struct mmsghdr { struct user_msghdr msg_hdr (56 bytes); unsigned msg_len; }
+            let mut sum = 0u64;
+            for i in 0..MAX_MMSG as u64 {
+                if i >= total {
+                    break;
+                }
+                // SAFETY: the helper checks the user pointer.
+                match unsafe { bpf_probe_read_user((inf.ptr + 64 * i + 56) as *const u32) } {
+                    Ok(l) => sum += u64::from(l),
+                    Err(_) => {
+                        flags |= FLAG_FAULT;
+                        break;
+                    }
+                }
+            }
+            total = sum;
+        }
+    }
+    if got > MAX_CAPTURE as u64 {
+        got = MAX_CAPTURE as u64;
+    }
+    if flags & FLAG_FAULT != 0 {
+        count(counter::READ_FAULT, 1);
+    }
+    if got < total && flags & FLAG_NO_CAPTURE == 0 {
+        flags |= FLAG_TRUNCATED;
+        count(counter::CAPTURE_TRUNCATED, 1);
+    }
+
+    // SAFETY: rec is this CPU's scratch value (see above).
+    unsafe {
+        let h = addr_of_mut!((*rec).hdr);
+        (*h).kind = RecordKind::Data as u32;
+        (*h).cap_len = got as u32;
+        (*h).enter_ns = inf.enter_ns;
+        (*h).exit_ns = now();
+        (*h).conn_id = inf.conn_id;
+        (*h).total_len = total;
+        (*h).tgid = (pid_tgid >> 32) as u32;
+        (*h).tid = pid_tgid as u32;
+        (*h).fd = inf.fd;
+        (*h).syscall = sys as u8;
+        (*h).dir = if sys.is_recv() { DIR_RECV } else { DIR_SEND };
+        (*h).flags = flags;
+        (*h)._pad = 0;
+    }
+    let len = HDR + got as usize;
+    // SAFETY: len <= HDR + MAX_CAPTURE <= size_of::<DataRecord>(), inside the map value.
+    let bytes = unsafe { core::slice::from_raw_parts(rec as *const u8, len) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
+        count(counter::DATA_RECORDS, 1);
+        count(counter::CAPTURED_BYTES, got);
+    } else {
+        count(counter::RING_FULL_DATA, 1);
+        count(counter::RING_FULL_DATA_BYTES, total);
+    }
+}
+
+macro_rules! data_programs {
+    ($enter:ident, $exit:ident, $sys:expr, $shape:expr, |$ctx:ident| $args:expr) => {
+        #[tracepoint]
+        pub fn $enter($ctx: TracePointContext) -> u32 {
+            let (fd, ptr, len) = $args;
+            enter_data($sys, fd, ptr, len);
+            0
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit_data(&ctx, $sys, $shape);
+            0
+        }
+    };
+}
+
+data_programs!(sys_enter_read, sys_exit_read, Syscall::Read, Shape::Flat, |c| (
+    arg(&c, 0),
+    arg(&c, 1),
+    arg(&c, 2)
+));
+data_programs!(sys_enter_write, sys_exit_write, Syscall::Write, Shape::Flat, |c| (
+    arg(&c, 0),
+    arg(&c, 1),
+    arg(&c, 2)
+));
+data_programs!(sys_enter_readv, sys_exit_readv, Syscall::Readv, Shape::Iov, |c| (
+    arg(&c, 0),
+    arg(&c, 1),
+    arg(&c, 2)
+));
+data_programs!(sys_enter_writev, sys_exit_writev, Syscall::Writev, Shape::Iov, |c| (
+    arg(&c, 0),
+    arg(&c, 1),
+    arg(&c, 2)
+));
+data_programs!(sys_enter_sendto, sys_exit_sendto, Syscall::Sendto, Shape::Flat, |c| (
+    arg(&c, 0),
+    arg(&c, 1),
+    arg(&c, 2)
+));
+data_programs!(sys_enter_sendmsg, sys_exit_sendmsg, Syscall::Sendmsg, Shape::Msg, |c| (
+    arg(&c, 0),
+    arg(&c, 1),
+    0
+));
+data_programs!(sys_enter_sendmmsg, sys_exit_sendmmsg, Syscall::Sendmmsg, Shape::Mmsg, |c| (
+    arg(&c, 0),
+    arg(&c, 1),
+    0
+));
+data_programs!(sys_enter_recvmmsg, sys_exit_recvmmsg, Syscall::Recvmmsg, Shape::Mmsg, |c| (
+    arg(&c, 0),
+    arg(&c, 1),
+    0
+));
+// sendfile64(out_fd, in_fd, offset, count): the socket is out_fd.
+data_programs!(sys_enter_sendfile64, sys_exit_sendfile64, Syscall::Sendfile, Shape::Counted, |c| (
+    arg(&c, 0),
+    0,
+    0
+));
+
+/// recvfrom and recvmsg skip MSG_PEEK: peeked bytes are read again by a later call.
+#[inline(always)]
+fn enter_recv(sys: Syscall, fd: u64, ptr: u64, len: u64, flags: u64) {
+    if flags & MSG_PEEK != 0 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if tracked(tgid).is_some() {
+            count(counter::PEEK_SKIPPED, 1);
+        }
+        return;
+    }
+    enter_data(sys, fd, ptr, len);
+}
+
+#[tracepoint]
+pub fn sys_enter_recvfrom(c: TracePointContext) -> u32 {
+    // recvfrom(fd, ubuf, size, flags, addr, addr_len)
+    enter_recv(Syscall::Recvfrom, arg(&c, 0), arg(&c, 1), arg(&c, 2), arg(&c, 3));
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_recvfrom(c: TracePointContext) -> u32 {
+    exit_data(&c, Syscall::Recvfrom, Shape::Flat);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_recvmsg(c: TracePointContext) -> u32 {
+    // recvmsg(fd, msg, flags)
+    enter_recv(Syscall::Recvmsg, arg(&c, 0), arg(&c, 1), 0, arg(&c, 2));
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_recvmsg(c: TracePointContext) -> u32 {
+    exit_data(&c, Syscall::Recvmsg, Shape::Msg);
+    0
+}
+
+// ---------------------------------------------------------------------------------------
+// Connections: socket, connect, accept, close, dup*, fcntl, close_range
+// ---------------------------------------------------------------------------------------
+
+#[tracepoint]
+pub fn sys_enter_socket(c: TracePointContext) -> u32 {
+    // socket(family, type, protocol): only IPv4, IPv6 and Unix stream sockets.
+    let family = arg(&c, 0) as u16;
+    let ty = arg(&c, 1);
+    if !matches!(family, AF_UNIX | AF_INET | AF_INET6) || ty & SOCK_TYPE_MASK != SOCK_STREAM {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if tracked((pid_tgid >> 32) as u32).is_some() {
+        stash(pid_tgid, OP_SOCKET, 0, 0, 0, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_socket(c: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if unstash(pid_tgid, OP_SOCKET).is_none() {
+        return 0;
+    }
+    let fd = arg(&c, 0) as i64;
+    let tgid = (pid_tgid >> 32) as u32;
+    if fd < 0 {
+        return 0;
+    }
+    let Some(p) = tracked(tgid) else { return 0 };
+    let v = SockVal { conn_id: 0, epoch: p.epoch, role: ROLE_UNCONNECTED, _pad: [0; 3] };
+    if SOCKS.insert(&SockKey { tgid, fd: fd as u32 }, &v, 0).is_err() {
+        count(counter::SOCK_TABLE_FULL, 1);
+    }
+    0
+}
+
+/// Emits a ConnOpen record, copying the peer address from user memory at `addr`.
+/// `addr_len` is the caller's buffer size (the kernel's result for accept).
+#[inline(always)]
+fn emit_open(pid_tgid: u64, fd: u32, conn_id: u64, role: u8, in_progress: bool, addr: u64, addr_len: u64) {
+    let Some(mut e) = EVENTS.reserve::<ConnOpen>(0) else {
+        count(counter::RING_FULL_CONTROL, 1);
+        return;
+    };
+    let p = e.as_mut_ptr();
+    let mut n = 0u64;
+    if addr != 0 {
+        n = if addr_len > SOCKADDR_BYTES as u64 { SOCKADDR_BYTES as u64 } else { addr_len };
+    }
+    // SAFETY: p points to a reserved ConnOpen in the ring buffer; n <= SOCKADDR_BYTES.
+    unsafe {
+        (*p).kind = RecordKind::ConnOpen as u32;
+        (*p).tgid = (pid_tgid >> 32) as u32;
+        (*p).ts_ns = now();
+        (*p).conn_id = conn_id;
+        (*p).tid = pid_tgid as u32;
+        (*p).fd = fd;
+        (*p).role = role;
+        (*p).in_progress = u8::from(in_progress);
+        (*p)._pad = 0;
+        let dst: *mut u8 = addr_of_mut!((*p).addr).cast();
+        if n > 0 && read_user_raw(dst.cast(), n as u32, addr as *const _) != 0 {
+            count(counter::READ_FAULT, 1);
+            n = 0;
+        }
+        (*p).addr_len = n as u32;
+    }
+    e.submit(0);
+}
+
+#[inline(always)]
+fn emit_fd(kind: RecordKind, pid_tgid: u64, fd: u32, conn_id: u64) {
+    let Some(mut e) = EVENTS.reserve::<ConnFd>(0) else {
+        count(counter::RING_FULL_CONTROL, 1);
+        return;
+    };
+    let p = e.as_mut_ptr();
+    // SAFETY: p points to a reserved ConnFd in the ring buffer.
+    unsafe {
+        (*p).kind = kind as u32;
+        (*p).tgid = (pid_tgid >> 32) as u32;
+        (*p).ts_ns = now();
+        (*p).conn_id = conn_id;
+        (*p).tid = pid_tgid as u32;
+        (*p).fd = fd;
+    }
+    e.submit(0);
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(c: TracePointContext) -> u32 {
+    // connect(fd, uservaddr, addrlen)
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(p) = tracked(tgid) else { return 0 };
+    let fd = arg(&c, 0) as u32;
+    // Only stream sockets whose socket() we saw (or that /proc showed unconnected).
+    let Some(s) = socket(tgid, fd, &p) else { return 0 };
+    if s.role != ROLE_UNCONNECTED {
+        return 0;
+    }
+    stash(pid_tgid, OP_CONNECT, fd, arg(&c, 1), arg(&c, 2), 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(c: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inf) = unstash(pid_tgid, OP_CONNECT) else { return 0 };
+    let ret = arg(&c, 0) as i64;
+    // A non-blocking connect returns EINPROGRESS and completes later: trace it from now,
+    // the first successful read or write proves the connection.
+    if ret != 0 && ret != -EINPROGRESS {
+        return 0;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(p) = tracked(tgid) else { return 0 };
+    let conn_id = next_conn_id();
+    let v = SockVal { conn_id, epoch: p.epoch, role: ROLE_CLIENT, _pad: [0; 3] };
+    if SOCKS.insert(&SockKey { tgid, fd: inf.fd }, &v, 0).is_err() {
+        count(counter::SOCK_TABLE_FULL, 1);
+        return 0;
+    }
+    emit_open(pid_tgid, inf.fd, conn_id, ROLE_CLIENT, ret != 0, inf.ptr, inf.arg);
+    0
+}
+
+#[inline(always)]
+fn enter_accept(c: &TracePointContext) {
+    // accept(fd, upeer_sockaddr, upeer_addrlen) / accept4(..., flags)
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if tracked((pid_tgid >> 32) as u32).is_some() {
+        stash(pid_tgid, OP_ACCEPT, arg(c, 0) as u32, arg(c, 1), arg(c, 2), 0);
+    }
+}
+
+#[inline(always)]
+fn exit_accept(c: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inf) = unstash(pid_tgid, OP_ACCEPT) else { return };
+    let fd = arg(c, 0) as i64;
+    if fd < 0 {
+        return;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(p) = tracked(tgid) else { return };
+    let mut addr_len = 0u64;
+    if inf.ptr != 0 && inf.arg != 0 {
+        // SAFETY: the helper checks the user pointer.
+        if let Ok(l) = unsafe { bpf_probe_read_user(inf.arg as *const i32) } {
+            addr_len = if l > 0 { l as u64 } else { 0 };
+        }
+        // The family tells whether this is a socket kind we trace.
+        // SAFETY: the helper checks the user pointer.
+        if let Ok(family) = unsafe { bpf_probe_read_user(inf.ptr as *const u16) } {
+            if addr_len >= 2 && !matches!(family, AF_UNIX | AF_INET | AF_INET6) {
+                return;
+            }
+        }
+    }
+    let conn_id = next_conn_id();
+    let v = SockVal { conn_id, epoch: p.epoch, role: ROLE_SERVER, _pad: [0; 3] };
+    if SOCKS.insert(&SockKey { tgid, fd: fd as u32 }, &v, 0).is_err() {
+        count(counter::SOCK_TABLE_FULL, 1);
+        return;
+    }
+    emit_open(pid_tgid, fd as u32, conn_id, ROLE_SERVER, false, inf.ptr, addr_len);
+}
+
+#[tracepoint]
+pub fn sys_enter_accept(c: TracePointContext) -> u32 {
+    enter_accept(&c);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(c: TracePointContext) -> u32 {
+    exit_accept(&c);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_accept4(c: TracePointContext) -> u32 {
+    enter_accept(&c);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(c: TracePointContext) -> u32 {
+    exit_accept(&c);
+    0
+}
+
+/// Forgets (tgid, fd); says so to userspace if it was a connection of the current epoch.
+#[inline(always)]
+fn forget_fd(pid_tgid: u64, fd: u32, p: &ProcVal) {
+    let key = SockKey { tgid: (pid_tgid >> 32) as u32, fd };
+    // SAFETY: the value is copied out at once.
+    let Some(s) = (unsafe { SOCKS.get(&key).copied() }) else { return };
+    let _ = SOCKS.remove(&key);
+    if s.epoch == p.epoch && s.role != ROLE_UNCONNECTED {
+        emit_fd(RecordKind::ConnClose, pid_tgid, fd, s.conn_id);
+    }
+}
+
+#[tracepoint]
+pub fn sys_enter_close(c: TracePointContext) -> u32 {
+    // close(fd): the fd is released even when close reports an error (but EBADF).
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(p) = tracked((pid_tgid >> 32) as u32) else { return 0 };
+    forget_fd(pid_tgid, arg(&c, 0) as u32, &p);
+    0
+}
+
+#[inline(always)]
+fn enter_dup(oldfd: u64, newfd: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if tracked((pid_tgid >> 32) as u32).is_some() {
+        stash(pid_tgid, OP_DUP, oldfd as u32, 0, newfd, 0);
+    }
+}
+
+/// After dup/dup2/dup3/fcntl(F_DUPFD*) returned `newfd`: a socket that was at newfd is
+/// gone (dup2/dup3 close it), and newfd now names the same socket as oldfd.
+#[inline(always)]
+fn exit_dup(c: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inf) = unstash(pid_tgid, OP_DUP) else { return };
+    let ret = arg(c, 0) as i64;
+    if ret < 0 || ret as u32 == inf.fd {
+        return;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(p) = tracked(tgid) else { return };
+    let newfd = ret as u32;
+    forget_fd(pid_tgid, newfd, &p);
+    let Some(s) = socket(tgid, inf.fd, &p) else { return };
+    if SOCKS.insert(&SockKey { tgid, fd: newfd }, &s, 0).is_err() {
+        count(counter::SOCK_TABLE_FULL, 1);
+        return;
+    }
+    if s.role != ROLE_UNCONNECTED {
+        emit_fd(RecordKind::ConnDup, pid_tgid, newfd, s.conn_id);
+    }
+}
+
+#[tracepoint]
+pub fn sys_enter_dup(c: TracePointContext) -> u32 {
+    enter_dup(arg(&c, 0), NO_FD);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_dup(c: TracePointContext) -> u32 {
+    exit_dup(&c);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_dup2(c: TracePointContext) -> u32 {
+    enter_dup(arg(&c, 0), arg(&c, 1));
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_dup2(c: TracePointContext) -> u32 {
+    exit_dup(&c);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_dup3(c: TracePointContext) -> u32 {
+    enter_dup(arg(&c, 0), arg(&c, 1));
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_dup3(c: TracePointContext) -> u32 {
+    exit_dup(&c);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_fcntl(c: TracePointContext) -> u32 {
+    // fcntl(fd, cmd, arg): only the duplicating commands matter.
+    let cmd = arg(&c, 1);
+    if cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC {
+        enter_dup(arg(&c, 0), NO_FD);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_fcntl(c: TracePointContext) -> u32 {
+    exit_dup(&c);
+    0
+}
+
+/// Moves the process to a new fd-table epoch (every socket entry becomes stale) and tells
+/// userspace, which re-enters the connections that are still open.
+#[inline(always)]
+fn bump_epoch(tgid: u32, p: &ProcVal) -> u32 {
+    let epoch = p.epoch.wrapping_add(1);
+    let v = ProcVal { epoch, _pad: 0 };
+    let _ = TRACKED.insert(&tgid, &v, 0);
+    epoch
+}
+
+#[tracepoint]
+pub fn sys_enter_close_range(c: TracePointContext) -> u32 {
+    // close_range(fd, max_fd, flags); CLOSE_RANGE_CLOEXEC only marks them (exec closes).
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(p) = tracked(tgid) else { return 0 };
+    if arg(&c, 2) & CLOSE_RANGE_CLOEXEC != 0 {
+        return 0;
+    }
+    let epoch = bump_epoch(tgid, &p);
+    let Some(mut e) = EVENTS.reserve::<FdEpoch>(0) else {
+        count(counter::RING_FULL_CONTROL, 1);
+        return 0;
+    };
+    let r = e.as_mut_ptr();
+    // SAFETY: r points to a reserved FdEpoch in the ring buffer.
+    unsafe {
+        (*r).kind = RecordKind::FdEpoch as u32;
+        (*r).tgid = tgid;
+        (*r).ts_ns = now();
+        (*r).lo = arg(&c, 0) as u32;
+        (*r).hi = arg(&c, 1) as u32;
+        (*r).epoch = epoch;
+        (*r)._pad = 0;
+    }
+    e.submit(0);
+    0
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes: clone flags, fork, exec, exit
+// ---------------------------------------------------------------------------------------
+
+#[tracepoint]
+pub fn sys_enter_clone(c: TracePointContext) -> u32 {
+    // clone(clone_flags, ...) on x86_64
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if tracked((pid_tgid >> 32) as u32).is_some() {
+        stash(pid_tgid, OP_CLONE, 0, 0, arg(&c, 0), 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_clone3(c: TracePointContext) -> u32 {
+    // clone3(uargs, size): struct clone_args starts with u64 flags.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if tracked((pid_tgid >> 32) as u32).is_none() {
+        return 0;
+    }
+    // SAFETY: the helper checks the user pointer.
+    let flags = unsafe { bpf_probe_read_user(arg(&c, 0) as *const u64) }.unwrap_or(0);
+    stash(pid_tgid, OP_CLONE, 0, 0, flags, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_clone(_c: TracePointContext) -> u32 {
+    let _ = unstash(bpf_get_current_pid_tgid(), OP_CLONE);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_clone3(_c: TracePointContext) -> u32 {
+    let _ = unstash(bpf_get_current_pid_tgid(), OP_CLONE);
+    0
+}
+
+#[inline(always)]
+fn emit_proc(kind: RecordKind, pid: u32, arg: u32, epoch: u32) {
+    let Some(mut e) = EVENTS.reserve::<ProcEvent>(0) else {
+        count(counter::RING_FULL_CONTROL, 1);
+        return;
+    };
+    let r = e.as_mut_ptr();
+    // SAFETY: r points to a reserved ProcEvent in the ring buffer.
+    unsafe {
+        (*r).kind = kind as u32;
+        (*r).pid = pid;
+        (*r).ts_ns = now();
+        (*r).arg = arg;
+        (*r).epoch = epoch;
+    }
+    e.submit(0);
+}
+
+/// A tracked process's new child is tracked too (pre-forked gunicorn/uwsgi workers).
+/// It fires in the parent before the child first runs, so no child syscall is missed.
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn sched_process_fork(c: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let parent = (pid_tgid >> 32) as u32;
+    if tracked(parent).is_none() {
+        return 0;
+    }
+    // A new thread is not a new process (clone/clone3 with CLONE_THREAD).
+    // SAFETY: the value is copied out at once.
+    if let Some(inf) = unsafe { INFLIGHT.get(&pid_tgid).copied() } {
+        if inf.op == OP_CLONE && inf.arg & CLONE_THREAD != 0 {
+            return 0;
+        }
+    }
+    // sched_process_fork: child_pid at offset 20 (i32).
+    // SAFETY: offset 20 is inside this tracepoint's record.
+    let child = unsafe { core::ptr::read_unaligned((c.as_ptr() as *const u8).add(20) as *const u32) };
+    let v = ProcVal { epoch: 0, _pad: 0 };
+    if TRACKED.insert(&child, &v, u64::from(BPF_NOEXIST)).is_err() {
+        count(counter::PROC_TABLE_FULL, 1);
+        return 0;
+    }
+    emit_proc(RecordKind::ProcFork, child, parent, 0);
+    0
+}
+
+/// Every exec is reported (userspace selectors may start tracking the new program). For a
+/// tracked process, exec closed its CLOEXEC fds without close(2): move to a new epoch.
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(_c: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if own_tgid(tgid) {
+        return 0;
+    }
+    match tracked(tgid) {
+        Some(p) => {
+            let epoch = bump_epoch(tgid, &p);
+            emit_proc(RecordKind::ProcExec, tgid, 1, epoch);
+        }
+        None => emit_proc(RecordKind::ProcExec, tgid, 0, 0),
+    }
+    0
+}
+
+/// A thread exits: drop its in-flight stash; the last thread of a tracked process drops
+/// the process (userspace then drops its sockets).
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(c: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tracked(tgid).is_none() {
+        return 0;
+    }
+    let _ = INFLIGHT.remove(&pid_tgid);
+    // sched_process_exit: group_dead (bool) at offset 32.
+    // SAFETY: offset 32 is inside this tracepoint's record.
+    let group_dead = unsafe { *(c.as_ptr() as *const u8).add(32) } != 0;
+    if group_dead {
+        let _ = TRACKED.remove(&tgid);
+        emit_proc(RecordKind::ProcExit, tgid, 0, 0);
+    }
+    0
+}

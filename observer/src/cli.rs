@@ -1,0 +1,162 @@
+//! Command line: `observer trace` (and, from the HTTP issue on, `observer run`).
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    ebpf::{Options, Probe},
+    pump::Pump,
+    targets::Selector,
+    trace::Printer,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "observer",
+    version,
+    about = "django-prometheus metrics for Django processes, from their socket syscalls (eBPF)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print what the selected processes send and receive on their sockets, one record a line.
+    Trace(TraceArgs),
+}
+
+/// Bounds of the kernel side; each has a counter in the loss report when it bites.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Bytes captured per syscall (the rest is counted, not copied).
+    #[arg(long, default_value_t = crate::DEFAULT_CAPTURE_BYTES, value_name = "N")]
+    capture_bytes: u32,
+    /// Size of the kernel-to-userspace ring buffer (a power of two).
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    ring_buffer_bytes: u32,
+    /// Sockets of traced processes the kernel tables can hold.
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    max_connections: u32,
+    /// Processes that can be traced at once.
+    #[arg(long, default_value_t = 8_192, value_name = "N")]
+    max_processes: u32,
+    /// Syscalls in flight at once (one per thread of a traced process).
+    #[arg(long, default_value_t = 16_384, value_name = "N")]
+    max_inflight_syscalls: u32,
+}
+
+impl ProbeArgs {
+    fn options(&self) -> Options {
+        Options {
+            capture_bytes: self.capture_bytes,
+            ring_bytes: self.ring_buffer_bytes,
+            max_connections: self.max_connections,
+            max_processes: self.max_processes,
+            max_inflight: self.max_inflight_syscalls,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    /// Trace this process and its descendants (repeatable).
+    #[arg(long, value_name = "PID")]
+    pid: Vec<u32>,
+    /// Trace processes with this exact name (/proc/PID/comm), now and when they start.
+    #[arg(long, value_name = "NAME")]
+    comm: Vec<String>,
+    /// Trace processes listening on this TCP port.
+    #[arg(long, value_name = "PORT")]
+    port: Vec<u16>,
+    /// JSON lines with the full captured bytes (base64), for test fixtures.
+    #[arg(long)]
+    json: bool,
+    /// Bytes of payload shown per line in text mode.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    preview_bytes: usize,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    #[command(flatten)]
+    probe: ProbeArgs,
+}
+
+/// Entry point of the `observer` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Trace(args) => run_async(trace(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("observer: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(fut)
+}
+
+/// Resolves on SIGINT or SIGTERM, or after `duration`.
+async fn shutdown(duration: Option<Duration>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    let timer = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+        () = timer => {}
+    }
+}
+
+async fn trace(args: TraceArgs) -> Result<()> {
+    let selector = Selector { pids: args.pid.clone(), comms: args.comm.clone(), ports: args.port.clone() };
+    if selector.is_empty() {
+        bail!("say what to trace: --pid PID, --comm NAME or --port PORT");
+    }
+    for &pid in &args.pid {
+        if crate::targets::read_process(pid).is_none() {
+            bail!("no process with pid {pid}");
+        }
+    }
+    let duration = args.duration.map(Duration::from_secs_f64);
+    let opts = args.probe.options();
+    let probe = Probe::load(&opts)?;
+    let mut pump = Pump::new(probe, selector, opts.max_connections as usize, true);
+    let pids = pump.start();
+    if pids.is_empty() {
+        tracing::warn!("no process matches the selectors yet; waiting for one");
+    }
+    let mut printer = Printer::new(args.json, args.preview_bytes);
+    printer.ready(&pids.iter().copied().collect::<Vec<_>>(), opts.capture_bytes);
+    pump.run(&mut printer, shutdown(duration)).await.context("reading the ring buffer")?;
+    printer.counters(&pump.loss());
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! Loader: embeds the kernel object, checks the machine, loads and attaches every program,
+//! and gives typed access to the maps userspace reads and writes.
+//!
+//! Every failure a user can meet on a real machine (not root, no BTF, no tracefs, kernel
+//! too old, a program the verifier rejects) is a [`LoadError`] with a one-line message.
+
+mod preflight;
+mod stats;
+
+use std::{collections::BTreeMap, io};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+};
+use observer_ebpf::{MAX_CAPTURE, ProcVal, SockKey, SockVal, counter};
+pub use stats::ProgramStats;
+
+/// The kernel object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf"));
+
+/// Bpf flag for map updates: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
+/// Load-time settings; each is a bound with a flag (see `cli`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bytes captured per syscall.
+    pub capture_bytes: u32,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_bytes: u32,
+    /// Socket table entries (sockets of tracked processes).
+    pub max_connections: u32,
+    /// Tracked processes.
+    pub max_processes: u32,
+    /// Syscalls in flight at once (one per thread inside a traced syscall).
+    pub max_inflight: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            capture_bytes: crate::DEFAULT_CAPTURE_BYTES,
+            ring_bytes: 8 << 20,
+            max_connections: 65_536,
+            max_processes: 8_192,
+            max_inflight: 16_384,
+        }
+    }
+}
+
+/// Why the kernel programs could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Preflight(String),
+    #[error("invalid setting: {0}")]
+    Setting(String),
+    #[error("this observer binary was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it")]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("the kernel rejected program {program}: {reason}")]
+    Rejected { program: String, reason: String },
+    #[error("attaching {program} failed: {source}")]
+    Attach {
+        program: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Tracepoints a kernel may lack (added in later kernels); their absence costs the
+/// feature, not the start.
+const OPTIONAL: &[&str] = &["sys_enter_close_range", "sys_enter_clone3", "sys_exit_clone3"];
+
+/// The loaded and attached programs with their maps.
+pub struct Probe {
+    ebpf: Ebpf,
+    ring: Option<RingBuf<MapData>>,
+    attached: Vec<String>,
+    /// Tracepoints this kernel lacks (warned about at load).
+    pub missing: Vec<String>,
+}
+
+impl Probe {
+    /// Checks the machine, loads every program with `opts`, and attaches them.
+    pub fn load(opts: &Options) -> Result<Self, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        preflight::check()?;
+        if opts.capture_bytes as usize > MAX_CAPTURE {
+            return Err(LoadError::Setting(format!("--capture-bytes must be at most {MAX_CAPTURE}")));
+        }
+        let page = page_size();
+        if !opts.ring_bytes.is_power_of_two() || (opts.ring_bytes as usize) < page {
+            return Err(LoadError::Setting(format!(
+                "--ring-buffer-bytes must be a power of two of at least {page}"
+            )));
+        }
+        for (name, v) in [
+            ("--max-connections", opts.max_connections),
+            ("--max-processes", opts.max_processes),
+            ("--max-inflight-syscalls", opts.max_inflight),
+        ] {
+            if v == 0 {
+                return Err(LoadError::Setting(format!("{name} must be positive")));
+            }
+        }
+        let own_tgid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OWN_TGID", &own_tgid, true)
+            .override_global("CAPTURE_BYTES", &opts.capture_bytes, true)
+            .map_max_entries("EVENTS", opts.ring_bytes)
+            .map_max_entries("SOCKS", opts.max_connections)
+            .map_max_entries("TRACKED", opts.max_processes)
+            .map_max_entries("INFLIGHT", opts.max_inflight)
+            .load(OBJECT)
+            .map_err(LoadError::Object)?;
+
+        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        let mut attached = Vec::new();
+        let mut missing = Vec::new();
+        for name in names {
+            let category = if name.starts_with("sched_") { "sched" } else { "syscalls" };
+            if !preflight::tracepoint_exists(category, &name) {
+                if OPTIONAL.contains(&name.as_str()) {
+                    tracing::warn!(tracepoint = %name, "this kernel lacks the tracepoint; not traced");
+                    missing.push(name);
+                    continue;
+                }
+                return Err(LoadError::Preflight(format!(
+                    "this kernel has no tracepoint {category}/{name} (needs CONFIG_FTRACE_SYSCALLS)"
+                )));
+            }
+            let prog: &mut TracePoint =
+                ebpf.program_mut(&name).and_then(|p| p.try_into().ok()).ok_or_else(|| {
+                    LoadError::Rejected { program: name.clone(), reason: "not a tracepoint".into() }
+                })?;
+            prog.load().map_err(|e| rejected(&name, e))?;
+            prog.attach(category, &name)
+                .map_err(|source| LoadError::Attach { program: name.clone(), source })?;
+            attached.push(name);
+        }
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?)
+            .map_err(|source| LoadError::Map { name: "EVENTS", source })?;
+        tracing::debug!(programs = attached.len(), "eBPF programs attached");
+        Ok(Self { ebpf, ring: Some(ring), attached, missing })
+    }
+
+    /// The ring buffer, to be read by the event pump (once).
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Names of the attached programs.
+    pub fn programs(&self) -> &[String] {
+        &self.attached
+    }
+
+    fn tracked_map(&mut self) -> Result<HashMap<&mut MapData, u32, ProcVal>, LoadError> {
+        let map = self.ebpf.map_mut("TRACKED").ok_or(LoadError::MissingMap("TRACKED"))?;
+        HashMap::try_from(map).map_err(|source| LoadError::Map { name: "TRACKED", source })
+    }
+
+    fn socks_map(&mut self) -> Result<HashMap<&mut MapData, SockKey, SockVal>, LoadError> {
+        let map = self.ebpf.map_mut("SOCKS").ok_or(LoadError::MissingMap("SOCKS"))?;
+        HashMap::try_from(map).map_err(|source| LoadError::Map { name: "SOCKS", source })
+    }
+
+    /// Starts tracking a process. Returns its fd-table epoch (0 when new; the current one if
+    /// the kernel already tracks it, e.g. as the child of a tracked process).
+    pub fn track(&mut self, tgid: u32) -> Result<u32, TableError> {
+        let mut map = self.tracked_map().map_err(TableError::Map)?;
+        if let Ok(v) = map.get(&tgid, 0) {
+            return Ok(v.epoch);
+        }
+        match map.insert(tgid, ProcVal::default(), BPF_NOEXIST) {
+            Ok(()) => Ok(0),
+            Err(e) => match map.get(&tgid, 0) {
+                Ok(v) => Ok(v.epoch),
+                Err(_) => Err(TableError::Full(e.to_string())),
+            },
+        }
+    }
+
+    /// Stops tracking a process (the kernel also forgets it when it exits).
+    pub fn untrack(&mut self, tgid: u32) {
+        if let Ok(mut map) = self.tracked_map() {
+            let _ = map.remove(&tgid);
+        }
+    }
+
+    /// The tracked processes.
+    pub fn tracked(&mut self) -> Vec<u32> {
+        self.tracked_map().map(|m| m.keys().filter_map(Result::ok).collect()).unwrap_or_default()
+    }
+
+    /// The fd-table epoch of a tracked process.
+    pub fn epoch(&mut self, tgid: u32) -> Option<u32> {
+        self.tracked_map().ok()?.get(&tgid, 0).ok().map(|v| v.epoch)
+    }
+
+    /// Enters a socket. With `only_new`, an existing entry (made by the kernel meanwhile)
+    /// wins. Returns whether the entry was written.
+    pub fn insert_socket(&mut self, key: SockKey, val: SockVal, only_new: bool) -> Result<bool, TableError> {
+        let mut map = self.socks_map().map_err(TableError::Map)?;
+        match map.insert(key, val, if only_new { BPF_NOEXIST } else { 0 }) {
+            Ok(()) => Ok(true),
+            Err(_) if only_new && map.get(&key, 0).is_ok() => Ok(false),
+            Err(e) => Err(TableError::Full(e.to_string())),
+        }
+    }
+
+    /// The socket entry of (tgid, fd).
+    pub fn socket(&mut self, key: SockKey) -> Option<SockVal> {
+        self.socks_map().ok()?.get(&key, 0).ok()
+    }
+
+    /// Forgets (tgid, fd).
+    pub fn remove_socket(&mut self, key: SockKey) {
+        if let Ok(mut map) = self.socks_map() {
+            let _ = map.remove(&key);
+        }
+    }
+
+    /// Every key of the socket table.
+    pub fn socket_keys(&mut self) -> Vec<SockKey> {
+        self.socks_map().map(|m| m.keys().filter_map(Result::ok).collect()).unwrap_or_default()
+    }
+
+    /// The kernel counters (see `observer_ebpf::counter`), summed over CPUs.
+    pub fn counters(&self) -> [u64; counter::COUNT as usize] {
+        let mut out = [0u64; counter::COUNT as usize];
+        let Some(map) = self.ebpf.map("COUNTERS") else { return out };
+        let Ok(arr) = PerCpuArray::<&MapData, u64>::try_from(map) else { return out };
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = arr.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Run counts, run time (when kernel.bpf_stats_enabled=1) and recursion misses of
+    /// every program, by name.
+    pub fn program_stats(&self) -> BTreeMap<String, ProgramStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_string(), stats::read(p.fd().ok()?).ok()?)))
+            .collect()
+    }
+}
+
+/// A kernel table update that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("{0}")]
+    Map(LoadError),
+    #[error("table full or update refused: {0}")]
+    Full(String),
+}
+
+fn rejected(name: &str, e: ProgramError) -> LoadError {
+    let reason = match &e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            tracing::debug!(program = name, "verifier log:\n{log}");
+            let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+            if io_error.kind() == io::ErrorKind::PermissionDenied && last.is_empty() {
+                "permission denied (is the kernel locked down, or are CAP_BPF and CAP_PERFMON missing?)"
+                    .to_string()
+            } else {
+                format!("{io_error}: {last} (RUST_LOG=debug shows the verifier log)")
+            }
+        }
+        other => other.to_string(),
+    };
+    LoadError::Rejected { program: name.to_string(), reason }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(v).unwrap_or(4096)
+}

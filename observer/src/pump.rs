@@ -1,0 +1,313 @@
+//! The event pump: reads the ring buffer, keeps the process and connection tables in step
+//! with the kernel, and hands every record to a [`Sink`] (`observer trace` prints them;
+//! the metrics pipeline parses them).
+//!
+//! It also does the userspace half of the kernel's bookkeeping: selecting processes,
+//! entering connections that already exist (from /proc), copying a parent's connections to
+//! a forked child, re-entering the connections that survive exec and close_range under
+//! the process's new fd-table epoch, and dropping the sockets of processes that exited.
+
+use std::{collections::BTreeSet, future::Future, io, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use observer_ebpf::{ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED, SockKey, SockVal};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    conns::{ConnInfo, ConnTable},
+    ebpf::Probe,
+    events::{self, Record, Role},
+    loss::{LossReport, UserCounters},
+    targets::{self, NetTables, Selector, SocketState},
+};
+
+/// Receives every decoded record, with what is known of its connection.
+pub trait Sink {
+    fn record(&mut self, rec: &Record<'_>, conn: Option<&ConnInfo>);
+}
+
+/// How often selectors are matched again (new `--comm` processes, new `--port` listeners).
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// How often kernel entries of processes that vanished unseen are swept.
+const GC_EVERY: Duration = Duration::from_secs(5);
+/// Records handled per wake-up before other work (signals, rescans) gets a turn.
+const BATCH: usize = 4096;
+
+pub struct Pump {
+    probe: Probe,
+    pub conns: ConnTable,
+    selector: Selector,
+    own_pid: u32,
+    /// Processes selected by userspace (children the kernel adds are not listed here).
+    selected: BTreeSet<u32>,
+    pub user: UserCounters,
+    /// Look up local addresses of new connections in /proc (for `trace`).
+    resolve_addresses: bool,
+}
+
+fn role_code(r: Role) -> u8 {
+    match r {
+        Role::Server => ROLE_SERVER,
+        Role::Client => ROLE_CLIENT,
+    }
+}
+
+impl Pump {
+    pub fn new(probe: Probe, selector: Selector, max_connections: usize, resolve_addresses: bool) -> Self {
+        Self {
+            probe,
+            conns: ConnTable::new(max_connections),
+            selector,
+            own_pid: std::process::id(),
+            selected: BTreeSet::new(),
+            user: UserCounters::default(),
+            resolve_addresses,
+        }
+    }
+
+    /// Selects and tracks the matching processes, entering their existing connections.
+    /// Returns the tracked processes.
+    pub fn start(&mut self) -> BTreeSet<u32> {
+        self.rescan();
+        self.selected.clone()
+    }
+
+    /// Matches the selectors against /proc and tracks new matches.
+    fn rescan(&mut self) {
+        let procs = targets::list_processes();
+        for pid in self.selector.select(&procs, self.own_pid) {
+            if !self.selected.contains(&pid) {
+                self.track(pid, "matches the selectors");
+            }
+        }
+    }
+
+    fn track(&mut self, pid: u32, why: &str) {
+        if pid == self.own_pid {
+            return;
+        }
+        match self.probe.track(pid) {
+            Ok(epoch) => {
+                self.selected.insert(pid);
+                tracing::info!(pid, why, "tracing process");
+                self.enter_sockets(pid, epoch, None);
+            }
+            Err(e) => {
+                self.user.process_table_full += 1;
+                tracing::warn!(pid, error = %e, "cannot track process");
+            }
+        }
+    }
+
+    /// Brings the kernel's socket entries of `tgid` in line with /proc under `epoch`:
+    /// connections found there (new ones get a userspace id, known ones keep theirs) and
+    /// unconnected stream sockets (so that their `connect` is traced). fds in `closed`
+    /// are being closed and are skipped; known fds that /proc no longer shows are released.
+    fn enter_sockets(&mut self, tgid: u32, epoch: u32, closed: Option<(u32, u32)>) {
+        let in_closed = |fd: u32| closed.is_some_and(|(lo, hi)| (lo..=hi).contains(&fd));
+        let fds = targets::socket_fds(tgid);
+        for (fd, _, _) in self.conns.fds_of(tgid) {
+            if in_closed(fd) || !fds.iter().any(|&(f, _)| f == fd) {
+                self.conns.release(tgid, fd);
+            }
+        }
+        if fds.is_empty() {
+            return;
+        }
+        let Some(net) = NetTables::read(tgid) else { return };
+        for (fd, inode) in fds {
+            if in_closed(fd) {
+                continue;
+            }
+            let (conn_id, role) = match net.classify(inode) {
+                Some(SocketState::Connected(ep)) => {
+                    let known = self
+                        .conns
+                        .by_fd(tgid, fd)
+                        .filter(|c| c.inode.is_none_or(|i| i == inode))
+                        .map(|c| (c.conn_id, c.role));
+                    match known {
+                        Some(k) => k,
+                        None => match self.conns.seed(tgid, fd, inode, ep.role, ep.local, ep.peer) {
+                            Some(id) => (id, ep.role),
+                            None => continue,
+                        },
+                    }
+                }
+                Some(SocketState::Unconnected) => (0, Role::Client),
+                _ => continue,
+            };
+            let role = if conn_id == 0 { ROLE_UNCONNECTED } else { role_code(role) };
+            self.write_socket(SockKey { tgid, fd }, SockVal { conn_id, epoch, role, _pad: [0; 3] });
+        }
+    }
+
+    /// Writes a kernel socket entry unless the kernel made one under this epoch already
+    /// (its own entry, from a connect or accept since, is newer than what /proc showed).
+    fn write_socket(&mut self, key: SockKey, val: SockVal) {
+        if self.probe.socket(key).is_some_and(|cur| cur.epoch == val.epoch) {
+            return;
+        }
+        if self.probe.insert_socket(key, val, false).is_err() {
+            self.user.socket_table_full += 1;
+        }
+    }
+
+    /// Handles one ring-buffer item.
+    pub fn handle<S: Sink>(&mut self, raw: &[u8], sink: &mut S) {
+        let rec = match events::decode(raw) {
+            Ok(r) => r,
+            Err(e) => {
+                self.user.decode_errors += 1;
+                tracing::debug!(error = %e, "undecodable record");
+                return;
+            }
+        };
+        match &rec {
+            Record::Data(d) => {
+                let conn = self.conns.get(d.conn_id);
+                if conn.is_none() {
+                    self.user.unknown_connection_records += 1;
+                }
+                sink.record(&rec, conn);
+            }
+            Record::ConnOpen(o) => {
+                let resolve = self.resolve_addresses;
+                if let Some(c) = self.conns.open(o) {
+                    if resolve {
+                        resolve_endpoints(c, o.tgid, o.fd);
+                    }
+                }
+                sink.record(&rec, self.conns.get(o.conn_id));
+            }
+            Record::ConnClose(c) => {
+                sink.record(&rec, self.conns.get(c.conn_id));
+                self.conns.release(c.tgid, c.fd);
+            }
+            Record::ConnDup(c) => {
+                self.conns.alias(c.conn_id, c.tgid, c.fd);
+                sink.record(&rec, self.conns.get(c.conn_id));
+            }
+            Record::FdEpoch(e) => {
+                sink.record(&rec, None);
+                self.enter_sockets(e.tgid, e.epoch, Some((e.lo, e.hi)));
+            }
+            Record::ProcFork { pid, parent, .. } => {
+                sink.record(&rec, None);
+                // The child inherited the parent's fds: same sockets, same connection ids.
+                for (fd, conn_id, role) in self.conns.fds_of(*parent) {
+                    self.conns.alias(conn_id, *pid, fd);
+                    let val = SockVal { conn_id, epoch: 0, role: role_code(role), _pad: [0; 3] };
+                    self.write_socket(SockKey { tgid: *pid, fd }, val);
+                }
+                self.enter_sockets(*pid, 0, None);
+            }
+            Record::ProcExec { pid, tracked: true, epoch, .. } => {
+                sink.record(&rec, None);
+                self.enter_sockets(*pid, *epoch, None);
+            }
+            Record::ProcExec { pid, tracked: false, .. } => {
+                if !self.selector.comms.is_empty() {
+                    let comm = targets::read_process(*pid).map(|p| p.comm);
+                    if comm.is_some_and(|c| self.selector.matches_comm(&c)) {
+                        self.track(*pid, "exec matches --comm");
+                    }
+                }
+            }
+            Record::ProcExit { pid, .. } => {
+                sink.record(&rec, None);
+                self.forget_process(*pid);
+            }
+        }
+    }
+
+    fn forget_process(&mut self, pid: u32) {
+        self.selected.remove(&pid);
+        self.conns.drop_process(pid);
+        for key in self.probe.socket_keys() {
+            if key.tgid == pid {
+                self.probe.remove_socket(key);
+            }
+        }
+    }
+
+    /// Sweeps kernel entries of processes that are gone without an exit record (lost).
+    fn gc(&mut self) {
+        let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let dead: BTreeSet<u32> =
+            self.probe.socket_keys().into_iter().map(|k| k.tgid).filter(|&t| !alive(t)).collect();
+        let gone: Vec<u32> = self.probe.tracked().into_iter().filter(|&t| !alive(t)).collect();
+        for pid in gone {
+            self.probe.untrack(pid);
+            self.forget_process(pid);
+        }
+        for pid in dead {
+            self.forget_process(pid);
+        }
+    }
+
+    /// Handles up to `max` records; returns how many there were.
+    fn drain<S: Sink>(&mut self, ring: &mut RingBuf<MapData>, sink: &mut S, max: usize) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some(item) = ring.next() else { break };
+            self.handle(&item, sink);
+            n += 1;
+        }
+        n
+    }
+
+    /// Runs until `stop` completes, then handles what is left in the ring buffer.
+    pub async fn run<S: Sink>(&mut self, sink: &mut S, stop: impl Future<Output = ()>) -> io::Result<()> {
+        let ring = self.probe.take_ring().ok_or_else(|| io::Error::other("ring buffer already taken"))?;
+        // SAFETY: the ring buffer's fd stays open and unchanged while the AsyncFd owns it.
+        let mut afd =
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
+        let mut rescan = tokio::time::interval(RESCAN_EVERY);
+        let mut gc = tokio::time::interval(GC_EVERY);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut stop => break,
+                guard = afd.readable_mut() => {
+                    let mut guard = guard?;
+                    if self.drain(guard.get_inner_mut(), sink, BATCH) < BATCH {
+                        guard.clear_ready();
+                    }
+                }
+                _ = rescan.tick() => self.rescan(),
+                _ = gc.tick() => self.gc(),
+            }
+        }
+        // Everything the traced processes did before the stop is in the ring (or counted
+        // as lost): hand it over. Bounded, in case they keep going.
+        self.drain(afd.get_mut(), sink, 1 << 22);
+        Ok(())
+    }
+
+    /// Loss and activity counters, kernel and userspace.
+    pub fn loss(&self) -> LossReport {
+        let mut user = self.user.clone();
+        user.connection_table_full = self.conns.full;
+        LossReport::collect(&self.probe, user)
+    }
+
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+}
+
+/// Fills in local (and missing peer) address and inode from /proc. Best effort: a
+/// connection that is already closed again keeps what the syscall told us.
+fn resolve_endpoints(c: &mut ConnInfo, tgid: u32, fd: u32) {
+    let Some(inode) = targets::fd_inode(tgid, fd) else { return };
+    let Some(ep) = NetTables::read(tgid).and_then(|n| n.endpoints(inode)) else { return };
+    c.inode = Some(inode);
+    c.local = ep.local;
+    if c.peer.is_none() {
+        c.peer = ep.peer;
+    }
+}

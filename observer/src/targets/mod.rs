@@ -1,0 +1,305 @@
+//! Which processes to trace, and the sockets they already have.
+//!
+//! Selectors (`--pid`, `--comm`, `--port`) are matched against a scan of /proc; a selected
+//! PID brings its descendants. Connections that exist before the observer starts are
+//! found from the process's fd links and its network namespace's /proc/net tables, so they
+//! can be entered into the kernel's socket table and traced from the next syscall on.
+
+pub mod procfs;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs,
+    net::SocketAddr,
+    path::Path,
+};
+
+use procfs::{TcpRow, UnixRow};
+
+use crate::events::{Role, SockAddr};
+
+/// What /proc says about one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub ppid: u32,
+    pub comm: String,
+}
+
+/// Reads one process; `None` if it is gone or is a thread id.
+pub fn read_process(pid: u32) -> Option<ProcInfo> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    if procfs::status_tgid(&status) != Some(pid) {
+        return None;
+    }
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(ProcInfo { pid, ppid: procfs::status_ppid(&status)?, comm: comm.trim_end().to_string() })
+}
+
+/// Every process on the host (as seen from our pid namespace).
+pub fn list_processes() -> Vec<ProcInfo> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).filter_map(read_process).collect()
+}
+
+/// Process selectors of `observer trace` (and later `observer run`).
+#[derive(Debug, Clone, Default)]
+pub struct Selector {
+    /// These processes and their descendants.
+    pub pids: Vec<u32>,
+    /// Processes whose `comm` is exactly one of these.
+    pub comms: Vec<String>,
+    /// Processes with a TCP socket listening on one of these ports.
+    pub ports: Vec<u16>,
+}
+
+impl Selector {
+    pub fn is_empty(&self) -> bool {
+        self.pids.is_empty() && self.comms.is_empty() && self.ports.is_empty()
+    }
+
+    /// Whether a process that just exec'd with this `comm` is selected by name.
+    pub fn matches_comm(&self, comm: &str) -> bool {
+        self.comms.iter().any(|c| c == comm)
+    }
+
+    /// The selected processes among `procs`, never `own_pid`.
+    pub fn select(&self, procs: &[ProcInfo], own_pid: u32) -> BTreeSet<u32> {
+        let mut out: BTreeSet<u32> = procs
+            .iter()
+            .filter(|p| self.pids.contains(&p.pid) || self.matches_comm(&p.comm))
+            .map(|p| p.pid)
+            .collect();
+        if !self.ports.is_empty() {
+            out.extend(listeners_on(procs, &self.ports));
+        }
+        // Descendants of selected processes (a gunicorn master's workers).
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        for p in procs {
+            children.entry(p.ppid).or_default().push(p.pid);
+        }
+        let mut stack: Vec<u32> = out.iter().copied().collect();
+        while let Some(pid) = stack.pop() {
+            for &c in children.get(&pid).into_iter().flatten() {
+                if out.insert(c) {
+                    stack.push(c);
+                }
+            }
+        }
+        out.remove(&own_pid);
+        out
+    }
+}
+
+/// The processes with a TCP socket in LISTEN state on one of `ports`.
+fn listeners_on(procs: &[ProcInfo], ports: &[u16]) -> BTreeSet<u32> {
+    let mut nets = NetCache::default();
+    let mut out = BTreeSet::new();
+    for p in procs {
+        let Some(net) = nets.for_pid(p.pid) else { continue };
+        let inodes: BTreeSet<u64> = net
+            .tcp
+            .iter()
+            .filter(|r| r.state == procfs::TCP_LISTEN && ports.contains(&r.local.port()))
+            .map(|r| r.inode)
+            .collect();
+        if !inodes.is_empty() && socket_fds(p.pid).iter().any(|(_, ino)| inodes.contains(ino)) {
+            out.insert(p.pid);
+        }
+    }
+    out
+}
+
+/// The socket tables of one network namespace.
+#[derive(Debug, Default, Clone)]
+pub struct NetTables {
+    /// tcp and tcp6 rows together.
+    pub tcp: Vec<TcpRow>,
+    pub unix: Vec<UnixRow>,
+}
+
+impl NetTables {
+    /// Reads the tables of the namespace `pid` lives in.
+    pub fn read(pid: u32) -> Option<Self> {
+        let base = format!("/proc/{pid}/net");
+        let mut tcp = procfs::parse_tcp(&fs::read_to_string(format!("{base}/tcp")).ok()?);
+        if let Ok(t6) = fs::read_to_string(format!("{base}/tcp6")) {
+            tcp.extend(procfs::parse_tcp(&t6));
+        }
+        let unix =
+            fs::read_to_string(format!("{base}/unix")).map(|t| procfs::parse_unix(&t)).unwrap_or_default();
+        Some(Self { tcp, unix })
+    }
+
+    /// Classifies the socket with this inode.
+    pub fn classify(&self, inode: u64) -> Option<SocketState> {
+        if let Some(r) = self.tcp.iter().find(|r| r.inode == inode) {
+            return Some(if r.is_connection() {
+                SocketState::Connected(Endpoints {
+                    role: if self.tcp_is_accepted(r) { Role::Server } else { Role::Client },
+                    local: Some(SockAddr::Inet(r.local)),
+                    peer: Some(SockAddr::Inet(r.remote)),
+                })
+            } else if r.state == procfs::TCP_CLOSE {
+                SocketState::Unconnected
+            } else {
+                SocketState::Other
+            });
+        }
+        let r = self.unix.iter().find(|r| r.inode == inode)?;
+        if !r.is_stream() || r.listening {
+            return Some(SocketState::Other);
+        }
+        Some(match r.state {
+            procfs::SS_CONNECTED => {
+                // An accepted Unix socket carries its listener's name; a client is unnamed.
+                let accepted = r.path.is_some() && self.unix.iter().any(|l| l.listening && l.path == r.path);
+                SocketState::Connected(Endpoints {
+                    role: if accepted { Role::Server } else { Role::Client },
+                    local: Some(r.addr()),
+                    peer: accepted.then_some(SockAddr::UnixUnnamed),
+                })
+            }
+            procfs::SS_UNCONNECTED => SocketState::Unconnected,
+            _ => SocketState::Other,
+        })
+    }
+
+    /// A TCP connection whose local port has a listener (on its address or a wildcard)
+    /// was accepted; otherwise it was connected.
+    fn tcp_is_accepted(&self, conn: &TcpRow) -> bool {
+        self.tcp.iter().any(|l| {
+            l.state == procfs::TCP_LISTEN
+                && l.local.port() == conn.local.port()
+                && (l.local.ip().is_unspecified() || same_ip(l.local, conn.local))
+        })
+    }
+
+    /// Local (and, for TCP, peer) address of a socket, for connections opened after start.
+    pub fn endpoints(&self, inode: u64) -> Option<Endpoints> {
+        match self.classify(inode)? {
+            SocketState::Connected(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Compares addresses, treating IPv4-mapped IPv6 as IPv4.
+fn same_ip(a: SocketAddr, b: SocketAddr) -> bool {
+    a.ip().to_canonical() == b.ip().to_canonical()
+}
+
+/// What a socket fd is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketState {
+    /// A stream connection.
+    Connected(Endpoints),
+    /// A stream socket not connected yet: enter it so that its `connect` is traced.
+    Unconnected,
+    /// A listener, a datagram socket, or a family we do not trace.
+    Other,
+}
+
+/// Role and addresses of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub role: Role,
+    pub local: Option<SockAddr>,
+    pub peer: Option<SockAddr>,
+}
+
+/// Network tables by namespace, read once per scan.
+#[derive(Debug, Default)]
+pub struct NetCache {
+    by_ns: HashMap<String, Option<NetTables>>,
+}
+
+impl NetCache {
+    pub fn for_pid(&mut self, pid: u32) -> Option<&NetTables> {
+        let ns = fs::read_link(format!("/proc/{pid}/ns/net")).ok()?.to_string_lossy().into_owned();
+        self.by_ns.entry(ns).or_insert_with(|| NetTables::read(pid)).as_ref()
+    }
+}
+
+/// The socket fds of a process: (fd, socket inode).
+pub fn socket_fds(pid: u32) -> Vec<(u32, u64)> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+        let link = fs::read_link(e.path()).ok()?;
+        Some((fd, procfs::socket_inode(link.to_str()?)?))
+    })
+    .collect()
+}
+
+/// The socket inode behind one fd, if it is a socket.
+pub fn fd_inode(pid: u32, fd: u32) -> Option<u64> {
+    let link = fs::read_link(Path::new(&format!("/proc/{pid}/fd/{fd}"))).ok()?;
+    procfs::socket_inode(link.to_str()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pid: u32, ppid: u32, comm: &str) -> ProcInfo {
+        ProcInfo { pid, ppid, comm: comm.into() }
+    }
+
+    #[test]
+    fn pid_selector_brings_descendants_but_never_self() {
+        let procs = [
+            p(1, 0, "init"),
+            p(10, 1, "gunicorn"),
+            p(11, 10, "gunicorn"),
+            p(12, 11, "sh"),
+            p(20, 1, "other"),
+            p(99, 10, "observer"),
+        ];
+        let sel = Selector { pids: vec![10], ..Default::default() };
+        assert_eq!(sel.select(&procs, 99), BTreeSet::from([10, 11, 12]));
+    }
+
+    #[test]
+    fn comm_selector_is_exact() {
+        let procs = [p(1, 0, "init"), p(5, 1, "python3"), p(6, 1, "python3.11")];
+        let sel = Selector { comms: vec!["python3".into()], ..Default::default() };
+        assert_eq!(sel.select(&procs, 0), BTreeSet::from([5]));
+    }
+
+    #[test]
+    fn accepted_and_connected_tcp_are_told_apart() {
+        let t = procfs::parse_tcp(
+            "h
+   0: 00000000:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 0100007F:1F40 0100007F:D4A2 01 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0100007F:D4A2 0100007F:1F40 01 00000000:00000000 00:00000000 00000000     0        0 3 1
+   3: 00000000:0000 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4 1
+",
+        );
+        let net = NetTables { tcp: t, unix: vec![] };
+        assert_eq!(net.endpoints(2).unwrap().role, Role::Server);
+        assert_eq!(net.endpoints(3).unwrap().role, Role::Client);
+        assert_eq!(net.classify(1), Some(SocketState::Other));
+        assert_eq!(net.classify(4), Some(SocketState::Unconnected));
+        assert_eq!(net.classify(5), None);
+    }
+
+    #[test]
+    fn accepted_unix_socket_carries_listener_path() {
+        let u = procfs::parse_unix(
+            "h
+0000000000000000: 00000002 00000000 00010000 0001 01 1 /tmp/app.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 2 /tmp/app.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 3
+",
+        );
+        let net = NetTables { tcp: vec![], unix: u };
+        let server = net.endpoints(2).unwrap();
+        assert_eq!(server.role, Role::Server);
+        assert_eq!(server.local.unwrap().to_string(), "unix:/tmp/app.sock");
+        assert_eq!(net.endpoints(3).unwrap().role, Role::Client);
+        assert_eq!(net.classify(1), Some(SocketState::Other));
+    }
+}

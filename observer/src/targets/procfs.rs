@@ -1,0 +1,218 @@
+//! Pure parsers for the /proc files the observer reads: `net/tcp`, `net/tcp6`, `net/unix`,
+//! `status` and fd links. No I/O here; `targets` reads the files.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::events::SockAddr;
+
+/// TCP states as /proc/net/tcp prints them (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: u8 = 0x01;
+pub const TCP_CLOSE: u8 = 0x07;
+pub const TCP_LISTEN: u8 = 0x0A;
+const TCP_TIME_WAIT: u8 = 0x06;
+const TCP_NEW_SYN_RECV: u8 = 0x0C;
+
+/// One row of /proc/net/tcp or tcp6.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpRow {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: u8,
+    pub inode: u64,
+}
+
+impl TcpRow {
+    /// A socket that carries (or may still carry) a byte stream between two ends.
+    pub fn is_connection(&self) -> bool {
+        !matches!(self.state, TCP_LISTEN | TCP_CLOSE | TCP_TIME_WAIT | TCP_NEW_SYN_RECV)
+    }
+}
+
+/// `AAAAAAAA:PPPP` (IPv4) or 32 hex digits `:PPPP` (IPv6); each 32-bit word is printed in
+/// host byte order, the port as a number.
+fn parse_hex_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Parses /proc/net/tcp or /proc/net/tcp6. Malformed rows are skipped.
+pub fn parse_tcp(text: &str) -> Vec<TcpRow> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let _sl = f.next()?;
+            let local = parse_hex_addr(f.next()?)?;
+            let remote = parse_hex_addr(f.next()?)?;
+            let state = u8::from_str_radix(f.next()?, 16).ok()?;
+            // tx:rx, tr:when, retrnsmt, uid, timeout, then the inode
+            let inode = f.nth(5)?.parse().ok()?;
+            Some(TcpRow { local, remote, state, inode })
+        })
+        .collect()
+}
+
+/// Unix socket types and states as /proc/net/unix prints them.
+pub const UNIX_STREAM: u16 = 1;
+pub const UNIX_SEQPACKET: u16 = 5;
+pub const SS_UNCONNECTED: u8 = 1;
+pub const SS_CONNECTED: u8 = 3;
+const SO_ACCEPTCON: u32 = 0x10000;
+
+/// One row of /proc/net/unix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixRow {
+    pub listening: bool,
+    pub sock_type: u16,
+    pub state: u8,
+    pub inode: u64,
+    /// The bound name; `@name` for the abstract namespace, as the kernel prints it.
+    pub path: Option<String>,
+}
+
+impl UnixRow {
+    pub fn is_stream(&self) -> bool {
+        self.sock_type == UNIX_STREAM || self.sock_type == UNIX_SEQPACKET
+    }
+
+    pub fn addr(&self) -> SockAddr {
+        match &self.path {
+            None => SockAddr::UnixUnnamed,
+            Some(p) => match p.strip_prefix('@') {
+                Some(name) => SockAddr::UnixAbstract(name.as_bytes().to_vec()),
+                None => SockAddr::UnixPath(p.as_bytes().to_vec()),
+            },
+        }
+    }
+}
+
+/// Parses /proc/net/unix. Malformed rows are skipped.
+pub fn parse_unix(text: &str) -> Vec<UnixRow> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut f = line.splitn(8, ' ').filter(|s| !s.is_empty());
+            let _num = f.next()?;
+            let _refs = f.next()?;
+            let _proto = f.next()?;
+            let flags = u32::from_str_radix(f.next()?, 16).ok()?;
+            let sock_type = u16::from_str_radix(f.next()?, 16).ok()?;
+            let state = u8::from_str_radix(f.next()?, 16).ok()?;
+            let rest = f.next()?;
+            let (inode, path) = match rest.split_once(' ') {
+                Some((i, p)) => (i, Some(p.trim_end().to_string()).filter(|p| !p.is_empty())),
+                None => (rest.trim_end(), None),
+            };
+            Some(UnixRow {
+                listening: flags & SO_ACCEPTCON != 0,
+                sock_type,
+                state,
+                inode: inode.parse().ok()?,
+                path,
+            })
+        })
+        .collect()
+}
+
+/// The inode of an fd link target `socket:[12345]`.
+pub fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// `PPid:` from /proc/PID/status.
+pub fn status_ppid(status: &str) -> Option<u32> {
+    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// `Tgid:` from /proc/PID/status (differs from the pid for a thread).
+pub fn status_tgid(status: &str) -> Option<u32> {
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Recorded on this machine (`cat /proc/net/tcp` with a listener on 127.0.0.1:8000
+    // and one accepted connection).
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41157 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F40 0100007F:D4A2 01 00000000:00000000 00:00000000 00000000     0        0 41158 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:D4A2 0100007F:1F40 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0000000000000000
+";
+
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 52001 1 0000000000000000 100 0 0 10 0
+";
+
+    const UNIX: &str = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 30001 /run/postgresql/.s.PGSQL.5432
+0000000000000000: 00000003 00000000 00000000 0001 03 30002 /run/postgresql/.s.PGSQL.5432
+0000000000000000: 00000003 00000000 00000000 0001 03 30003
+0000000000000000: 00000002 00000000 00000000 0002 01 30004 @abstract name
+";
+
+    #[test]
+    fn tcp_rows() {
+        let rows = parse_tcp(TCP);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].local.to_string(), "127.0.0.1:8000");
+        assert_eq!(rows[0].state, TCP_LISTEN);
+        assert!(!rows[0].is_connection());
+        assert_eq!(rows[1].remote.to_string(), "127.0.0.1:54434");
+        assert_eq!(rows[1].inode, 41158);
+        assert!(rows[1].is_connection());
+        assert!(!rows[2].is_connection());
+    }
+
+    #[test]
+    fn tcp6_rows() {
+        let rows = parse_tcp(TCP6);
+        assert_eq!(rows[0].local.to_string(), "[::1]:8080");
+        assert_eq!(rows[0].inode, 52001);
+    }
+
+    #[test]
+    fn unix_rows() {
+        let rows = parse_unix(UNIX);
+        assert_eq!(rows.len(), 4);
+        assert!(rows[0].listening);
+        assert_eq!(rows[1].state, SS_CONNECTED);
+        assert_eq!(rows[1].addr().to_string(), "unix:/run/postgresql/.s.PGSQL.5432");
+        assert_eq!(rows[2].path, None);
+        assert!(!rows[3].is_stream());
+        assert_eq!(rows[3].addr().to_string(), "unix:@abstract name");
+    }
+
+    #[test]
+    fn links_and_status() {
+        assert_eq!(socket_inode("socket:[41158]"), Some(41158));
+        assert_eq!(socket_inode("pipe:[1]"), None);
+        assert_eq!(socket_inode("/dev/null"), None);
+        let status = "Name:\tpython3\nTgid:\t77\nPid:\t78\nPPid:\t1\n";
+        assert_eq!(status_ppid(status), Some(1));
+        assert_eq!(status_tgid(status), Some(77));
+    }
+
+    #[test]
+    fn garbage_is_skipped() {
+        assert!(parse_tcp("header\nnot a row\n   0: zz:zz").is_empty());
+        assert!(parse_unix("header\n0000: 1 2").is_empty());
+    }
+}
