@@ -186,8 +186,12 @@ pub struct ConnOpen {
     pub _pad: u16,
     /// Valid bytes of `addr`; 0 when the syscall gave no address (accept with NULL).
     pub addr_len: u32,
+    /// The listening socket's fd for an accepted connection (its local address is the
+    /// listener's); `u32::MAX` for a connected one.
+    pub listen_fd: u32,
     /// The peer's `struct sockaddr` as the syscall had it (raw, family first).
     pub addr: [u8; SOCKADDR_BYTES],
+    pub _pad2: u32,
 }
 
 /// A [`RecordKind::ConnClose`] or [`RecordKind::ConnDup`] record.
@@ -308,7 +312,7 @@ mod host {
     use core::mem::size_of;
 
     const _: () = assert!(size_of::<DataHeader>() == 56);
-    const _: () = assert!(size_of::<ConnOpen>() == 40 + SOCKADDR_BYTES);
+    const _: () = assert!(size_of::<ConnOpen>() == 48 + SOCKADDR_BYTES);
     const _: () = assert!(size_of::<ConnFd>() == 32);
     const _: () = assert!(size_of::<FdEpoch>() == 32);
     const _: () = assert!(size_of::<ProcEvent>() == 24);

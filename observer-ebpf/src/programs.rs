@@ -524,7 +524,17 @@ pub fn sys_exit_socket(c: TracePointContext) -> u32 {
 /// Emits a ConnOpen record, copying the peer address from user memory at `addr`.
 /// `addr_len` is the caller's buffer size (the kernel's result for accept).
 #[inline(always)]
-fn emit_open(pid_tgid: u64, fd: u32, conn_id: u64, role: u8, in_progress: bool, addr: u64, addr_len: u64) {
+#[allow(clippy::too_many_arguments, reason = "inlined; one call per role")]
+fn emit_open(
+    pid_tgid: u64,
+    fd: u32,
+    conn_id: u64,
+    role: u8,
+    in_progress: bool,
+    listen_fd: u32,
+    addr: u64,
+    addr_len: u64,
+) {
     let Some(mut e) = EVENTS.reserve::<ConnOpen>(0) else {
         count(counter::RING_FULL_CONTROL, 1);
         return;
@@ -545,6 +555,8 @@ fn emit_open(pid_tgid: u64, fd: u32, conn_id: u64, role: u8, in_progress: bool, 
         (*p).role = role;
         (*p).in_progress = u8::from(in_progress);
         (*p)._pad = 0;
+        (*p).listen_fd = listen_fd;
+        (*p)._pad2 = 0;
         let dst: *mut u8 = addr_of_mut!((*p).addr).cast();
         if n > 0 && read_user_raw(dst.cast(), n as u32, addr as *const _) != 0 {
             count(counter::READ_FAULT, 1);
@@ -608,7 +620,7 @@ pub fn sys_exit_connect(c: TracePointContext) -> u32 {
         count(counter::SOCK_TABLE_FULL, 1);
         return 0;
     }
-    emit_open(pid_tgid, inf.fd, conn_id, ROLE_CLIENT, ret != 0, inf.ptr, inf.arg);
+    emit_open(pid_tgid, inf.fd, conn_id, ROLE_CLIENT, ret != 0, u32::MAX, inf.ptr, inf.arg);
     0
 }
 
@@ -651,7 +663,7 @@ fn exit_accept(c: &TracePointContext) {
         count(counter::SOCK_TABLE_FULL, 1);
         return;
     }
-    emit_open(pid_tgid, fd as u32, conn_id, ROLE_SERVER, false, inf.ptr, addr_len);
+    emit_open(pid_tgid, fd as u32, conn_id, ROLE_SERVER, false, inf.fd, inf.ptr, addr_len);
 }
 
 #[tracepoint]

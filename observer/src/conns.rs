@@ -163,7 +163,17 @@ mod tests {
     use super::*;
 
     fn open(conn_id: u64, tgid: u32, fd: u32) -> Open {
-        Open { ts_ns: 0, tgid, tid: tgid, fd, conn_id, role: Role::Client, in_progress: false, peer: None }
+        Open {
+            ts_ns: 0,
+            tgid,
+            tid: tgid,
+            fd,
+            conn_id,
+            role: Role::Client,
+            in_progress: false,
+            peer: None,
+            listen_fd: None,
+        }
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! a forked child, re-entering the connections that survive exec and close_range under
 //! the process's new fd-table epoch, and dropping the sockets of processes that exited.
 
-use std::{collections::BTreeSet, future::Future, io, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    io,
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use observer_ebpf::{ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED, SockKey, SockVal};
@@ -16,7 +21,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 use crate::{
     conns::{ConnInfo, ConnTable},
     ebpf::Probe,
-    events::{self, Record, Role},
+    events::{self, Record, Role, SockAddr},
     loss::{LossReport, UserCounters},
     targets::{self, NetTables, Selector, SocketState},
 };
@@ -32,6 +37,8 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const GC_EVERY: Duration = Duration::from_secs(5);
 /// Records handled per wake-up before other work (signals, rescans) gets a turn.
 const BATCH: usize = 4096;
+/// Listener addresses cached (a cache: cleared when full).
+const MAX_LISTENERS: usize = 4096;
 
 pub struct Pump {
     probe: Probe,
@@ -43,6 +50,8 @@ pub struct Pump {
     pub user: UserCounters,
     /// Look up local addresses of new connections in /proc (for `trace`).
     resolve_addresses: bool,
+    /// Listening sockets' addresses by (tgid, fd).
+    listeners: HashMap<(u32, u32), Option<SockAddr>>,
 }
 
 fn role_code(r: Role) -> u8 {
@@ -62,6 +71,7 @@ impl Pump {
             selected: BTreeSet::new(),
             user: UserCounters::default(),
             resolve_addresses,
+            listeners: HashMap::new(),
         }
     }
 
@@ -172,10 +182,17 @@ impl Pump {
                 sink.record(&rec, conn);
             }
             Record::ConnOpen(o) => {
+                let listener = match (self.resolve_addresses, o.listen_fd) {
+                    (true, Some(lfd)) => self.listener_addr(o.tgid, lfd),
+                    _ => None,
+                };
                 let resolve = self.resolve_addresses;
                 if let Some(c) = self.conns.open(o) {
                     if resolve {
                         resolve_endpoints(c, o.tgid, o.fd);
+                    }
+                    if c.local.is_none() {
+                        c.local = listener;
                     }
                 }
                 sink.record(&rec, self.conns.get(o.conn_id));
@@ -221,8 +238,24 @@ impl Pump {
         }
     }
 
+    /// The bound address of a listening socket, cached: listeners live long, so /proc
+    /// still shows them when their short-lived connections are gone already.
+    fn listener_addr(&mut self, tgid: u32, fd: u32) -> Option<SockAddr> {
+        if let Some(a) = self.listeners.get(&(tgid, fd)) {
+            return a.clone();
+        }
+        let inode = targets::fd_inode(tgid, fd)?;
+        let addr = NetTables::read(tgid).and_then(|n| n.listener_addr(inode));
+        if self.listeners.len() >= MAX_LISTENERS {
+            self.listeners.clear();
+        }
+        self.listeners.insert((tgid, fd), addr.clone());
+        addr
+    }
+
     fn forget_process(&mut self, pid: u32) {
         self.selected.remove(&pid);
+        self.listeners.retain(|&(t, _), _| t != pid);
         self.conns.drop_process(pid);
         for key in self.probe.socket_keys() {
             if key.tgid == pid {

@@ -103,6 +103,8 @@ pub struct Open {
     pub in_progress: bool,
     /// The peer's address as the syscall saw it, when it had one.
     pub peer: Option<SockAddr>,
+    /// For an accepted connection, the listening socket's fd.
+    pub listen_fd: Option<u32>,
 }
 
 /// An fd of a connection closed (ConnClose) or added (ConnDup).
@@ -206,6 +208,7 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
                 role,
                 in_progress: o.in_progress != 0,
                 peer: SockAddr::from_raw(&o.addr[..n]),
+                listen_fd: (o.listen_fd != u32::MAX).then_some(o.listen_fd),
             }))
         }
         k @ (RecordKind::ConnClose | RecordKind::ConnDup) => {
@@ -275,7 +278,9 @@ pub mod raw {
             in_progress: 0,
             _pad: 0,
             addr_len: addr.len() as u32,
+            listen_fd: 3,
             addr: [0; SOCKADDR_BYTES],
+            _pad2: 0,
         };
         o.addr[..addr.len()].copy_from_slice(addr);
         bytes_of(&o)
@@ -350,6 +355,7 @@ mod tests {
             panic!("not open")
         };
         assert_eq!(o.role, Role::Server);
+        assert_eq!(o.listen_fd, Some(3));
         assert_eq!(o.peer.unwrap().to_string(), "127.0.0.1:8080");
     }
 

@@ -175,6 +175,14 @@ impl NetTables {
         })
     }
 
+    /// The bound address of a listening socket.
+    pub fn listener_addr(&self, inode: u64) -> Option<SockAddr> {
+        if let Some(r) = self.tcp.iter().find(|r| r.inode == inode && r.state == procfs::TCP_LISTEN) {
+            return Some(SockAddr::Inet(r.local));
+        }
+        self.unix.iter().find(|r| r.inode == inode && r.listening).map(UnixRow::addr)
+    }
+
     /// Local (and, for TCP, peer) address of a socket, for connections opened after start.
     pub fn endpoints(&self, inode: u64) -> Option<Endpoints> {
         match self.classify(inode)? {

@@ -107,18 +107,17 @@ pub fn parse_unix(text: &str) -> Vec<UnixRow> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
-            let mut f = line.splitn(8, ' ').filter(|s| !s.is_empty());
+            let mut f = line.split_whitespace();
             let _num = f.next()?;
             let _refs = f.next()?;
             let _proto = f.next()?;
             let flags = u32::from_str_radix(f.next()?, 16).ok()?;
             let sock_type = u16::from_str_radix(f.next()?, 16).ok()?;
             let state = u8::from_str_radix(f.next()?, 16).ok()?;
-            let rest = f.next()?;
-            let (inode, path) = match rest.split_once(' ') {
-                Some((i, p)) => (i, Some(p.trim_end().to_string()).filter(|p| !p.is_empty())),
-                None => (rest.trim_end(), None),
-            };
+            let inode = f.next()?;
+            // The path is the rest of the line (it may contain spaces).
+            let after_inode = inode.as_ptr() as usize - line.as_ptr() as usize + inode.len();
+            let path = line.get(after_inode..).map(str::trim).filter(|p| !p.is_empty()).map(String::from);
             Some(UnixRow {
                 listening: flags & SO_ACCEPTCON != 0,
                 sock_type,
