@@ -184,14 +184,43 @@ pub struct ConnOpen {
     /// Non-zero when `connect` returned EINPROGRESS (non-blocking; completes later).
     pub in_progress: u8,
     pub _pad: u16,
-    /// Valid bytes of `addr`; 0 when the syscall gave no address (accept with NULL).
-    pub addr_len: u32,
-    /// The listening socket's fd for an accepted connection (its local address is the
-    /// listener's); `u32::MAX` for a connected one.
+    /// Valid bytes of `peer`; 0 when unknown.
+    pub peer_len: u32,
+    /// Valid bytes of `local`; 0 when unknown.
+    pub local_len: u32,
+    /// The listening socket's fd for an accepted connection; `u32::MAX` for a connected one.
     pub listen_fd: u32,
-    /// The peer's `struct sockaddr` as the syscall had it (raw, family first).
-    pub addr: [u8; SOCKADDR_BYTES],
-    pub _pad2: u32,
+    /// The peer's `struct sockaddr` (raw, family first): read from the socket when the
+    /// kernel offsets are known, else as the syscall's arguments had it.
+    pub peer: [u8; SOCKADDR_BYTES],
+    /// The local `struct sockaddr`, read from the socket (needs the kernel offsets).
+    pub local: [u8; SOCKADDR_BYTES],
+}
+
+/// Offsets into kernel structs, resolved by userspace from the kernel's BTF and set at
+/// load time (Rust eBPF has no CO-RE relocations). With `ok == 0` the programs do not
+/// read kernel memory and connection addresses come from syscall arguments only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub ok: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub skc_family: u32,
+    pub skc_num: u32,
+    pub skc_dport: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
+    pub unix_addr: u32,
+    pub unix_peer: u32,
+    pub unix_address_len: u32,
+    pub unix_address_name: u32,
 }
 
 /// A [`RecordKind::ConnClose`] or [`RecordKind::ConnDup`] record.
@@ -303,6 +332,8 @@ mod user {
     unsafe impl aya::Pod for SockVal {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ProcVal {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for KernelOffsets {}
 }
 
 #[cfg(not(target_arch = "bpf"))]
@@ -312,7 +343,8 @@ mod host {
     use core::mem::size_of;
 
     const _: () = assert!(size_of::<DataHeader>() == 56);
-    const _: () = assert!(size_of::<ConnOpen>() == 48 + SOCKADDR_BYTES);
+    const _: () = assert!(size_of::<ConnOpen>() == 48 + 2 * SOCKADDR_BYTES);
+    const _: () = assert!(size_of::<KernelOffsets>() == 72);
     const _: () = assert!(size_of::<ConnFd>() == 32);
     const _: () = assert!(size_of::<FdEpoch>() == 32);
     const _: () = assert!(size_of::<ProcEvent>() == 24);

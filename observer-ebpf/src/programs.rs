@@ -13,8 +13,11 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user as read_user_raw},
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{
+            bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+            bpf_probe_read_kernel as read_kernel_raw, bpf_probe_read_user as read_user_raw,
+        },
     },
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -22,8 +25,8 @@ use aya_ebpf::{
 };
 use observer_ebpf::{
     ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_TRUNCATED, FdEpoch,
-    MAX_CAPTURE, MAX_IOVECS, MAX_MMSG, ProcEvent, ProcVal, ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED,
-    RecordKind, SOCKADDR_BYTES, SockKey, SockVal, Syscall, counter,
+    KernelOffsets, MAX_CAPTURE, MAX_IOVECS, MAX_MMSG, ProcEvent, ProcVal, ROLE_CLIENT, ROLE_SERVER,
+    ROLE_UNCONNECTED, RecordKind, SOCKADDR_BYTES, SockKey, SockVal, Syscall, counter,
 };
 
 #[unsafe(link_section = "license")]
@@ -39,6 +42,29 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 /// The observer's own TGID: never traced, whatever the selectors say.
 #[unsafe(no_mangle)]
 static OWN_TGID: Global<u32> = Global::new(0);
+
+/// Kernel struct offsets from the running kernel's BTF (see `KernelOffsets`).
+#[unsafe(no_mangle)]
+static KOFFS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    ok: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    skc_family: 0,
+    skc_num: 0,
+    skc_dport: 0,
+    skc_rcv_saddr: 0,
+    skc_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_v6_daddr: 0,
+    unix_addr: 0,
+    unix_peer: 0,
+    unix_address_len: 0,
+    unix_address_name: 0,
+});
 
 /// Bytes captured per syscall (`--capture-bytes`), clamped to `MAX_CAPTURE`.
 #[unsafe(no_mangle)]
@@ -521,8 +547,112 @@ pub fn sys_exit_socket(c: TracePointContext) -> u32 {
     0
 }
 
-/// Emits a ConnOpen record, copying the peer address from user memory at `addr`.
-/// `addr_len` is the caller's buffer size (the kernel's result for accept).
+/// Reads a value from kernel memory.
+#[inline(always)]
+fn kread<T>(addr: u64) -> Option<T> {
+    // SAFETY: the helper checks the address and reports a fault instead of faulting.
+    unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
+}
+
+/// The `struct sock` behind the calling process's `fd`:
+/// current->files->fdt->fd[fd]->private_data (a `struct socket`)->sk.
+#[inline(always)]
+fn sock_of_fd(fd: u32, o: &KernelOffsets) -> Option<u64> {
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task + u64::from(o.task_files))?;
+    let fdt: u64 = kread(files + u64::from(o.files_fdt))?;
+    let max: u32 = kread(fdt + u64::from(o.fdt_max_fds))?;
+    if fd >= max {
+        return None;
+    }
+    let arr: u64 = kread(fdt + u64::from(o.fdt_fd))?;
+    let file: u64 = kread(arr + 8 * u64::from(fd))?;
+    let sock: u64 = kread(file + u64::from(o.file_private_data))?;
+    let sk: u64 = kread(sock + u64::from(o.socket_sk))?;
+    (sk != 0).then_some(sk)
+}
+
+/// Writes the bound name of a Unix socket (`unix_sk(sk)->addr`) as a sockaddr_un into
+/// `dst`; an unnamed socket is just the family. Returns the length.
+#[inline(always)]
+fn unix_name(sk: u64, o: &KernelOffsets, dst: *mut u8) -> u32 {
+    let ua: u64 = kread(sk + u64::from(o.unix_addr)).unwrap_or(0);
+    if ua != 0 {
+        let len: i32 = kread(ua + u64::from(o.unix_address_len)).unwrap_or(0);
+        let mut n = if len > 0 { len as u32 } else { 0 };
+        if n > SOCKADDR_BYTES as u32 {
+            n = SOCKADDR_BYTES as u32;
+        }
+        // SAFETY: dst points to SOCKADDR_BYTES bytes of a ring reservation; n is bounded.
+        if n > 0
+            && unsafe { read_kernel_raw(dst.cast(), n, (ua + u64::from(o.unix_address_name)) as *const _) }
+                == 0
+        {
+            return n;
+        }
+    }
+    // SAFETY: dst has room for the family.
+    unsafe { core::ptr::write_unaligned(dst.cast::<u16>(), AF_UNIX) };
+    2
+}
+
+/// Fills `local` and `peer` of a ConnOpen from the socket itself. Returns false when the
+/// socket could not be read (the caller falls back to the syscall's address).
+#[inline(always)]
+fn addrs_from_sock(fd: u32, p: *mut ConnOpen) -> bool {
+    let o = KOFFS.load();
+    if o.ok == 0 {
+        return false;
+    }
+    let Some(sk) = sock_of_fd(fd, &o) else { return false };
+    let Some(family) = kread::<u16>(sk + u64::from(o.skc_family)) else { return false };
+    // SAFETY: p points to a reserved ConnOpen; every write below stays inside its local
+    // and peer arrays (at most 28 bytes for IP, SOCKADDR_BYTES for Unix).
+    unsafe {
+        let local: *mut u8 = addr_of_mut!((*p).local).cast();
+        let peer: *mut u8 = addr_of_mut!((*p).peer).cast();
+        match family {
+            AF_INET | AF_INET6 => {
+                // skc_num is the local port in host order; skc_dport is in network order.
+                let lport: u16 = kread(sk + u64::from(o.skc_num)).unwrap_or(0);
+                let dport: u16 = kread(sk + u64::from(o.skc_dport)).unwrap_or(0);
+                core::ptr::write_bytes(local, 0, 28);
+                core::ptr::write_bytes(peer, 0, 28);
+                core::ptr::write_unaligned(local.cast::<u16>(), family);
+                core::ptr::write_unaligned(peer.cast::<u16>(), family);
+                core::ptr::write_unaligned(local.add(2).cast::<u16>(), lport.to_be());
+                core::ptr::write_unaligned(peer.add(2).cast::<u16>(), dport);
+                let n = if family == AF_INET {
+                    let l: u32 = kread(sk + u64::from(o.skc_rcv_saddr)).unwrap_or(0);
+                    let d: u32 = kread(sk + u64::from(o.skc_daddr)).unwrap_or(0);
+                    core::ptr::write_unaligned(local.add(4).cast::<u32>(), l);
+                    core::ptr::write_unaligned(peer.add(4).cast::<u32>(), d);
+                    16
+                } else {
+                    let l: [u64; 2] = kread(sk + u64::from(o.skc_v6_rcv_saddr)).unwrap_or([0; 2]);
+                    let d: [u64; 2] = kread(sk + u64::from(o.skc_v6_daddr)).unwrap_or([0; 2]);
+                    core::ptr::write_unaligned(local.add(8).cast::<[u64; 2]>(), l);
+                    core::ptr::write_unaligned(peer.add(8).cast::<[u64; 2]>(), d);
+                    28
+                };
+                (*p).local_len = n;
+                (*p).peer_len = n;
+            }
+            AF_UNIX => {
+                (*p).local_len = unix_name(sk, &o, local);
+                let psk: u64 = kread(sk + u64::from(o.unix_peer)).unwrap_or(0);
+                (*p).peer_len = if psk != 0 { unix_name(psk, &o, peer) } else { 0 };
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Emits a ConnOpen record. Addresses come from the socket when the kernel offsets are
+/// known; otherwise the peer is copied from the syscall's user sockaddr at `addr`
+/// (`addr_len` is the caller's buffer size, or the kernel's result for accept).
 #[inline(always)]
 #[allow(clippy::too_many_arguments, reason = "inlined; one call per role")]
 fn emit_open(
@@ -540,11 +670,7 @@ fn emit_open(
         return;
     };
     let p = e.as_mut_ptr();
-    let mut n = 0u64;
-    if addr != 0 {
-        n = if addr_len > SOCKADDR_BYTES as u64 { SOCKADDR_BYTES as u64 } else { addr_len };
-    }
-    // SAFETY: p points to a reserved ConnOpen in the ring buffer; n <= SOCKADDR_BYTES.
+    // SAFETY: p points to a reserved ConnOpen in the ring buffer.
     unsafe {
         (*p).kind = RecordKind::ConnOpen as u32;
         (*p).tgid = (pid_tgid >> 32) as u32;
@@ -556,13 +682,20 @@ fn emit_open(
         (*p).in_progress = u8::from(in_progress);
         (*p)._pad = 0;
         (*p).listen_fd = listen_fd;
-        (*p)._pad2 = 0;
-        let dst: *mut u8 = addr_of_mut!((*p).addr).cast();
-        if n > 0 && read_user_raw(dst.cast(), n as u32, addr as *const _) != 0 {
-            count(counter::READ_FAULT, 1);
-            n = 0;
+        (*p).local_len = 0;
+        (*p).peer_len = 0;
+    }
+    if !addrs_from_sock(fd, p) && addr != 0 {
+        let n = if addr_len > SOCKADDR_BYTES as u64 { SOCKADDR_BYTES as u32 } else { addr_len as u32 };
+        // SAFETY: p points to a reserved ConnOpen; n <= SOCKADDR_BYTES.
+        unsafe {
+            let dst: *mut u8 = addr_of_mut!((*p).peer).cast();
+            if n > 0 && read_user_raw(dst.cast(), n, addr as *const _) != 0 {
+                count(counter::READ_FAULT, 1);
+            } else {
+                (*p).peer_len = n;
+            }
         }
-        (*p).addr_len = n as u32;
     }
     e.submit(0);
 }
@@ -805,6 +938,10 @@ fn bump_epoch(tgid: u32, p: &ProcVal) -> u32 {
     epoch
 }
 
+/// close_range ranges up to this long are forgotten fd by fd; longer ones (typically
+/// `close_range(3, ~0U)` before exec) move the process to a new fd-table epoch.
+const CLOSE_RANGE_LOOP: u32 = 64;
+
 #[tracepoint]
 pub fn sys_enter_close_range(c: TracePointContext) -> u32 {
     // close_range(fd, max_fd, flags); CLOSE_RANGE_CLOEXEC only marks them (exec closes).
@@ -812,6 +949,20 @@ pub fn sys_enter_close_range(c: TracePointContext) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let Some(p) = tracked(tgid) else { return 0 };
     if arg(&c, 2) & CLOSE_RANGE_CLOEXEC != 0 {
+        return 0;
+    }
+    let (lo, hi) = (arg(&c, 0) as u32, arg(&c, 1) as u32);
+    if hi < lo {
+        return 0;
+    }
+    if hi - lo < CLOSE_RANGE_LOOP {
+        for i in 0..CLOSE_RANGE_LOOP {
+            let fd = lo + i;
+            if fd > hi {
+                break;
+            }
+            forget_fd(pid_tgid, fd, &p);
+        }
         return 0;
     }
     let epoch = bump_epoch(tgid, &p);
@@ -825,8 +976,8 @@ pub fn sys_enter_close_range(c: TracePointContext) -> u32 {
         (*r).kind = RecordKind::FdEpoch as u32;
         (*r).tgid = tgid;
         (*r).ts_ns = now();
-        (*r).lo = arg(&c, 0) as u32;
-        (*r).hi = arg(&c, 1) as u32;
+        (*r).lo = lo;
+        (*r).hi = hi;
         (*r).epoch = epoch;
         (*r)._pad = 0;
     }

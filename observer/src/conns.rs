@@ -72,7 +72,7 @@ impl ConnTable {
         let info = ConnInfo {
             conn_id: o.conn_id,
             role: o.role,
-            local: None,
+            local: o.local.clone(),
             peer: o.peer.clone(),
             inode: None,
             owners: vec![(o.tgid, o.fd)],
@@ -172,6 +172,7 @@ mod tests {
             role: Role::Client,
             in_progress: false,
             peer: None,
+            local: None,
             listen_fd: None,
         }
     }

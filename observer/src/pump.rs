@@ -37,6 +37,8 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const GC_EVERY: Duration = Duration::from_secs(5);
 /// Records handled per wake-up before other work (signals, rescans) gets a turn.
 const BATCH: usize = 4096;
+/// Records handled at most when the pump must empty the ring (at stop, before a sweep).
+const FINAL_DRAIN: usize = 1 << 22;
 /// Listener addresses cached (a cache: cleared when full).
 const MAX_LISTENERS: usize = 4096;
 
@@ -116,6 +118,7 @@ impl Pump {
     fn enter_sockets(&mut self, tgid: u32, epoch: u32, closed: Option<(u32, u32)>) {
         let in_closed = |fd: u32| closed.is_some_and(|(lo, hi)| (lo..=hi).contains(&fd));
         let fds = targets::socket_fds(tgid);
+        tracing::debug!(tgid, epoch, ?fds, "entering sockets");
         for (fd, _, _) in self.conns.fds_of(tgid) {
             if in_closed(fd) || !fds.iter().any(|&(f, _)| f == fd) {
                 self.conns.release(tgid, fd);
@@ -139,7 +142,10 @@ impl Pump {
                     match known {
                         Some(k) => k,
                         None => match self.conns.seed(tgid, fd, inode, ep.role, ep.local, ep.peer) {
-                            Some(id) => (id, ep.role),
+                            Some(id) => {
+                                tracing::debug!(tgid, fd, id, "seeded connection");
+                                (id, ep.role)
+                            }
                             None => continue,
                         },
                     }
@@ -182,15 +188,18 @@ impl Pump {
                 sink.record(&rec, conn);
             }
             Record::ConnOpen(o) => {
-                let listener = match (self.resolve_addresses, o.listen_fd) {
+                // Without kernel offsets the local address is not in the record: look in
+                // /proc (best effort: the connection may be closed again already), then
+                // fall back to the listener's address.
+                let fallback = self.resolve_addresses && o.local.is_none();
+                let listener = match (fallback, o.listen_fd) {
                     (true, Some(lfd)) => self.listener_addr(o.tgid, lfd),
                     _ => None,
                 };
-                let resolve = self.resolve_addresses;
-                if let Some(c) = self.conns.open(o) {
-                    if resolve {
-                        resolve_endpoints(c, o.tgid, o.fd);
-                    }
+                if let Some(c) = self.conns.open(o)
+                    && fallback
+                {
+                    resolve_endpoints(c, o.tgid, o.fd);
                     if c.local.is_none() {
                         c.local = listener;
                     }
@@ -265,14 +274,20 @@ impl Pump {
     }
 
     /// Sweeps kernel entries of processes that are gone without an exit record (lost).
-    fn gc(&mut self) {
+    /// The records such a process made before it died are handled first: they are all in
+    /// the ring already (a dead process makes no more), so the order is check, drain, forget.
+    fn gc<S: Sink>(&mut self, ring: &mut RingBuf<MapData>, sink: &mut S) {
         let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
-        let dead: BTreeSet<u32> =
+        let mut dead: BTreeSet<u32> =
             self.probe.socket_keys().into_iter().map(|k| k.tgid).filter(|&t| !alive(t)).collect();
         let gone: Vec<u32> = self.probe.tracked().into_iter().filter(|&t| !alive(t)).collect();
+        if dead.is_empty() && gone.is_empty() {
+            return;
+        }
+        self.drain(ring, sink, FINAL_DRAIN);
         for pid in gone {
             self.probe.untrack(pid);
-            self.forget_process(pid);
+            dead.insert(pid);
         }
         for pid in dead {
             self.forget_process(pid);
@@ -297,7 +312,7 @@ impl Pump {
         let mut afd =
             unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
         let mut rescan = tokio::time::interval(RESCAN_EVERY);
-        let mut gc = tokio::time::interval(GC_EVERY);
+        let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
@@ -312,12 +327,12 @@ impl Pump {
                     }
                 }
                 _ = rescan.tick() => self.rescan(),
-                _ = gc.tick() => self.gc(),
+                _ = gc.tick() => self.gc(afd.get_mut(), sink),
             }
         }
         // Everything the traced processes did before the stop is in the ring (or counted
         // as lost): hand it over. Bounded, in case they keep going.
-        self.drain(afd.get_mut(), sink, 1 << 22);
+        self.drain(afd.get_mut(), sink, FINAL_DRAIN);
         Ok(())
     }
 

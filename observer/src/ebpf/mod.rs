@@ -4,6 +4,7 @@
 //! Every failure a user can meet on a real machine (not root, no BTF, no tracefs, kernel
 //! too old, a program the verifier rejects) is a [`LoadError`] with a one-line message.
 
+pub mod btf;
 mod preflight;
 mod stats;
 
@@ -14,7 +15,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint},
 };
-use observer_ebpf::{MAX_CAPTURE, ProcVal, SockKey, SockVal, counter};
+use observer_ebpf::{KernelOffsets, MAX_CAPTURE, ProcVal, SockKey, SockVal, counter};
 pub use stats::ProgramStats;
 
 /// The kernel object built by build.rs.
@@ -118,8 +119,10 @@ impl Probe {
             }
         }
         let own_tgid = std::process::id();
+        let offsets = kernel_offsets();
         let mut ebpf = EbpfLoader::new()
             .override_global("OWN_TGID", &own_tgid, true)
+            .override_global("KOFFS", &offsets, true)
             .override_global("CAPTURE_BYTES", &opts.capture_bytes, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .map_max_entries("SOCKS", opts.max_connections)
@@ -269,6 +272,43 @@ pub enum TableError {
     Map(LoadError),
     #[error("table full or update refused: {0}")]
     Full(String),
+}
+
+/// The kernel struct offsets the programs use to read a socket's addresses, from the
+/// running kernel's BTF. Without them (`ok == 0`) addresses come from syscall arguments
+/// and /proc only.
+pub fn kernel_offsets() -> KernelOffsets {
+    let Some(b) = btf::Btf::from_sys_fs() else {
+        tracing::warn!("kernel BTF unreadable: connection addresses from syscall arguments only");
+        return KernelOffsets::default();
+    };
+    let sk = |m: &str| b.offset("sock", &["__sk_common", m]);
+    let resolved = (|| {
+        Some(KernelOffsets {
+            ok: 1,
+            task_files: b.offset("task_struct", &["files"])?,
+            files_fdt: b.offset("files_struct", &["fdt"])?,
+            fdt_max_fds: b.offset("fdtable", &["max_fds"])?,
+            fdt_fd: b.offset("fdtable", &["fd"])?,
+            file_private_data: b.offset("file", &["private_data"])?,
+            socket_sk: b.offset("socket", &["sk"])?,
+            skc_family: sk("skc_family")?,
+            skc_num: sk("skc_num")?,
+            skc_dport: sk("skc_dport")?,
+            skc_rcv_saddr: sk("skc_rcv_saddr")?,
+            skc_daddr: sk("skc_daddr")?,
+            skc_v6_rcv_saddr: sk("skc_v6_rcv_saddr")?,
+            skc_v6_daddr: sk("skc_v6_daddr")?,
+            unix_addr: b.offset("unix_sock", &["addr"])?,
+            unix_peer: b.offset("unix_sock", &["peer"])?,
+            unix_address_len: b.offset("unix_address", &["len"])?,
+            unix_address_name: b.offset("unix_address", &["name"])?,
+        })
+    })();
+    resolved.unwrap_or_else(|| {
+        tracing::warn!("kernel BTF lacks a socket field: connection addresses from syscall arguments only");
+        KernelOffsets::default()
+    })
 }
 
 fn rejected(name: &str, e: ProgramError) -> LoadError {

@@ -84,9 +84,10 @@ pub struct Data<'a> {
 }
 
 impl Data<'_> {
-    /// The capture holds only a prefix of what was moved.
+    /// The capture holds only a prefix of what was moved (counted-only syscalls capture
+    /// nothing by design and are not "truncated").
     pub fn truncated(&self) -> bool {
-        (self.bytes.len() as u64) < self.total_len
+        !self.no_capture && (self.bytes.len() as u64) < self.total_len
     }
 }
 
@@ -101,8 +102,10 @@ pub struct Open {
     pub role: Role,
     /// `connect` returned EINPROGRESS.
     pub in_progress: bool,
-    /// The peer's address as the syscall saw it, when it had one.
+    /// The peer's address, from the socket (or the syscall's arguments).
     pub peer: Option<SockAddr>,
+    /// The local address, from the socket.
+    pub local: Option<SockAddr>,
     /// For an accepted connection, the listening socket's fd.
     pub listen_fd: Option<u32>,
 }
@@ -198,7 +201,9 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
                 ROLE_CLIENT => Role::Client,
                 _ => return Err(DecodeError::Invalid),
             };
-            let n = (o.addr_len as usize).min(SOCKADDR_BYTES);
+            let addr = |raw: &[u8; SOCKADDR_BYTES], len: u32| {
+                SockAddr::from_raw(&raw[..(len as usize).min(SOCKADDR_BYTES)])
+            };
             Ok(Record::ConnOpen(Open {
                 ts_ns: o.ts_ns,
                 tgid: o.tgid,
@@ -207,7 +212,8 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
                 conn_id: o.conn_id,
                 role,
                 in_progress: o.in_progress != 0,
-                peer: SockAddr::from_raw(&o.addr[..n]),
+                peer: addr(&o.peer, o.peer_len),
+                local: addr(&o.local, o.local_len),
                 listen_fd: (o.listen_fd != u32::MAX).then_some(o.listen_fd),
             }))
         }
@@ -277,12 +283,13 @@ pub mod raw {
             role,
             in_progress: 0,
             _pad: 0,
-            addr_len: addr.len() as u32,
+            peer_len: addr.len() as u32,
+            local_len: 0,
             listen_fd: 3,
-            addr: [0; SOCKADDR_BYTES],
-            _pad2: 0,
+            peer: [0; SOCKADDR_BYTES],
+            local: [0; SOCKADDR_BYTES],
         };
-        o.addr[..addr.len()].copy_from_slice(addr);
+        o.peer[..addr.len()].copy_from_slice(addr);
         bytes_of(&o)
     }
 }
@@ -357,6 +364,7 @@ mod tests {
         assert_eq!(o.role, Role::Server);
         assert_eq!(o.listen_fd, Some(3));
         assert_eq!(o.peer.unwrap().to_string(), "127.0.0.1:8080");
+        assert_eq!(o.local, None);
     }
 
     proptest! {

@@ -6,6 +6,7 @@
 //! can be entered into the kernel's socket table and traced from the next syscall on.
 
 pub mod procfs;
+pub mod unix_diag;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -116,6 +117,8 @@ pub struct NetTables {
     /// tcp and tcp6 rows together.
     pub tcp: Vec<TcpRow>,
     pub unix: Vec<UnixRow>,
+    /// Unix socket inode -> its peer's inode (sock_diag; our namespace only).
+    pub unix_peers: HashMap<u64, u64>,
 }
 
 impl NetTables {
@@ -128,7 +131,10 @@ impl NetTables {
         }
         let unix =
             fs::read_to_string(format!("{base}/unix")).map(|t| procfs::parse_unix(&t)).unwrap_or_default();
-        Some(Self { tcp, unix })
+        let same_netns =
+            fs::read_link(format!("/proc/{pid}/ns/net")).ok() == fs::read_link("/proc/self/ns/net").ok();
+        let unix_peers = if same_netns { unix_diag::peers().unwrap_or_default() } else { HashMap::new() };
+        Some(Self { tcp, unix, unix_peers })
     }
 
     /// Classifies the socket with this inode.
@@ -154,10 +160,15 @@ impl NetTables {
             procfs::SS_CONNECTED => {
                 // An accepted Unix socket carries its listener's name; a client is unnamed.
                 let accepted = r.path.is_some() && self.unix.iter().any(|l| l.listening && l.path == r.path);
+                let peer = self
+                    .unix_peers
+                    .get(&inode)
+                    .and_then(|p| self.unix.iter().find(|u| u.inode == *p))
+                    .map(UnixRow::addr);
                 SocketState::Connected(Endpoints {
                     role: if accepted { Role::Server } else { Role::Client },
                     local: Some(r.addr()),
-                    peer: accepted.then_some(SockAddr::UnixUnnamed),
+                    peer,
                 })
             }
             procfs::SS_UNCONNECTED => SocketState::Unconnected,
@@ -286,7 +297,7 @@ mod tests {
    3: 00000000:0000 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4 1
 ",
         );
-        let net = NetTables { tcp: t, unix: vec![] };
+        let net = NetTables { tcp: t, ..Default::default() };
         assert_eq!(net.endpoints(2).unwrap().role, Role::Server);
         assert_eq!(net.endpoints(3).unwrap().role, Role::Client);
         assert_eq!(net.classify(1), Some(SocketState::Other));
@@ -303,11 +314,14 @@ mod tests {
 0000000000000000: 00000003 00000000 00000000 0001 03 3
 ",
         );
-        let net = NetTables { tcp: vec![], unix: u };
+        let net = NetTables { unix: u, unix_peers: HashMap::from([(2, 3), (3, 2)]), ..Default::default() };
         let server = net.endpoints(2).unwrap();
         assert_eq!(server.role, Role::Server);
         assert_eq!(server.local.unwrap().to_string(), "unix:/tmp/app.sock");
-        assert_eq!(net.endpoints(3).unwrap().role, Role::Client);
+        assert_eq!(server.peer.unwrap().to_string(), "unix:(unnamed)");
+        let client = net.endpoints(3).unwrap();
+        assert_eq!(client.role, Role::Client);
+        assert_eq!(client.peer.unwrap().to_string(), "unix:/tmp/app.sock");
         assert_eq!(net.classify(1), Some(SocketState::Other));
     }
 }

@@ -1,0 +1,259 @@
+//! The kernel capture, end to end: real sockets on loopback and Unix sockets, the real
+//! observer (`observer trace --json`) on the real kernel, compared with what the traced
+//! process says it did.
+
+mod harness;
+
+use harness::{Observer, Peer, TempDir, Trace, b64d, ebpf_available};
+use serde_json::Value;
+
+/// Runs `scenario` in a sockpeer traced by an observer started with `args`.
+fn traced(scenario: &str, family: &str, args: &[&str]) -> (u32, Value, Value, Trace) {
+    let dir = TempDir::new(scenario);
+    let peer = Peer::spawn(scenario, family, &dir, &[]);
+    let pid = peer.pid;
+    let hello = peer.hello.clone();
+    let pid_s = pid.to_string();
+    let mut all = vec!["--pid", pid_s.as_str()];
+    all.extend_from_slice(args);
+    let obs = Observer::start(&all);
+    assert_eq!(obs.ready["pids"], serde_json::json!([pid]));
+    let result = peer.go();
+    (pid, hello, result, obs.stop())
+}
+
+fn ops(result: &Value) -> Vec<Value> {
+    result["ops"].as_array().expect("ops").clone()
+}
+
+/// The records on one fd share one connection, with this role and these addresses.
+fn assert_endpoint(records: &[&Value], endpoint: &Value, role: &str) -> u64 {
+    let fd = &endpoint["fd"];
+    let on_fd: Vec<&&Value> = records.iter().filter(|r| &r["fd"] == fd).collect();
+    assert!(!on_fd.is_empty(), "no records on fd {fd}");
+    let conn_id = on_fd[0]["conn_id"].as_u64().unwrap();
+    for r in on_fd {
+        assert_eq!(r["conn_id"], conn_id, "fd {fd} records span connections: {r}");
+        let c = &r["conn"];
+        assert_eq!(c["role"], role, "{r}");
+        assert_eq!(c["local"], endpoint["local"], "local address of {role} fd {fd}: {r}");
+        assert_eq!(c["peer"], endpoint["peer"], "peer address of {role} fd {fd}: {r}");
+    }
+    conn_id
+}
+
+fn each_syscall_exactly(family: &str) {
+    if !ebpf_available() {
+        return;
+    }
+    let (pid, _, result, trace) = traced("exchange", family, &[]);
+    let matched = trace.assert_exact(pid, &ops(&result), usize::MAX);
+
+    // Every kind of syscall was seen, in both directions where it applies.
+    for (syscall, dir) in [
+        ("write", "send"),
+        ("read", "recv"),
+        ("writev", "send"),
+        ("readv", "recv"),
+        ("sendto", "send"),
+        ("recvfrom", "recv"),
+        ("sendmsg", "send"),
+        ("recvmsg", "recv"),
+        ("sendmmsg", "send"),
+        ("recvmmsg", "recv"),
+        ("sendfile", "send"),
+    ] {
+        let n = matched.iter().filter(|r| r["syscall"] == syscall && r["dir"] == dir).count();
+        assert!(n >= 2, "{syscall}/{dir}: {n} records");
+    }
+    for r in &matched {
+        let counted = matches!(r["syscall"].as_str(), Some("sendmmsg" | "recvmmsg" | "sendfile"));
+        assert_eq!(r["no_capture"], counted, "{r}");
+        assert_eq!(r["truncated"], false, "{r}");
+        assert_eq!(r["fault"], false, "{r}");
+    }
+
+    let client = assert_endpoint(&matched, &result["client"], "client");
+    let server = assert_endpoint(&matched, &result["server"], "server");
+    assert_ne!(client, server);
+    if family != "unix" {
+        let nb = &result["nonblocking"];
+        assert_endpoint(&matched, &nb["client"], "client");
+        assert_endpoint(&matched, &nb["server"], "server");
+        let open = trace
+            .of("open", pid)
+            .into_iter()
+            .find(|o| o["fd"] == nb["client"]["fd"] && o["role"] == "client")
+            .expect("open record of the non-blocking connection");
+        assert_eq!(open["in_progress"], nb["in_progress"]);
+    }
+
+    // Opens and closes: one of each per connection, matching roles.
+    let conns = if family == "unix" { 2 } else { 4 };
+    assert_eq!(trace.of("open", pid).len(), conns, "open records");
+    assert_eq!(trace.of("close", pid).len(), conns, "close records");
+    // The two MSG_PEEK calls were skipped, not recorded.
+    assert_eq!(trace.counter("observer_peek_skipped_total"), result["peeks"].as_u64().unwrap());
+    assert_eq!(trace.counter("observer_records_lost_total{reason=\"ring_buffer_full\"}"), 0);
+    assert_eq!(trace.counter("observer_unknown_connection_records_total"), 0);
+}
+
+#[test]
+fn each_data_syscall_is_recorded_exactly_over_ipv4() {
+    each_syscall_exactly("inet");
+}
+
+#[test]
+fn each_data_syscall_is_recorded_exactly_over_ipv6() {
+    each_syscall_exactly("inet6");
+}
+
+#[test]
+fn each_data_syscall_is_recorded_exactly_over_unix_sockets() {
+    each_syscall_exactly("unix");
+}
+
+#[test]
+fn payload_larger_than_capture_keeps_true_length_and_exact_prefix() {
+    if !ebpf_available() {
+        return;
+    }
+    let (pid, _, result, trace) = traced("large", "inet", &["--capture-bytes", "256"]);
+    let ops = ops(&result);
+    let matched = trace.assert_exact(pid, &ops, 256);
+    let truncated = ops.iter().filter(|o| o["total_len"].as_u64().unwrap() > 256).count() as u64;
+    assert!(truncated >= 2, "the scenario moves 10000-byte payloads");
+    for r in &matched {
+        let total = r["total_len"].as_u64().unwrap();
+        assert_eq!(r["truncated"], total > 256, "{r}");
+        assert_eq!(r["cap_len"].as_u64().unwrap(), total.min(256), "{r}");
+    }
+    // The writev's 256-byte prefix spans three iovecs (100 + 200 + ...).
+    let writev = matched.iter().find(|r| r["syscall"] == "writev").expect("writev record");
+    let prefix = b64d(writev["data"].as_str().unwrap());
+    let expected: Vec<u8> = (0..256u32).map(|i| b'a' + (i % 26) as u8).collect();
+    assert_eq!(prefix, expected);
+    assert_eq!(trace.counter("observer_capture_truncated_total"), truncated);
+}
+
+fn preexisting(family: &str) {
+    if !ebpf_available() {
+        return;
+    }
+    let (pid, hello, result, trace) = traced("preexisting", family, &[]);
+    let matched = trace.assert_exact(pid, &ops(&result), usize::MAX);
+    assert_endpoint(&matched, &hello["client"], "client");
+    assert_endpoint(&matched, &hello["server"], "server");
+    for r in &matched {
+        assert_eq!(r["conn"]["preexisting"], true, "{r}");
+    }
+    assert!(trace.of("open", pid).is_empty(), "no open record: the connections predate the observer");
+}
+
+#[test]
+fn connection_opened_before_start_is_traced_over_tcp() {
+    preexisting("inet");
+}
+
+#[test]
+fn connection_opened_before_start_is_traced_over_unix_sockets() {
+    preexisting("unix");
+}
+
+#[test]
+fn forked_child_is_traced_and_untracked_process_is_not() {
+    if !ebpf_available() {
+        return;
+    }
+    let dir = TempDir::new("fork");
+    let tracked = Peer::spawn("fork", "inet", &dir, &[]);
+    let bystander = Peer::spawn("exchange", "inet", &dir, &[]);
+    let (pid, other) = (tracked.pid, bystander.pid);
+    let obs = Observer::start(&["--pid", &pid.to_string()]);
+    let other_result = bystander.go();
+    let result = tracked.go();
+    let trace = obs.stop();
+
+    // The parent: exactly its own syscalls.
+    trace.assert_exact(pid, &ops(&result), usize::MAX);
+    let child = result["child"].as_u64().unwrap() as u32;
+    assert!(
+        trace.records.iter().any(|r| r["type"] == "fork" && r["pid"] == child && r["parent"] == pid),
+        "fork record"
+    );
+    let child_data = trace.of("data", child);
+    let parent_client = trace
+        .of("data", pid)
+        .into_iter()
+        .find(|r| r["fd"] == result["client"]["fd"])
+        .map(|r| r["conn_id"].clone())
+        .expect("parent's client records");
+    let inherited = child_data
+        .iter()
+        .find(|r| b64d(r["data"].as_str().unwrap()) == b"child on the inherited connection")
+        .expect("the child's write on the inherited connection");
+    assert_eq!(inherited["conn_id"], parent_client, "same socket, same connection id");
+    let own = child_data
+        .iter()
+        .find(|r| b64d(r["data"].as_str().unwrap()) == b"child on its own connection")
+        .expect("the child's write on its own connection");
+    assert_eq!(own["conn"]["role"], "client");
+    assert!(trace.of("open", child).iter().any(|o| o["conn_id"] == own["conn_id"]));
+    assert_eq!(child_data.len(), 2);
+
+    // The bystander on the same loopback ports is not traced at all.
+    assert!(!ops(&other_result).is_empty());
+    let leaked: Vec<&Value> = trace.records.iter().filter(|r| r["pid"] == other).collect();
+    assert!(leaked.is_empty(), "untracked process traced: {leaked:?}");
+}
+
+#[test]
+fn fd_reuse_after_close_dup2_and_close_range_never_mixes_connections() {
+    if !ebpf_available() {
+        return;
+    }
+    let (pid, _, result, trace) = traced("fdreuse", "inet", &[]);
+    // Exactness includes "no other records": the file reads on reused fd numbers are not
+    // recorded.
+    let matched = trace.assert_exact(pid, &ops(&result), usize::MAX);
+    let conn_of = |text: &[u8]| {
+        matched
+            .iter()
+            .find(|r| b64d(r["data"].as_str().unwrap()) == text)
+            .map(|r| r["conn_id"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("no record of {}", String::from_utf8_lossy(text)))
+    };
+    assert_ne!(conn_of(b"A before close"), conn_of(b"B on a reused fd number"));
+    let d = conn_of(b"D through dup");
+    assert_eq!(d, conn_of(b"D through dup after the original closed"));
+    assert_eq!(d, conn_of(b"D through fcntl F_DUPFD_CLOEXEC"));
+    let dups = trace.of("dup", pid);
+    assert_eq!(dups.len(), 2, "dup and fcntl(F_DUPFD_CLOEXEC)");
+    assert!(dups.iter().all(|r| r["conn_id"] == d));
+    // dup2 over the socket and close_range both closed a connection.
+    let c = conn_of(b"C before dup2");
+    let e = conn_of(b"E before close_range");
+    let closed: Vec<u64> = trace.of("close", pid).iter().map(|r| r["conn_id"].as_u64().unwrap()).collect();
+    assert!(closed.contains(&c), "dup2 closed C");
+    assert!(closed.contains(&e), "close_range closed E");
+}
+
+#[test]
+fn tiny_ring_buffer_loses_exactly_what_it_counts() {
+    if !ebpf_available() {
+        return;
+    }
+    let dir = TempDir::new("burst");
+    let peer = Peer::spawn("burst", "inet", &dir, &["20000"]);
+    let pid = peer.pid;
+    let obs = Observer::start(&["--pid", &pid.to_string(), "--ring-buffer-bytes", "4096"]);
+    let result = peer.go();
+    let trace = obs.stop();
+    let sent = result["data_syscalls"].as_u64().unwrap();
+    let received = trace.of("data", pid).len() as u64;
+    let lost = trace.counter("observer_records_lost_total{reason=\"ring_buffer_full\"}")
+        + trace.counter("observer_records_lost_total{reason=\"program_skipped\"}");
+    assert!(lost > 0, "a 4 KiB ring under a burst of {sent} records must overflow");
+    assert_eq!(received + lost, sent, "received {received} + lost {lost} != sent {sent}");
+    assert_eq!(trace.counter("observer_records_total"), received);
+}

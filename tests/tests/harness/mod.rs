@@ -1,0 +1,282 @@
+//! Harness for the end-to-end tests (a module of each test file): runs the real observer (as root, against the real
+//! kernel) on real processes, and reads what it printed.
+//!
+//! eBPF tests call [`ebpf_available`] first. On a machine that cannot load the programs
+//! they are skipped with a message, unless `CI=true` or `OBSERVER_REQUIRE_EBPF=1`, where
+//! that is a failure.
+#![allow(dead_code, reason = "each test file uses part of the harness")]
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::mpsc::{Receiver, channel},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Whether eBPF tests can run here; panics instead of skipping when they must run.
+pub fn ebpf_available() -> bool {
+    let must = std::env::var("OBSERVER_REQUIRE_EBPF").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let reason = if unsafe_geteuid() != 0 {
+        Some("not root")
+    } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Some("no kernel BTF")
+    } else if !Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
+        && !Path::new("/sys/kernel/debug/tracing/events/syscalls").is_dir()
+        && !mount_tracefs()
+    {
+        Some("no tracefs with syscall tracepoints")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(r) if must => {
+            panic!("eBPF tests are required here (CI / OBSERVER_REQUIRE_EBPF=1) but cannot run: {r}")
+        }
+        Some(r) => {
+            eprintln!("skipping eBPF test: {r}");
+            false
+        }
+    }
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+fn mount_tracefs() -> bool {
+    Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("observer-test-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads lines from a child's pipe on a thread.
+fn line_reader(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A `sockpeer` process: prints its pid, waits for "go", runs a scenario, reports.
+pub struct Peer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    pub pid: u32,
+    /// The first line it printed (pid, and for `preexisting` the endpoints).
+    pub hello: Value,
+}
+
+impl Peer {
+    pub fn spawn(scenario: &str, family: &str, dir: &TempDir, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sockpeer"))
+            .args([scenario, family, dir.path()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn sockpeer");
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("sockpeer hello");
+        let hello: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("sockpeer hello {line:?}: {e}"));
+        let pid = hello["pid"].as_u64().expect("pid") as u32;
+        Self { child, stdin, stdout, pid, hello }
+    }
+
+    /// Lets it run; returns its report once it exited.
+    pub fn go(mut self) -> Value {
+        let mut stdin = self.stdin.take().expect("stdin");
+        stdin.write_all(b"go\n").expect("go");
+        drop(stdin);
+        let mut out = String::new();
+        self.stdout.read_to_string(&mut out).expect("sockpeer result");
+        let status = self.child.wait().expect("wait sockpeer");
+        assert!(status.success(), "sockpeer failed: {status}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("sockpeer result {out:?}: {e}"))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `observer trace --json`.
+pub struct Observer {
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    /// The `ready` line.
+    pub ready: Value,
+}
+
+/// What an observer printed, after it stopped.
+#[derive(Debug)]
+pub struct Trace {
+    pub records: Vec<Value>,
+    pub counters: BTreeMap<String, u64>,
+    pub stderr: Vec<String>,
+}
+
+pub fn observer_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_observer-under-test")
+}
+
+impl Observer {
+    /// Starts `observer trace --json ARGS` and waits until its programs are attached.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(observer_bin())
+            .args(["trace", "--json"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn observer");
+        let stdout = line_reader(child.stdout.take().expect("stdout"));
+        let stderr = line_reader(child.stderr.take().expect("stderr"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match stdout.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    let v: Value = serde_json::from_str(&line).expect("observer JSON line");
+                    assert_eq!(v["type"], "ready", "first line must be ready: {line}");
+                    return Self { child, stdout, stderr, ready: v };
+                }
+                Err(_) if Instant::now() < deadline => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let err: Vec<String> = stderr.try_iter().collect();
+                        panic!("observer exited with {status} before ready: {}", err.join("\n"));
+                    }
+                }
+                Err(_) => panic!("observer not ready within 60s"),
+            }
+        }
+    }
+
+    /// Stops it with SIGINT and collects everything it printed.
+    pub fn stop(mut self) -> Trace {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait observer");
+        let stderr: Vec<String> = self.stderr.iter().collect();
+        assert!(status.success(), "observer exited with {status}: {}", stderr.join("\n"));
+        let mut records = Vec::new();
+        let mut counters = BTreeMap::new();
+        for line in self.stdout.iter() {
+            let v: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}"));
+            if v["type"] == "counters" {
+                counters = serde_json::from_value(v["counters"].clone()).expect("counters map");
+            } else {
+                records.push(v);
+            }
+        }
+        assert!(!counters.is_empty(), "observer printed no counters");
+        Trace { records, counters, stderr }
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Trace {
+    /// Records of a type (`data`, `open`, `close`, ...) from one process.
+    pub fn of(&self, kind: &str, pid: u32) -> Vec<&Value> {
+        self.records.iter().filter(|r| r["type"] == kind && r["pid"] == pid).collect()
+    }
+
+    /// A counter by series name, e.g. `observer_capture_truncated_total`.
+    pub fn counter(&self, series: &str) -> u64 {
+        *self.counters.get(series).unwrap_or_else(|| panic!("no counter {series} in {:?}", self.counters))
+    }
+
+    /// Asserts that the data records of `pid` are exactly `ops` (the peer's ground truth:
+    /// fd, syscall, direction, total length and bytes), one record per op, each holding
+    /// the first `cap` bytes of what the syscall moved. Returns each op's record.
+    pub fn assert_exact(&self, pid: u32, ops: &[Value], cap: usize) -> Vec<&Value> {
+        let data = self.of("data", pid);
+        let mut used = vec![false; data.len()];
+        let mut matched = Vec::new();
+        for op in ops {
+            let bytes = b64d(op["data"].as_str().expect("op data"));
+            let counted_only = matches!(op["syscall"].as_str(), Some("sendmmsg" | "recvmmsg" | "sendfile"));
+            let want = if counted_only { Vec::new() } else { bytes[..bytes.len().min(cap)].to_vec() };
+            let found = data.iter().enumerate().position(|(i, r)| {
+                !used[i]
+                    && r["fd"] == op["fd"]
+                    && r["syscall"] == op["syscall"]
+                    && r["dir"] == op["dir"]
+                    && r["total_len"] == op["total_len"]
+                    && b64d(r["data"].as_str().unwrap_or_default()) == want
+            });
+            match found {
+                Some(i) => {
+                    used[i] = true;
+                    matched.push(data[i]);
+                }
+                None => panic!(
+                    "no record for op {op}\nrecords of pid {pid}:\n{}",
+                    data.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")
+                ),
+            }
+        }
+        let extra: Vec<String> =
+            data.iter().zip(&used).filter(|(_, u)| !**u).map(|(r, _)| r.to_string()).collect();
+        assert!(extra.is_empty(), "records with no matching syscall:\n{}", extra.join("\n"));
+        matched
+    }
+}
+
+/// Decodes base64 (the observer's and the peer's encoding of bytes).
+pub fn b64d(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
+}
