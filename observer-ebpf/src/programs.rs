@@ -180,14 +180,14 @@ fn tracked(tgid: u32) -> Option<ProcVal> {
         return None;
     }
     // SAFETY: the value is copied out at once.
-    unsafe { TRACKED.get(&tgid).copied() }
+    unsafe { TRACKED.get(tgid).copied() }
 }
 
 /// The socket entry of (tgid, fd) if it belongs to the current fd-table epoch.
 #[inline(always)]
 fn socket(tgid: u32, fd: u32, proc_: &ProcVal) -> Option<SockVal> {
     // SAFETY: the value is copied out at once.
-    let s = unsafe { SOCKS.get(&SockKey { tgid, fd }).copied() }?;
+    let s = unsafe { SOCKS.get(SockKey { tgid, fd }).copied() }?;
     if s.epoch != proc_.epoch {
         return None;
     }
@@ -197,7 +197,7 @@ fn socket(tgid: u32, fd: u32, proc_: &ProcVal) -> Option<SockVal> {
 #[inline(always)]
 fn stash(pid_tgid: u64, op: u8, fd: u32, ptr: u64, arg: u64, conn_id: u64) {
     let v = Inflight { enter_ns: now(), ptr, arg, conn_id, fd, op, _pad: [0; 3] };
-    if INFLIGHT.insert(&pid_tgid, &v, 0).is_err() {
+    if INFLIGHT.insert(pid_tgid, v, 0).is_err() {
         count(counter::INFLIGHT_TABLE_FULL, 1);
     }
 }
@@ -206,8 +206,8 @@ fn stash(pid_tgid: u64, op: u8, fd: u32, ptr: u64, arg: u64, conn_id: u64) {
 #[inline(always)]
 fn unstash(pid_tgid: u64, op: u8) -> Option<Inflight> {
     // SAFETY: the value is copied out before the entry is removed.
-    let v = unsafe { INFLIGHT.get(&pid_tgid).copied() }?;
-    let _ = INFLIGHT.remove(&pid_tgid);
+    let v = unsafe { INFLIGHT.get(pid_tgid).copied() }?;
+    let _ = INFLIGHT.remove(pid_tgid);
     if v.op != op {
         return None;
     }
@@ -541,7 +541,7 @@ pub fn sys_exit_socket(c: TracePointContext) -> u32 {
     }
     let Some(p) = tracked(tgid) else { return 0 };
     let v = SockVal { conn_id: 0, epoch: p.epoch, role: ROLE_UNCONNECTED, _pad: [0; 3] };
-    if SOCKS.insert(&SockKey { tgid, fd: fd as u32 }, &v, 0).is_err() {
+    if SOCKS.insert(SockKey { tgid, fd: fd as u32 }, v, 0).is_err() {
         count(counter::SOCK_TABLE_FULL, 1);
     }
     0
@@ -584,11 +584,11 @@ fn unix_name(sk: u64, o: &KernelOffsets, dst: *mut u8) -> u32 {
         if n > SOCKADDR_BYTES as u32 {
             n = SOCKADDR_BYTES as u32;
         }
-        // SAFETY: dst points to SOCKADDR_BYTES bytes of a ring reservation; n is bounded.
-        if n > 0
-            && unsafe { read_kernel_raw(dst.cast(), n, (ua + u64::from(o.unix_address_name)) as *const _) }
-                == 0
-        {
+        let src = (ua + u64::from(o.unix_address_name)) as *const _;
+        // SAFETY: dst points to SOCKADDR_BYTES bytes of a ring reservation; n is bounded;
+        // the helper checks the kernel address.
+        let ok = n > 0 && unsafe { read_kernel_raw(dst.cast(), n, src) } == 0;
+        if ok {
             return n;
         }
     }
@@ -749,7 +749,7 @@ pub fn sys_exit_connect(c: TracePointContext) -> u32 {
     let Some(p) = tracked(tgid) else { return 0 };
     let conn_id = next_conn_id();
     let v = SockVal { conn_id, epoch: p.epoch, role: ROLE_CLIENT, _pad: [0; 3] };
-    if SOCKS.insert(&SockKey { tgid, fd: inf.fd }, &v, 0).is_err() {
+    if SOCKS.insert(SockKey { tgid, fd: inf.fd }, v, 0).is_err() {
         count(counter::SOCK_TABLE_FULL, 1);
         return 0;
     }
@@ -784,15 +784,16 @@ fn exit_accept(c: &TracePointContext) {
         }
         // The family tells whether this is a socket kind we trace.
         // SAFETY: the helper checks the user pointer.
-        if let Ok(family) = unsafe { bpf_probe_read_user(inf.ptr as *const u16) } {
-            if addr_len >= 2 && !matches!(family, AF_UNIX | AF_INET | AF_INET6) {
-                return;
-            }
+        if let Ok(family) = unsafe { bpf_probe_read_user(inf.ptr as *const u16) }
+            && addr_len >= 2
+            && !matches!(family, AF_UNIX | AF_INET | AF_INET6)
+        {
+            return;
         }
     }
     let conn_id = next_conn_id();
     let v = SockVal { conn_id, epoch: p.epoch, role: ROLE_SERVER, _pad: [0; 3] };
-    if SOCKS.insert(&SockKey { tgid, fd: fd as u32 }, &v, 0).is_err() {
+    if SOCKS.insert(SockKey { tgid, fd: fd as u32 }, v, 0).is_err() {
         count(counter::SOCK_TABLE_FULL, 1);
         return;
     }
@@ -828,8 +829,8 @@ pub fn sys_exit_accept4(c: TracePointContext) -> u32 {
 fn forget_fd(pid_tgid: u64, fd: u32, p: &ProcVal) {
     let key = SockKey { tgid: (pid_tgid >> 32) as u32, fd };
     // SAFETY: the value is copied out at once.
-    let Some(s) = (unsafe { SOCKS.get(&key).copied() }) else { return };
-    let _ = SOCKS.remove(&key);
+    let Some(s) = (unsafe { SOCKS.get(key).copied() }) else { return };
+    let _ = SOCKS.remove(key);
     if s.epoch == p.epoch && s.role != ROLE_UNCONNECTED {
         emit_fd(RecordKind::ConnClose, pid_tgid, fd, s.conn_id);
     }
@@ -867,7 +868,7 @@ fn exit_dup(c: &TracePointContext) {
     let newfd = ret as u32;
     forget_fd(pid_tgid, newfd, &p);
     let Some(s) = socket(tgid, inf.fd, &p) else { return };
-    if SOCKS.insert(&SockKey { tgid, fd: newfd }, &s, 0).is_err() {
+    if SOCKS.insert(SockKey { tgid, fd: newfd }, s, 0).is_err() {
         count(counter::SOCK_TABLE_FULL, 1);
         return;
     }
@@ -934,7 +935,7 @@ pub fn sys_exit_fcntl(c: TracePointContext) -> u32 {
 fn bump_epoch(tgid: u32, p: &ProcVal) -> u32 {
     let epoch = p.epoch.wrapping_add(1);
     let v = ProcVal { epoch, _pad: 0 };
-    let _ = TRACKED.insert(&tgid, &v, 0);
+    let _ = TRACKED.insert(tgid, v, 0);
     epoch
 }
 
@@ -1053,16 +1054,17 @@ pub fn sched_process_fork(c: TracePointContext) -> u32 {
     }
     // A new thread is not a new process (clone/clone3 with CLONE_THREAD).
     // SAFETY: the value is copied out at once.
-    if let Some(inf) = unsafe { INFLIGHT.get(&pid_tgid).copied() } {
-        if inf.op == OP_CLONE && inf.arg & CLONE_THREAD != 0 {
-            return 0;
-        }
+    if let Some(inf) = unsafe { INFLIGHT.get(pid_tgid).copied() }
+        && inf.op == OP_CLONE
+        && inf.arg & CLONE_THREAD != 0
+    {
+        return 0;
     }
     // sched_process_fork: child_pid at offset 20 (i32).
     // SAFETY: offset 20 is inside this tracepoint's record.
     let child = unsafe { core::ptr::read_unaligned((c.as_ptr() as *const u8).add(20) as *const u32) };
     let v = ProcVal { epoch: 0, _pad: 0 };
-    if TRACKED.insert(&child, &v, u64::from(BPF_NOEXIST)).is_err() {
+    if TRACKED.insert(child, v, u64::from(BPF_NOEXIST)).is_err() {
         count(counter::PROC_TABLE_FULL, 1);
         return 0;
     }
@@ -1097,12 +1099,12 @@ pub fn sched_process_exit(c: TracePointContext) -> u32 {
     if tracked(tgid).is_none() {
         return 0;
     }
-    let _ = INFLIGHT.remove(&pid_tgid);
+    let _ = INFLIGHT.remove(pid_tgid);
     // sched_process_exit: group_dead (bool) at offset 32.
     // SAFETY: offset 32 is inside this tracepoint's record.
     let group_dead = unsafe { *(c.as_ptr() as *const u8).add(32) } != 0;
     if group_dead {
-        let _ = TRACKED.remove(&tgid);
+        let _ = TRACKED.remove(tgid);
         emit_proc(RecordKind::ProcExit, tgid, 0, 0);
     }
     0

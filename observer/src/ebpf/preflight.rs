@@ -51,7 +51,7 @@ fn check_privileges() -> Result<(), LoadError> {
         return Err(LoadError::Preflight(if euid == 0 {
             "running as root without CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN): grant them to the container or unit".into()
         } else {
-            "observer needs root, or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH: run it as root".into()
+            "needs root (or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH): run it as root".into()
         }));
     }
     if !has(CAP_DAC_READ_SEARCH) && !has(CAP_SYS_ADMIN) {
