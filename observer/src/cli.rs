@@ -116,23 +116,35 @@ fn run_async(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
         .block_on(fut)
 }
 
-/// Resolves on SIGINT or SIGTERM, or after `duration`.
-async fn shutdown(duration: Option<Duration>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
-        return std::future::pending().await;
-    };
-    let timer = async {
-        match duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
+/// SIGINT/SIGTERM handlers, installed before anything is traced so that a signal is never
+/// taken with its default action (which would skip the final drain and counters).
+struct Shutdown {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// Resolves on SIGINT or SIGTERM, or after `duration`.
+    async fn wait(mut self, duration: Option<Duration>) {
+        let timer = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+            () = timer => {}
         }
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-        () = timer => {}
     }
 }
 
@@ -147,6 +159,7 @@ async fn trace(args: TraceArgs) -> Result<()> {
         }
     }
     let duration = args.duration.map(Duration::from_secs_f64);
+    let shutdown = Shutdown::install()?;
     let opts = args.probe.options();
     let probe = Probe::load(&opts)?;
     let mut pump = Pump::new(probe, selector, opts.max_connections as usize, true);
@@ -156,7 +169,7 @@ async fn trace(args: TraceArgs) -> Result<()> {
     }
     let mut printer = Printer::new(args.json, args.preview_bytes);
     printer.ready(&pids.iter().copied().collect::<Vec<_>>(), opts.capture_bytes);
-    pump.run(&mut printer, shutdown(duration)).await.context("reading the ring buffer")?;
+    pump.run(&mut printer, shutdown.wait(duration)).await.context("reading the ring buffer")?;
     printer.counters(&pump.loss());
     Ok(())
 }
