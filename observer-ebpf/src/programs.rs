@@ -70,6 +70,11 @@ static KOFFS: Global<KernelOffsets> = Global::new(KernelOffsets {
 #[unsafe(no_mangle)]
 static CAPTURE_BYTES: Global<u32> = Global::new(4096);
 
+/// Unread bytes in the ring above which a data record wakes the reader (set to a
+/// fraction of the ring size by the loader).
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u32> = Global::new(1 << 20);
+
 /// All records, in order. Userspace sets the size (`--ring-buffer-bytes`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
@@ -225,6 +230,21 @@ fn next_conn_id() -> u64 {
     // SAFETY: helper without arguments.
     let cpu = u64::from(unsafe { bpf_get_smp_processor_id() }) & 0xfff;
     (seq << 12) | cpu
+}
+
+/// Waking the reader costs more than the rest of a record (an irq_work per record, over
+/// 1 µs measured here), so data records wake it only once a good part of the ring is
+/// used; the reader also polls on a short timer.
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(WAKEUP_BYTES.load()) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 #[inline(always)]
@@ -397,7 +417,7 @@ fn exit_data(ctx: &TracePointContext, sys: Syscall, shape: Shape) {
     let len = HDR + got as usize;
     // SAFETY: len <= HDR + MAX_CAPTURE <= size_of::<DataRecord>(), inside the map value.
     let bytes = unsafe { core::slice::from_raw_parts(rec as *const u8, len) };
-    if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
+    if EVENTS.output::<[u8]>(bytes, wakeup_flag()).is_ok() {
         count(counter::DATA_RECORDS, 1);
         count(counter::CAPTURED_BYTES, got);
     } else {

@@ -78,6 +78,10 @@ struct TraceArgs {
     /// Bytes of payload shown per line in text mode.
     #[arg(long, default_value_t = 64, value_name = "N")]
     preview_bytes: usize,
+    /// Turn on the kernel's BPF run-time statistics while tracing and print, at exit, how
+    /// often each program ran and its average cost.
+    #[arg(long)]
+    program_stats: bool,
     /// Stop after this many seconds (default: until SIGINT/SIGTERM).
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -162,6 +166,12 @@ async fn trace(args: TraceArgs) -> Result<()> {
     let shutdown = Shutdown::install()?;
     let opts = args.probe.options();
     let probe = Probe::load(&opts)?;
+    // Statistics stay on while this fd is open (kernel.bpf_stats_enabled is reference counted).
+    let stats_on = if args.program_stats {
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time statistics")?)
+    } else {
+        None
+    };
     let mut pump = Pump::new(probe, selector, opts.max_connections as usize, true);
     let pids = pump.start();
     if pids.is_empty() {
@@ -171,5 +181,8 @@ async fn trace(args: TraceArgs) -> Result<()> {
     printer.ready(&pids.iter().copied().collect::<Vec<_>>(), opts.capture_bytes);
     pump.run(&mut printer, shutdown.wait(duration)).await.context("reading the ring buffer")?;
     printer.counters(&pump.loss());
+    if stats_on.is_some() {
+        printer.programs(&pump.probe().program_stats());
+    }
     Ok(())
 }

@@ -29,8 +29,12 @@ use crate::{
 /// Receives every decoded record, with what is known of its connection.
 pub trait Sink {
     fn record(&mut self, rec: &Record<'_>, conn: Option<&ConnInfo>);
+    /// The ring buffer is drained for now: a good moment to flush buffered output.
+    fn flush(&mut self) {}
 }
 
+/// How often the ring buffer is read when no wake-up came.
+const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How often selectors are matched again (new `--comm` processes, new `--port` listeners).
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// How often kernel entries of processes that vanished unseen are swept.
@@ -302,6 +306,7 @@ impl Pump {
             self.handle(&item, sink);
             n += 1;
         }
+        sink.flush();
         n
     }
 
@@ -311,6 +316,9 @@ impl Pump {
         // SAFETY: the ring buffer's fd stays open and unchanged while the AsyncFd owns it.
         let mut afd =
             unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)?;
+        // Data records wake us only when the ring fills up (see the kernel's wakeup_flag):
+        // otherwise they are picked up here.
+        let mut poll = tokio::time::interval(POLL_EVERY);
         let mut rescan = tokio::time::interval(RESCAN_EVERY);
         let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -325,6 +333,9 @@ impl Pump {
                     if self.drain(guard.get_inner_mut(), sink, BATCH) < BATCH {
                         guard.clear_ready();
                     }
+                }
+                _ = poll.tick() => {
+                    self.drain(afd.get_mut(), sink, BATCH);
                 }
                 _ = rescan.tick() => self.rescan(),
                 _ = gc.tick() => self.gc(afd.get_mut(), sink),

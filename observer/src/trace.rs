@@ -26,7 +26,8 @@ pub struct Printer {
     preview_bytes: usize,
     /// CLOCK_REALTIME minus CLOCK_MONOTONIC, to turn kernel timestamps into wall time.
     realtime_offset_ns: i128,
-    out: io::Stdout,
+    /// Flushed after each ring-buffer batch (see `Sink::flush`), not per line.
+    out: io::BufWriter<io::Stdout>,
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
@@ -42,7 +43,7 @@ impl Printer {
             json,
             preview_bytes,
             realtime_offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC),
-            out: io::stdout(),
+            out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
         }
     }
 
@@ -51,11 +52,20 @@ impl Printer {
     }
 
     fn emit(&mut self, line: &str) {
-        let mut out = self.out.lock();
-        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-            // The reader went away (e.g. `observer trace | head`): exiting closes our BPF
-            // fds, which detaches every program.
-            std::process::exit(0);
+        if writeln!(self.out, "{line}").is_err() {
+            Self::reader_gone();
+        }
+    }
+
+    /// The reader went away (e.g. `observer trace | head`): exiting closes our BPF fds,
+    /// which detaches every program.
+    fn reader_gone() -> ! {
+        std::process::exit(0);
+    }
+
+    fn flush_out(&mut self) {
+        if self.out.flush().is_err() {
+            Self::reader_gone();
         }
     }
 
@@ -64,6 +74,7 @@ impl Printer {
         if self.json {
             let line = json!({"type": "ready", "pids": pids, "capture_bytes": capture_bytes}).to_string();
             self.emit(&line);
+            self.flush_out();
         } else {
             eprintln!(
                 "observer: tracing {} process(es) {:?}, capturing {capture_bytes} bytes per syscall; Ctrl-C to stop",
@@ -78,10 +89,38 @@ impl Printer {
         if self.json {
             let line = json!({"type": "counters", "counters": report.as_map()}).to_string();
             self.emit(&line);
+            self.flush_out();
         } else {
+            self.flush_out();
             let mut err = io::stderr().lock();
             for c in &report.counters {
                 let _ = writeln!(err, "{} {}", c.series(), c.value);
+            }
+        }
+    }
+
+    /// Per-program run counts and average cost (with `--program-stats`).
+    pub fn programs(&mut self, stats: &std::collections::BTreeMap<String, crate::ebpf::ProgramStats>) {
+        if self.json {
+            let map: serde_json::Map<String, Value> = stats
+                .iter()
+                .map(|(name, s)| {
+                    let v = json!({"run_cnt": s.run_cnt, "run_time_ns": s.run_time_ns, "recursion_misses": s.recursion_misses});
+                    (name.clone(), v)
+                })
+                .collect();
+            let line = json!({"type": "programs", "programs": map}).to_string();
+            self.emit(&line);
+            self.flush_out();
+        } else {
+            let mut err = io::stderr().lock();
+            for (name, s) in stats.iter().filter(|(_, s)| s.run_cnt > 0) {
+                let avg = s.run_time_ns / s.run_cnt;
+                let _ = writeln!(
+                    err,
+                    "program {name} runs={} avg_ns={avg} recursion_misses={}",
+                    s.run_cnt, s.recursion_misses
+                );
             }
         }
     }
@@ -182,6 +221,10 @@ impl Printer {
 }
 
 impl Sink for Printer {
+    fn flush(&mut self) {
+        self.flush_out();
+    }
+
     fn record(&mut self, rec: &Record<'_>, conn: Option<&ConnInfo>) {
         let line = match rec {
             Record::Data(d) => return self.data(d, conn),

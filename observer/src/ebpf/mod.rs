@@ -124,6 +124,7 @@ impl Probe {
             .override_global("OWN_TGID", &own_tgid, true)
             .override_global("KOFFS", &offsets, true)
             .override_global("CAPTURE_BYTES", &opts.capture_bytes, true)
+            .override_global("WAKEUP_BYTES", &(opts.ring_bytes / 8), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .map_max_entries("SOCKS", opts.max_connections)
             .map_max_entries("TRACKED", opts.max_processes)
