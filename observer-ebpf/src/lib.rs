@@ -36,9 +36,9 @@ pub enum RecordKind {
     Data = 1,
     /// [`ConnOpen`]: a socket of a tracked process became a traced connection.
     ConnOpen = 2,
-    /// [`ConnClose`]: an fd of a traced connection was closed (or replaced by dup2/dup3).
+    /// [`ConnFd`]: an fd of a traced connection was closed (or replaced by dup2/dup3).
     ConnClose = 3,
-    /// [`ConnDup`]: a traced connection got another fd (dup, dup2, dup3, fcntl F_DUPFD*).
+    /// [`ConnFd`]: a traced connection got another fd (dup, dup2, dup3, fcntl F_DUPFD*).
     ConnDup = 4,
     /// [`FdEpoch`]: close_range(2) invalidated the process's fd table (epoch bump).
     FdEpoch = 5,
@@ -51,19 +51,21 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
+    /// All kinds, in tag order.
+    pub const ALL: [RecordKind; 8] = [
+        Self::Data,
+        Self::ConnOpen,
+        Self::ConnClose,
+        Self::ConnDup,
+        Self::FdEpoch,
+        Self::ProcFork,
+        Self::ProcExec,
+        Self::ProcExit,
+    ];
+
     /// Decodes a tag read from the ring buffer.
     pub fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            1 => Self::Data,
-            2 => Self::ConnOpen,
-            3 => Self::ConnClose,
-            4 => Self::ConnDup,
-            5 => Self::FdEpoch,
-            6 => Self::ProcFork,
-            7 => Self::ProcExec,
-            8 => Self::ProcExit,
-            _ => return None,
-        })
+        Self::ALL.get((v as usize).wrapping_sub(1)).copied()
     }
 }
 
@@ -351,4 +353,17 @@ mod host {
     const _: () = assert!(size_of::<SockKey>() == 8);
     const _: () = assert!(size_of::<SockVal>() == 16);
     const _: () = assert!(MAX_CAPTURE.is_power_of_two());
+
+    #[test]
+    fn tags_round_trip() {
+        for k in RecordKind::ALL {
+            assert_eq!(RecordKind::from_u32(k as u32), Some(k));
+        }
+        for s in Syscall::ALL {
+            assert_eq!(Syscall::from_u8(s as u8), Some(s));
+        }
+        assert_eq!(RecordKind::from_u32(0), None);
+        assert_eq!(Syscall::from_u8(0), None);
+        assert_eq!(Syscall::from_u8(12), None);
+    }
 }

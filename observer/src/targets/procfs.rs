@@ -209,6 +209,26 @@ mod tests {
         assert_eq!(status_tgid(status), Some(77));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(text in "[ -~\n]{0,400}") {
+            let _ = parse_tcp(&text);
+            let _ = parse_unix(&text);
+            let _ = status_ppid(&text);
+            let _ = socket_inode(&text);
+        }
+
+        #[test]
+        fn tcp_rows_round_trip(a in proptest::prelude::any::<[u8; 4]>(), port in proptest::prelude::any::<u16>(), inode in 1u64..u64::from(u32::MAX)) {
+            let hex = format!("{:08X}:{port:04X}", u32::from_ne_bytes(a));
+            let text = format!("h\n   0: {hex} 00000000:0000 01 00000000:00000000 00:00000000 00000000     0        0 {inode} 1\n");
+            let rows = parse_tcp(&text);
+            proptest::prop_assert_eq!(rows.len(), 1);
+            proptest::prop_assert_eq!(rows[0].local, SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), port));
+            proptest::prop_assert_eq!(rows[0].inode, inode);
+        }
+    }
+
     #[test]
     fn garbage_is_skipped() {
         assert!(parse_tcp("header\nnot a row\n   0: zz:zz").is_empty());
