@@ -257,3 +257,39 @@ fn tiny_ring_buffer_loses_exactly_what_it_counts() {
     assert_eq!(received + lost, sent, "received {received} + lost {lost} != sent {sent}");
     assert_eq!(trace.counter("observer_records_total"), received);
 }
+
+#[test]
+fn port_selector_traces_the_listening_process() {
+    if !ebpf_available() {
+        return;
+    }
+    let dir = TempDir::new("port");
+    let peer = Peer::spawn("preexisting", "inet", &dir, &[]);
+    let pid = peer.pid;
+    let port = peer.hello["server"]["local"].as_str().unwrap().rsplit(':').next().unwrap().to_string();
+    let obs = Observer::start(&["--port", &port]);
+    assert_eq!(obs.ready["pids"], serde_json::json!([pid]), "only the process listening on {port}");
+    let result = peer.go();
+    let trace = obs.stop();
+    trace.assert_exact(pid, &ops(&result), usize::MAX);
+}
+
+#[test]
+fn comm_selector_picks_up_a_process_that_starts_later() {
+    if !ebpf_available() {
+        return;
+    }
+    let dir = TempDir::new("comm");
+    // The comm of a process is its executable's file name: a uniquely named link.
+    let name = format!("sp{}", std::process::id() % 100_000_000);
+    let link = dir.0.join(&name);
+    std::os::unix::fs::symlink(Peer::bin(), &link).unwrap();
+    let mut obs = Observer::start(&["--comm", &name]);
+    assert_eq!(obs.ready["pids"], serde_json::json!([]), "nothing runs under that name yet");
+    let peer = Peer::spawn_as(link.to_str().unwrap(), "exchange", "unix", &dir, &[]);
+    let pid = peer.pid;
+    obs.wait_for_log(&format!("pid={pid}"), std::time::Duration::from_secs(10));
+    let result = peer.go();
+    let trace = obs.stop();
+    trace.assert_exact(pid, &ops(&result), usize::MAX);
+}

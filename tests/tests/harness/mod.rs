@@ -107,7 +107,17 @@ pub struct Peer {
 
 impl Peer {
     pub fn spawn(scenario: &str, family: &str, dir: &TempDir, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sockpeer"))
+        Self::spawn_as(env!("CARGO_BIN_EXE_sockpeer"), scenario, family, dir, extra)
+    }
+
+    /// The sockpeer binary's path.
+    pub fn bin() -> &'static str {
+        env!("CARGO_BIN_EXE_sockpeer")
+    }
+
+    /// Runs sockpeer through `program` (e.g. a symlink, whose name becomes the comm).
+    pub fn spawn_as(program: &str, scenario: &str, family: &str, dir: &TempDir, extra: &[&str]) -> Self {
+        let mut child = Command::new(program)
             .args([scenario, family, dir.path()])
             .args(extra)
             .stdin(Stdio::piped())
@@ -149,6 +159,7 @@ pub struct Observer {
     child: Child,
     stdout: Receiver<String>,
     stderr: Receiver<String>,
+    seen_stderr: Vec<String>,
     /// The `ready` line.
     pub ready: Value,
 }
@@ -184,7 +195,7 @@ impl Observer {
                 Ok(line) => {
                     let v: Value = serde_json::from_str(&line).expect("observer JSON line");
                     assert_eq!(v["type"], "ready", "first line must be ready: {line}");
-                    return Self { child, stdout, stderr, ready: v };
+                    return Self { child, stdout, stderr, seen_stderr: Vec::new(), ready: v };
                 }
                 Err(_) if Instant::now() < deadline => {
                     if let Ok(Some(status)) = child.try_wait() {
@@ -197,12 +208,28 @@ impl Observer {
         }
     }
 
+    /// Waits until a line of its log (stderr) contains `needle`; returns that line.
+    /// Lines read meanwhile are kept for [`Trace::stderr`].
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(100)) {
+                self.seen_stderr.push(line.clone());
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        }
+        panic!("no log line with {needle:?} within {timeout:?}: {:#?}", self.seen_stderr);
+    }
+
     /// Stops it with SIGINT and collects everything it printed.
     pub fn stop(mut self) -> Trace {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.child.wait().expect("wait observer");
-        let stderr: Vec<String> = self.stderr.iter().collect();
+        let mut stderr = std::mem::take(&mut self.seen_stderr);
+        stderr.extend(self.stderr.iter());
         assert!(status.success(), "observer exited with {status}: {}", stderr.join("\n"));
         let mut records = Vec::new();
         let mut counters = BTreeMap::new();
