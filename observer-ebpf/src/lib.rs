@@ -141,6 +141,8 @@ pub const FLAG_TRUNCATED: u8 = 1;
 pub const FLAG_FAULT: u8 = 2;
 /// A counted-only syscall (sendfile, sendmmsg, recvmmsg): no bytes are captured.
 pub const FLAG_NO_CAPTURE: u8 = 4;
+/// The fd's socket entry was gone at syscall exit (closed meanwhile): `seq` is meaningless.
+pub const FLAG_NO_SEQ: u8 = 8;
 
 /// Header of a [`RecordKind::Data`] record; `cap_len` captured bytes follow it.
 #[repr(C)]
@@ -163,6 +165,10 @@ pub struct DataHeader {
     pub dir: u8,
     pub flags: u8,
     pub _pad: u8,
+    /// Data records attempted on this (tgid, fd) before this one, lost ones included: a
+    /// jump tells userspace exactly where a stream has a hole (see [`FLAG_NO_SEQ`]).
+    pub seq: u32,
+    pub _pad2: u32,
 }
 
 /// Role of a traced connection.
@@ -283,6 +289,16 @@ pub struct SockVal {
     pub epoch: u32,
     pub role: u8,
     pub _pad: [u8; 3],
+    /// Data records attempted on this fd so far (copied into each record as `seq`).
+    pub seq: u32,
+    pub _pad2: u32,
+}
+
+impl SockVal {
+    /// A fresh entry (record sequence at 0).
+    pub const fn new(conn_id: u64, epoch: u32, role: u8) -> Self {
+        Self { conn_id, epoch, role, _pad: [0; 3], seq: 0, _pad2: 0 }
+    }
 }
 
 /// Value of the tracked-process table.
@@ -344,14 +360,14 @@ mod host {
     use super::*;
     use core::mem::size_of;
 
-    const _: () = assert!(size_of::<DataHeader>() == 56);
+    const _: () = assert!(size_of::<DataHeader>() == 64);
     const _: () = assert!(size_of::<ConnOpen>() == 48 + 2 * SOCKADDR_BYTES);
     const _: () = assert!(size_of::<KernelOffsets>() == 72);
     const _: () = assert!(size_of::<ConnFd>() == 32);
     const _: () = assert!(size_of::<FdEpoch>() == 32);
     const _: () = assert!(size_of::<ProcEvent>() == 24);
     const _: () = assert!(size_of::<SockKey>() == 8);
-    const _: () = assert!(size_of::<SockVal>() == 16);
+    const _: () = assert!(size_of::<SockVal>() == 24);
     const _: () = assert!(MAX_CAPTURE.is_power_of_two());
 
     #[test]

@@ -24,9 +24,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use observer_ebpf::{
-    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_TRUNCATED, FdEpoch,
-    KernelOffsets, MAX_CAPTURE, MAX_IOVECS, MAX_MMSG, ProcEvent, ProcVal, ROLE_CLIENT, ROLE_SERVER,
-    ROLE_UNCONNECTED, RecordKind, SOCKADDR_BYTES, SockKey, SockVal, Syscall, counter,
+    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_NO_SEQ,
+    FLAG_TRUNCATED, FdEpoch, KernelOffsets, MAX_CAPTURE, MAX_IOVECS, MAX_MMSG, ProcEvent, ProcVal,
+    ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED, RecordKind, SOCKADDR_BYTES, SockKey, SockVal, Syscall,
+    counter,
 };
 
 #[unsafe(link_section = "license")]
@@ -310,13 +311,25 @@ fn exit_data(ctx: &TracePointContext, sys: Syscall, shape: Shape) {
     if ret <= 0 {
         return;
     }
+    // Number this record in its fd's sequence, whether or not it reaches the ring.
+    let tgid = (pid_tgid >> 32) as u32;
+    let mut flags = 0u8;
+    let mut seq = 0u32;
+    match SOCKS.get_ptr_mut(SockKey { tgid, fd: inf.fd }) {
+        // SAFETY: p points to the map value; concurrent writers on one fd only make the
+        // sequence skip or repeat, which userspace treats as a possible hole.
+        Some(p) if unsafe { (*p).conn_id } == inf.conn_id => unsafe {
+            seq = (*p).seq;
+            (*p).seq = seq.wrapping_add(1);
+        },
+        _ => flags |= FLAG_NO_SEQ,
+    }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: rec points to this CPU's scratch value; fields are written in place so no
     // large temporary lands on the 512-byte stack.
     let data: *mut u8 = unsafe { addr_of_mut!((*rec).data).cast() };
 
     let mut total = ret as u64;
-    let mut flags = 0u8;
     let want = {
         let c = capture_limit();
         if total < c { total } else { c }
@@ -407,13 +420,15 @@ fn exit_data(ctx: &TracePointContext, sys: Syscall, shape: Shape) {
         (*h).exit_ns = now();
         (*h).conn_id = inf.conn_id;
         (*h).total_len = total;
-        (*h).tgid = (pid_tgid >> 32) as u32;
+        (*h).tgid = tgid;
         (*h).tid = pid_tgid as u32;
         (*h).fd = inf.fd;
         (*h).syscall = sys as u8;
         (*h).dir = if sys.is_recv() { DIR_RECV } else { DIR_SEND };
         (*h).flags = flags;
         (*h)._pad = 0;
+        (*h).seq = seq;
+        (*h)._pad2 = 0;
     }
     let len = HDR + got as usize;
     // SAFETY: len <= HDR + MAX_CAPTURE <= size_of::<DataRecord>(), inside the map value.
@@ -561,7 +576,7 @@ pub fn sys_exit_socket(c: TracePointContext) -> u32 {
         return 0;
     }
     let Some(p) = tracked(tgid) else { return 0 };
-    let v = SockVal { conn_id: 0, epoch: p.epoch, role: ROLE_UNCONNECTED, _pad: [0; 3] };
+    let v = SockVal::new(0, p.epoch, ROLE_UNCONNECTED);
     if SOCKS.insert(SockKey { tgid, fd: fd as u32 }, v, 0).is_err() {
         count(counter::SOCK_TABLE_FULL, 1);
     }
@@ -769,7 +784,7 @@ pub fn sys_exit_connect(c: TracePointContext) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let Some(p) = tracked(tgid) else { return 0 };
     let conn_id = next_conn_id();
-    let v = SockVal { conn_id, epoch: p.epoch, role: ROLE_CLIENT, _pad: [0; 3] };
+    let v = SockVal::new(conn_id, p.epoch, ROLE_CLIENT);
     if SOCKS.insert(SockKey { tgid, fd: inf.fd }, v, 0).is_err() {
         count(counter::SOCK_TABLE_FULL, 1);
         return 0;
@@ -813,7 +828,7 @@ fn exit_accept(c: &TracePointContext) {
         }
     }
     let conn_id = next_conn_id();
-    let v = SockVal { conn_id, epoch: p.epoch, role: ROLE_SERVER, _pad: [0; 3] };
+    let v = SockVal::new(conn_id, p.epoch, ROLE_SERVER);
     if SOCKS.insert(SockKey { tgid, fd: fd as u32 }, v, 0).is_err() {
         count(counter::SOCK_TABLE_FULL, 1);
         return;

@@ -158,7 +158,7 @@ impl Pump {
                 _ => continue,
             };
             let role = if conn_id == 0 { ROLE_UNCONNECTED } else { role_code(role) };
-            self.write_socket(SockKey { tgid, fd }, SockVal { conn_id, epoch, role, _pad: [0; 3] });
+            self.write_socket(SockKey { tgid, fd }, SockVal::new(conn_id, epoch, role));
         }
     }
 
@@ -227,7 +227,7 @@ impl Pump {
                 // The child inherited the parent's fds: same sockets, same connection ids.
                 for (fd, conn_id, role) in self.conns.fds_of(*parent) {
                     self.conns.alias(conn_id, *pid, fd);
-                    let val = SockVal { conn_id, epoch: 0, role: role_code(role), _pad: [0; 3] };
+                    let val = SockVal::new(conn_id, 0, role_code(role));
                     self.write_socket(SockKey { tgid: *pid, fd }, val);
                 }
                 self.enter_sockets(*pid, 0, None);

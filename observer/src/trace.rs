@@ -187,6 +187,7 @@ impl Printer {
                 "truncated": d.truncated(),
                 "fault": d.fault,
                 "no_capture": d.no_capture,
+                "seq": d.seq,
                 "data": base64::engine::general_purpose::STANDARD.encode(d.bytes),
             });
             v["conn"] = conn_json(conn);

@@ -256,6 +256,18 @@ fn tiny_ring_buffer_loses_exactly_what_it_counts() {
     assert!(lost > 0, "a 4 KiB ring under a burst of {sent} records must overflow");
     assert_eq!(received + lost, sent, "received {received} + lost {lost} != sent {sent}");
     assert_eq!(trace.counter("observer_records_total"), received);
+    // Each fd's record sequence shows where its holes are: strictly increasing, and the
+    // holes it shows (all but trailing ones) add up to no more than what was lost.
+    let mut next: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut holes = 0;
+    for r in trace.of("data", pid) {
+        let seq = r["seq"].as_u64().expect("seq");
+        let expected = next.entry(r["fd"].as_u64().unwrap()).or_insert(0);
+        assert!(seq >= *expected, "sequence went back on fd {}: {r}", r["fd"]);
+        holes += seq - *expected;
+        *expected = seq + 1;
+    }
+    assert!(holes > 0 && holes <= lost, "holes {holes}, lost {lost}");
 }
 
 #[test]

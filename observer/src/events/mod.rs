@@ -10,8 +10,8 @@ mod sockaddr;
 use std::mem::size_of;
 
 use observer_ebpf::{
-    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_TRUNCATED, FdEpoch,
-    ProcEvent, ROLE_CLIENT, ROLE_SERVER, RecordKind, SOCKADDR_BYTES, Syscall,
+    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_NO_SEQ,
+    FLAG_TRUNCATED, FdEpoch, ProcEvent, ROLE_CLIENT, ROLE_SERVER, RecordKind, SOCKADDR_BYTES, Syscall,
 };
 pub use sockaddr::SockAddr;
 
@@ -81,6 +81,9 @@ pub struct Data<'a> {
     pub fault: bool,
     /// A counted-only syscall (sendfile, sendmmsg, recvmmsg).
     pub no_capture: bool,
+    /// Position of this record in its (tgid, fd)'s sequence of data records, lost ones
+    /// included; `None` when the fd was closed before the syscall returned.
+    pub seq: Option<u32>,
 }
 
 impl Data<'_> {
@@ -192,6 +195,7 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
                 bytes,
                 fault: h.flags & FLAG_FAULT != 0,
                 no_capture: h.flags & FLAG_NO_CAPTURE != 0,
+                seq: (h.flags & FLAG_NO_SEQ == 0).then_some(h.seq),
             }))
         }
         RecordKind::ConnOpen => {
@@ -265,6 +269,8 @@ pub mod raw {
             dir: if syscall.is_recv() { DIR_RECV } else { DIR_SEND },
             flags,
             _pad: 0,
+            seq: 3,
+            _pad2: 0,
         };
         let mut v = bytes_of(&h);
         v.extend_from_slice(captured);
@@ -308,6 +314,7 @@ mod tests {
         assert_eq!(d.bytes, b"hello");
         assert_eq!(d.total_len, 5);
         assert_eq!(d.conn_id, 77);
+        assert_eq!(d.seq, Some(3));
         assert!(!d.truncated());
     }
 
@@ -374,7 +381,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_never_panics_on_data_kind(mut buf in proptest::collection::vec(any::<u8>(), 56..400)) {
+        fn decode_never_panics_on_data_kind(mut buf in proptest::collection::vec(any::<u8>(), 64..400)) {
             buf[..4].copy_from_slice(&1u32.to_ne_bytes());
             if let Ok(Record::Data(d)) = decode(&buf) {
                 prop_assert!(d.bytes.len() as u64 <= d.total_len || d.no_capture);
