@@ -8,6 +8,7 @@ pub mod conns;
 pub mod ebpf;
 pub mod events;
 pub mod loss;
+pub mod protocol;
 pub mod pump;
 pub mod targets;
 pub mod trace;

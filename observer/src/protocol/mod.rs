@@ -1,0 +1,60 @@
+//! Wire protocol parsers. Each is a pure, per-connection state machine over [`Chunk`]s:
+//! no I/O, no clock, no globals; bounded memory; bad input is a counted error and a
+//! resynchronisation, never a panic.
+
+pub mod http1;
+
+use crate::events::Direction;
+
+/// The bytes of one data syscall as the parser sees them: the captured prefix and the
+/// true length. `total_len - bytes.len()` bytes at the end were moved but not captured
+/// (a hole of known size that length-delimited framing can step over).
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub dir: Direction,
+    pub enter_ns: u64,
+    pub exit_ns: u64,
+    pub bytes: &'a [u8],
+    pub total_len: u64,
+}
+
+/// A read position inside a chunk: captured bytes first, then the hole.
+#[derive(Debug)]
+pub(crate) struct Cursor<'a> {
+    captured: &'a [u8],
+    pos: u64,
+    total: u64,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(c: &Chunk<'a>) -> Self {
+        // A record never captures more than it moved; clamp anyway.
+        let captured = &c.bytes[..c.bytes.len().min(usize::try_from(c.total_len).unwrap_or(usize::MAX))];
+        Self { captured, pos: 0, total: c.total_len.max(captured.len() as u64) }
+    }
+
+    /// Bytes left in the chunk, captured or not.
+    pub(crate) fn remaining(&self) -> u64 {
+        self.total - self.pos
+    }
+
+    /// At the very start of the syscall's bytes (a possible message boundary).
+    pub(crate) fn at_start(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// The captured bytes from the position on (empty inside the hole).
+    pub(crate) fn visible(&self) -> &'a [u8] {
+        let p = usize::try_from(self.pos).unwrap_or(usize::MAX);
+        self.captured.get(p..).unwrap_or_default()
+    }
+
+    /// The position is past the captured bytes, inside the hole.
+    pub(crate) fn in_hole(&self) -> bool {
+        self.pos >= self.captured.len() as u64 && self.pos < self.total
+    }
+
+    pub(crate) fn advance(&mut self, n: u64) {
+        self.pos = self.pos.saturating_add(n).min(self.total);
+    }
+}
