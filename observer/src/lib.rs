@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod conns;
+pub mod django;
 pub mod ebpf;
 pub mod events;
 pub mod loss;

@@ -1,0 +1,366 @@
+//! django-prometheus's HTTP middleware families (section A.4), one set per target.
+//!
+//! What a wire exchange becomes, family by family (README "Metrics" table):
+//! - exact: requests/responses before middlewares, by method, by transport, by status,
+//!   by status/view/method, AJAX, request body size (the Content-Length header value),
+//!   response body size and streaming (Content-Length vs chunked/close framing), charset;
+//! - derived: both latency histograms (first request byte read to last response byte
+//!   written, so they include the WSGI server and every middleware), by
+//!   view/transport/method (counted for every resolved URL: a middleware that answers
+//!   before the view, like a CSRF 403, is counted where django-prometheus would not);
+//! - absent: template names and exception types and views, which never reach the wire.
+
+use std::collections::HashSet;
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+
+use super::{LATENCY_BUCKETS, body_size_buckets};
+
+/// Methods django-prometheus keeps as they are; others become `<invalid method>`
+/// (except in the latency histogram, which uses the raw method).
+const KNOWN_METHODS: [&str; 9] =
+    ["GET", "HEAD", "POST", "PUT", "DELETE", "TRACE", "OPTIONS", "CONNECT", "PATCH"];
+/// The label value django-prometheus gives other methods.
+pub const INVALID_METHOD: &str = "<invalid method>";
+/// Label value for a view of an unresolved URL (what Django gives).
+pub const UNNAMED_VIEW: &str = "<unnamed view>";
+/// Label value past a cardinality bound.
+pub const OTHER: &str = "<other>";
+
+/// Distinct raw (non-standard) methods kept per target in the latency histogram.
+const MAX_RAW_METHODS: usize = 16;
+/// Distinct charsets kept per target.
+const MAX_CHARSETS: usize = 16;
+
+/// What one request/response pair contributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpObservation<'a> {
+    /// The method as sent.
+    pub method: &'a str,
+    /// The view label: a view name, or [`UNNAMED_VIEW`] for an unresolved URL.
+    pub view: &'a str,
+    /// The URL resolved to a view (django-prometheus counts by view/transport/method then).
+    pub resolved: bool,
+    pub secure: bool,
+    pub ajax: bool,
+    pub status: u16,
+    /// The request's Content-Length header value (0 when absent).
+    pub request_body: u64,
+    /// The response body size; `None` for a streaming response.
+    pub response_body: Option<u64>,
+    pub charset: &'a str,
+    /// Seconds from the request's first byte read to the response's last byte written.
+    pub latency_s: f64,
+}
+
+/// Label values dropped to [`OTHER`] because a bound bit.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Overflows {
+    pub methods: u64,
+    pub charsets: u64,
+}
+
+pub struct HttpMetrics {
+    requests_before: IntCounter,
+    responses_before: IntCounter,
+    latency_including: Histogram,
+    // Registered so they are exported (at 0): every exchange the wire completes has a
+    // known start and end.
+    _unknown_latency_including: IntCounter,
+    latency_by_view_method: HistogramVec,
+    _unknown_latency: IntCounter,
+    ajax: IntCounter,
+    by_method: IntCounterVec,
+    by_transport: IntCounterVec,
+    by_view_transport_method: IntCounterVec,
+    request_body: Histogram,
+    by_status: IntCounterVec,
+    by_status_view_method: IntCounterVec,
+    response_body: Histogram,
+    by_charset: IntCounterVec,
+    streaming: IntCounter,
+    raw_methods: HashSet<String>,
+    charsets: HashSet<String>,
+    pub overflows: Overflows,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogram> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+/// django-prometheus's `_method()`.
+pub fn sanitize_method(m: &str) -> &str {
+    if KNOWN_METHODS.contains(&m) { m } else { INVALID_METHOD }
+}
+
+impl HttpMetrics {
+    /// Registers every family in `r`.
+    pub fn new(r: &Registry) -> prometheus::Result<Self> {
+        Ok(Self {
+            requests_before: counter(
+                r,
+                "django_http_requests_before_middlewares_total",
+                "Total count of requests before middlewares run.",
+            )?,
+            responses_before: counter(
+                r,
+                "django_http_responses_before_middlewares_total",
+                "Total count of responses before middlewares run.",
+            )?,
+            latency_including: histogram(
+                r,
+                "django_http_requests_latency_including_middlewares_seconds",
+                "Histogram of requests processing time (including middleware processing time).",
+                LATENCY_BUCKETS.to_vec(),
+            )?,
+            _unknown_latency_including: counter(
+                r,
+                "django_http_requests_unknown_latency_including_middlewares_total",
+                "Count of requests for which the latency was unknown (when computing django_http_requests_latency_including_middlewares_seconds).",
+            )?,
+            latency_by_view_method: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "django_http_requests_latency_seconds_by_view_method",
+                        "Histogram of request processing time labelled by view.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["view", "method"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
+            _unknown_latency: counter(
+                r,
+                "django_http_requests_unknown_latency_total",
+                "Count of requests for which the latency was unknown.",
+            )?,
+            ajax: counter(r, "django_http_ajax_requests_total", "Count of AJAX requests.")?,
+            by_method: counter_vec(
+                r,
+                "django_http_requests_total_by_method_total",
+                "Count of requests by method.",
+                &["method"],
+            )?,
+            by_transport: counter_vec(
+                r,
+                "django_http_requests_total_by_transport_total",
+                "Count of requests by transport.",
+                &["transport"],
+            )?,
+            by_view_transport_method: counter_vec(
+                r,
+                "django_http_requests_total_by_view_transport_method_total",
+                "Count of requests by view, transport, method.",
+                &["view", "transport", "method"],
+            )?,
+            request_body: histogram(
+                r,
+                "django_http_requests_body_total_bytes",
+                "Histogram of requests by body size.",
+                body_size_buckets(),
+            )?,
+            by_status: counter_vec(
+                r,
+                "django_http_responses_total_by_status_total",
+                "Count of responses by status.",
+                &["status"],
+            )?,
+            by_status_view_method: counter_vec(
+                r,
+                "django_http_responses_total_by_status_view_method_total",
+                "Count of responses by status, view, method.",
+                &["status", "view", "method"],
+            )?,
+            response_body: histogram(
+                r,
+                "django_http_responses_body_total_bytes",
+                "Histogram of responses by body size.",
+                body_size_buckets(),
+            )?,
+            by_charset: counter_vec(
+                r,
+                "django_http_responses_total_by_charset_total",
+                "Count of responses by charset.",
+                &["charset"],
+            )?,
+            streaming: counter(r, "django_http_responses_streaming_total", "Count of streaming responses.")?,
+            raw_methods: HashSet::new(),
+            charsets: HashSet::new(),
+            overflows: Overflows::default(),
+        })
+    }
+
+    /// The raw method for the latency histogram, bounded: standard methods always,
+    /// others up to [`MAX_RAW_METHODS`] distinct values.
+    fn raw_method<'a>(&mut self, m: &'a str) -> &'a str {
+        if KNOWN_METHODS.contains(&m) || self.raw_methods.contains(m) {
+            return m;
+        }
+        if self.raw_methods.len() < MAX_RAW_METHODS {
+            self.raw_methods.insert(m.to_string());
+            return m;
+        }
+        self.overflows.methods += 1;
+        OTHER
+    }
+
+    fn charset<'a>(&mut self, c: &'a str) -> &'a str {
+        if self.charsets.contains(c) {
+            return c;
+        }
+        if self.charsets.len() < MAX_CHARSETS {
+            self.charsets.insert(c.to_string());
+            return c;
+        }
+        self.overflows.charsets += 1;
+        OTHER
+    }
+
+    /// Records one request/response pair, as django-prometheus's Before and After
+    /// middlewares would.
+    pub fn observe(&mut self, o: &HttpObservation<'_>) {
+        let method = sanitize_method(o.method);
+        let raw = self.raw_method(o.method);
+        let transport = if o.secure { "https" } else { "http" };
+        let status = o.status.to_string();
+        let charset = self.charset(o.charset);
+
+        self.requests_before.inc();
+        self.responses_before.inc();
+        self.latency_including.observe(o.latency_s);
+        self.latency_by_view_method.with_label_values(&[o.view, raw]).observe(o.latency_s);
+        if o.ajax {
+            self.ajax.inc();
+        }
+        self.by_method.with_label_values(&[method]).inc();
+        self.by_transport.with_label_values(&[transport]).inc();
+        if o.resolved {
+            self.by_view_transport_method.with_label_values(&[o.view, transport, method]).inc();
+        }
+        self.request_body.observe(o.request_body as f64);
+        self.by_status.with_label_values(&[status.as_str()]).inc();
+        self.by_status_view_method.with_label_values(&[status.as_str(), o.view, method]).inc();
+        match o.response_body {
+            Some(n) => self.response_body.observe(n as f64),
+            None => self.streaming.inc(),
+        }
+        self.by_charset.with_label_values(&[charset]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::django::expo;
+
+    fn obs<'a>(method: &'a str, view: &'a str, status: u16) -> HttpObservation<'a> {
+        HttpObservation {
+            method,
+            view,
+            resolved: view != UNNAMED_VIEW,
+            secure: false,
+            ajax: false,
+            status,
+            request_body: 0,
+            response_body: Some(5),
+            charset: "utf-8",
+            latency_s: 0.003,
+        }
+    }
+
+    fn text(r: &Registry) -> String {
+        expo::encode_text(&expo::merge(vec![r.gather()]))
+    }
+
+    fn values(r: &Registry) -> std::collections::BTreeMap<String, f64> {
+        expo::parse_text(&text(r)).into_iter().map(|s| (s.series(), s.value)).collect()
+    }
+
+    #[test]
+    fn names_labels_and_values_follow_django_prometheus() {
+        let r = Registry::new();
+        let mut m = HttpMetrics::new(&r).unwrap();
+        m.observe(&obs("GET", "shop:item", 200));
+        m.observe(&HttpObservation {
+            ajax: true,
+            request_body: 300,
+            ..obs("PROPFIND", "demo.views.dav", 405)
+        });
+        m.observe(&HttpObservation { response_body: None, ..obs("GET", UNNAMED_VIEW, 404) });
+        let t = text(&r);
+        let v = values(&r);
+        for (series, want) in [
+            ("django_http_requests_before_middlewares_total", 3.0),
+            ("django_http_responses_before_middlewares_total", 3.0),
+            ("django_http_requests_unknown_latency_total", 0.0),
+            ("django_http_requests_unknown_latency_including_middlewares_total", 0.0),
+            ("django_http_ajax_requests_total", 1.0),
+            (r#"django_http_requests_total_by_method_total{method="<invalid method>"}"#, 1.0),
+            (r#"django_http_requests_total_by_method_total{method="GET"}"#, 2.0),
+            (r#"django_http_requests_total_by_transport_total{transport="http"}"#, 3.0),
+            (
+                r#"django_http_requests_total_by_view_transport_method_total{method="GET",transport="http",view="shop:item"}"#,
+                1.0,
+            ),
+            (
+                r#"django_http_requests_latency_seconds_by_view_method_count{method="PROPFIND",view="demo.views.dav"}"#,
+                1.0,
+            ),
+            (
+                r#"django_http_responses_total_by_status_view_method_total{method="GET",status="404",view="<unnamed view>"}"#,
+                1.0,
+            ),
+            (r#"django_http_responses_total_by_status_total{status="405"}"#, 1.0),
+            ("django_http_responses_streaming_total", 1.0),
+            ("django_http_responses_body_total_bytes_count", 2.0),
+            (r#"django_http_requests_body_total_bytes_bucket{le="256"}"#, 2.0),
+            (r#"django_http_requests_body_total_bytes_bucket{le="512"}"#, 3.0),
+            (r#"django_http_responses_total_by_charset_total{charset="utf-8"}"#, 3.0),
+        ] {
+            assert_eq!(v.get(series), Some(&want), "{series} in\n{t}");
+        }
+        for line in [
+            "# HELP django_http_requests_latency_including_middlewares_seconds Histogram of requests processing time (including middleware processing time).",
+            "# TYPE django_http_requests_latency_seconds_by_view_method histogram",
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line:?}");
+        }
+        // Unresolved URLs are not counted by view/transport/method.
+        assert!(
+            !v.keys().any(|k| k.starts_with("django_http_requests_total_by_view_transport_method_total")
+                && k.contains("<unnamed view>"))
+        );
+    }
+
+    #[test]
+    fn raw_methods_are_bounded() {
+        let r = Registry::new();
+        let mut m = HttpMetrics::new(&r).unwrap();
+        for i in 0..100 {
+            let method = format!("M{i}");
+            m.observe(&obs(&method, "v", 405));
+        }
+        assert_eq!(m.overflows.methods, 100 - MAX_RAW_METHODS as u64);
+        let t = text(&r);
+        let series = t
+            .lines()
+            .filter(|l| l.starts_with("django_http_requests_latency_seconds_by_view_method_count"))
+            .count();
+        assert_eq!(series, MAX_RAW_METHODS + 1);
+    }
+}
