@@ -13,6 +13,7 @@ pub mod protocol;
 pub mod pump;
 pub mod targets;
 pub mod trace;
+pub mod views;
 
 /// Default bytes captured per syscall (`--capture-bytes`).
 ///

@@ -1,0 +1,197 @@
+//! Route discovery: the app's URL resolver, read by running `discover.py` with the app's
+//! own interpreter, environment, working directory, user and mount namespace, without
+//! changing the app. A failure is reported (and counted by the caller), never fatal.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::Read as _,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+use super::{AppSettings, RawRoute};
+
+const SCRIPT: &str = include_str!("discover.py");
+const MARKER: &str = "OBSERVER-DISCOVERY ";
+/// Largest output read from the discovery process.
+const MAX_OUTPUT: usize = 32 << 20;
+
+/// What the app's resolver and settings said.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Discovery {
+    pub django: String,
+    pub settings: AppSettings,
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Output {
+    #[serde(flatten)]
+    discovery: Option<Discovery>,
+    error: Option<String>,
+}
+
+/// How to run Python as the target does.
+#[derive(Debug, Clone)]
+struct Launch {
+    python: PathBuf,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: PathBuf,
+    uid: u32,
+    gid: u32,
+    /// The target's mount namespace, when it is not ours.
+    mnt_ns: Option<PathBuf>,
+}
+
+fn nul_split(b: &[u8]) -> Vec<String> {
+    b.split(|&c| c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}
+
+fn status_id(status: &str, key: &str) -> Option<u32> {
+    status.lines().find_map(|l| l.strip_prefix(key))?.split_whitespace().next()?.parse().ok()
+}
+
+fn is_python(path: &str) -> bool {
+    Path::new(path).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("python"))
+}
+
+fn launch_for(pid: u32) -> Result<Launch, String> {
+    let proc_ = format!("/proc/{pid}");
+    let argv = nul_split(&fs::read(format!("{proc_}/cmdline")).map_err(|e| format!("cmdline: {e}"))?);
+    let env: Vec<(String, String)> =
+        nul_split(&fs::read(format!("{proc_}/environ")).map_err(|e| format!("environ: {e}"))?)
+            .into_iter()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
+    let cwd = fs::read_link(format!("{proc_}/cwd")).map_err(|e| format!("cwd: {e}"))?;
+    let status = fs::read_to_string(format!("{proc_}/status")).map_err(|e| format!("status: {e}"))?;
+    // The interpreter named in the command line (a virtualenv's bin/python), not
+    // /proc/PID/exe (the base interpreter, which misses the virtualenv).
+    let exe = fs::read_link(format!("{proc_}/exe")).ok();
+    let python = match argv.first() {
+        Some(a) if is_python(a) => PathBuf::from(a),
+        _ => match env.iter().find(|(k, _)| k == "VIRTUAL_ENV") {
+            Some((_, venv)) => Path::new(venv).join("bin/python"),
+            None => match exe {
+                Some(e) if is_python(&e.to_string_lossy()) => e,
+                _ => PathBuf::from("python3"),
+            },
+        },
+    };
+    let ours = fs::read_link("/proc/self/ns/mnt").ok();
+    let theirs = fs::read_link(format!("{proc_}/ns/mnt")).ok();
+    Ok(Launch {
+        python,
+        argv,
+        env,
+        cwd,
+        uid: status_id(&status, "Uid:").ok_or("no Uid")?,
+        gid: status_id(&status, "Gid:").ok_or("no Gid")?,
+        mnt_ns: (ours != theirs).then(|| PathBuf::from(format!("{proc_}/ns/mnt"))),
+    })
+}
+
+/// Runs the discovery for the app that `pid` belongs to.
+pub fn discover(pid: u32, timeout: Duration) -> Result<Discovery, String> {
+    let l = launch_for(pid)?;
+    let mut cmd = Command::new(&l.python);
+    cmd.arg("-B").arg("-c").arg(SCRIPT);
+    cmd.env_clear().envs(l.env.iter().map(|(k, v)| (k, v)));
+    cmd.env("OBSERVER_TARGET_ARGV", serde_json::to_string(&l.argv).unwrap_or_default());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+
+    let ns_fd = match &l.mnt_ns {
+        Some(p) => Some(fs::File::open(p).map_err(|e| format!("mount namespace: {e}"))?),
+        None => None,
+    };
+    let cwd = CString::new(l.cwd.as_os_str().as_encoded_bytes()).map_err(|_| "cwd has a NUL")?;
+    let (uid, gid) = (l.uid, l.gid);
+    let ns_raw = ns_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe syscalls (setns, chdir, setgroups, setgid, setuid) on values
+    // prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = ns_raw
+                && libc::setns(fd, libc::CLONE_NEWNS) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::geteuid() == 0 && uid != 0 {
+                // Never run the app's code with more rights than the app has.
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("starting {}: {e}", l.python.display()))?;
+    drop(ns_fd);
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = (&mut stdout).take(MAX_OUTPUT as u64).read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("timed out after {timeout:?}"));
+            }
+        }
+    }
+    let out = reader.join().map_err(|_| "reader panicked")?;
+    parse_output(&String::from_utf8_lossy(&out))
+}
+
+/// The marked line of the script's output.
+pub fn parse_output(out: &str) -> Result<Discovery, String> {
+    let line = out.lines().rev().find_map(|l| l.strip_prefix(MARKER)).ok_or("no discovery output")?;
+    let o: Output = serde_json::from_str(line).map_err(|e| format!("discovery output: {e}"))?;
+    if let Some(e) = o.error {
+        return Err(e);
+    }
+    o.discovery.ok_or_else(|| "empty discovery output".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_found_after_app_prints() {
+        let out = "hello from settings\n\nOBSERVER-DISCOVERY {\"django\":\"5.2.19\",\"settings\":{\"APPEND_SLASH\":true,\"DEFAULT_CHARSET\":\"utf-8\",\"SECURE_PROXY_SSL_HEADER\":[\"HTTP_X_FORWARDED_PROTO\",\"https\"]},\"routes\":[{\"view\":\"index\",\"segments\":[{\"kind\":\"route\",\"regex\":\"^\\\\Z\",\"endpoint\":true}]}]}\n";
+        let d = parse_output(out).unwrap();
+        assert_eq!(d.django, "5.2.19");
+        assert_eq!(d.routes.len(), 1);
+        assert_eq!(d.settings.secure_header(), Some(("x-forwarded-proto".into(), "https".into())));
+        let t = super::super::RouteTable::new(&d.routes);
+        assert_eq!(t.resolve("/").as_deref(), Some("index"));
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        let e = parse_output("OBSERVER-DISCOVERY {\"error\":\"ImproperlyConfigured: no settings\"}\n")
+            .unwrap_err();
+        assert!(e.contains("ImproperlyConfigured"));
+        assert!(parse_output("nothing").is_err());
+    }
+}
