@@ -1,62 +1,130 @@
 //! Command line: `observer trace` (and, from the HTTP issue on, `observer run`).
 
-use std::{process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    config::FileConfig,
     ebpf::{Options, Probe},
+    pipeline::{self, Pipeline},
     pump::Pump,
     targets::Selector,
     trace::Printer,
 };
 
+/// Where /metrics is served unless told otherwise.
+const DEFAULT_LISTEN: &str = "0.0.0.0:9807";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "observer",
     version,
-    about = "django-prometheus metrics for Django processes, from their socket syscalls (eBPF)"
+    about = "django-prometheus metrics for Django processes, from their socket syscalls (eBPF)",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// With no subcommand: `observer run`.
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Trace the Django processes and serve their django-prometheus metrics on /metrics
+    /// (the default).
+    Run(RunArgs),
     /// Print what the selected processes send and receive on their sockets, one record a line.
     Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Address of the /metrics and /healthz endpoint [default: 0.0.0.0:9807].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// Trace this process and its descendants (repeatable). With no --pid, --comm or
+    /// --port, Django processes are found automatically.
+    #[arg(long, value_name = "PID")]
+    pid: Vec<u32>,
+    /// Trace processes with this exact name (/proc/PID/comm), now and when they start.
+    #[arg(long, value_name = "NAME")]
+    comm: Vec<String>,
+    /// Trace processes listening on this TCP port.
+    #[arg(long, value_name = "PORT")]
+    port: Vec<u16>,
+    /// Routes file (`PATTERN VIEW_NAME` lines) for apps whose routes cannot be discovered.
+    #[arg(long, value_name = "FILE")]
+    routes: Option<PathBuf>,
+    /// Do not run the apps' interpreters to discover their URL routes.
+    #[arg(long)]
+    no_route_discovery: bool,
+    /// `job` label of every series [default: django].
+    #[arg(long, value_name = "NAME")]
+    job: Option<String>,
+    /// `namespace` label of every series.
+    #[arg(long, value_name = "NAME")]
+    namespace: Option<String>,
+    /// `pod` label of every series.
+    #[arg(long, value_name = "NAME")]
+    pod: Option<String>,
+    /// `container` label of every series.
+    #[arg(long, value_name = "NAME")]
+    container: Option<String>,
+    /// `instance` label of every series [default: HOST:PORT of each app's listener].
+    #[arg(long, value_name = "NAME")]
+    instance: Option<String>,
+    /// Settings file (TOML, the same keys as these flags); flags win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Distinct templated views per app when its routes are unknown [default: 500].
+    #[arg(long, value_name = "N")]
+    max_views: Option<usize>,
+    /// Longest HTTP head kept while incomplete [default: 32768].
+    #[arg(long, value_name = "BYTES")]
+    max_http_head_bytes: Option<usize>,
+    /// Pipelined requests waiting for a response, per connection [default: 64].
+    #[arg(long, value_name = "N")]
+    max_pending_requests: Option<usize>,
+    /// Connections with parser state at once [default: 65536].
+    #[arg(long, value_name = "N")]
+    max_parsers: Option<usize>,
+    #[command(flatten)]
+    probe: ProbeArgs,
 }
 
 /// Bounds of the kernel side; each has a counter in the loss report when it bites.
 #[derive(Debug, Args)]
 pub struct ProbeArgs {
-    /// Bytes captured per syscall (the rest is counted, not copied).
-    #[arg(long, default_value_t = crate::DEFAULT_CAPTURE_BYTES, value_name = "N")]
-    capture_bytes: u32,
-    /// Size of the kernel-to-userspace ring buffer (a power of two).
-    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
-    ring_buffer_bytes: u32,
-    /// Sockets of traced processes the kernel tables can hold.
-    #[arg(long, default_value_t = 65_536, value_name = "N")]
-    max_connections: u32,
-    /// Processes that can be traced at once.
-    #[arg(long, default_value_t = 8_192, value_name = "N")]
-    max_processes: u32,
-    /// Syscalls in flight at once (one per thread of a traced process).
-    #[arg(long, default_value_t = 16_384, value_name = "N")]
-    max_inflight_syscalls: u32,
+    /// Bytes captured per syscall; the rest is counted, not copied [default: 4096].
+    #[arg(long, value_name = "N")]
+    capture_bytes: Option<u32>,
+    /// Size of the kernel-to-userspace ring buffer, a power of two [default: 8388608].
+    #[arg(long, value_name = "BYTES")]
+    ring_buffer_bytes: Option<u32>,
+    /// Sockets of traced processes the kernel tables can hold [default: 65536].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u32>,
+    /// Processes that can be traced at once [default: 8192].
+    #[arg(long, value_name = "N")]
+    max_processes: Option<u32>,
+    /// Syscalls in flight at once, one per thread of a traced process [default: 16384].
+    #[arg(long, value_name = "N")]
+    max_inflight_syscalls: Option<u32>,
 }
 
 impl ProbeArgs {
-    fn options(&self) -> Options {
+    fn options(&self, file: &FileConfig) -> Options {
+        let d = Options::default();
         Options {
-            capture_bytes: self.capture_bytes,
-            ring_bytes: self.ring_buffer_bytes,
-            max_connections: self.max_connections,
-            max_processes: self.max_processes,
-            max_inflight: self.max_inflight_syscalls,
+            capture_bytes: self.capture_bytes.or(file.capture_bytes).unwrap_or(d.capture_bytes),
+            ring_bytes: self.ring_buffer_bytes.or(file.ring_buffer_bytes).unwrap_or(d.ring_bytes),
+            max_connections: self.max_connections.or(file.max_connections).unwrap_or(d.max_connections),
+            max_processes: self.max_processes.or(file.max_processes).unwrap_or(d.max_processes),
+            max_inflight: self.max_inflight_syscalls.or(file.max_inflight_syscalls).unwrap_or(d.max_inflight),
         }
     }
 }
@@ -100,7 +168,9 @@ pub fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
-        Command::Trace(args) => run_async(trace(args)),
+        Some(Command::Trace(args)) => run_async(trace(args)),
+        Some(Command::Run(args)) => run_async(run(args)),
+        None => run_async(run(cli.run)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,7 +224,12 @@ impl Shutdown {
 }
 
 async fn trace(args: TraceArgs) -> Result<()> {
-    let selector = Selector { pids: args.pid.clone(), comms: args.comm.clone(), ports: args.port.clone() };
+    let selector = Selector {
+        pids: args.pid.clone(),
+        comms: args.comm.clone(),
+        ports: args.port.clone(),
+        detect_django: false,
+    };
     if selector.is_empty() {
         bail!("say what to trace: --pid PID, --comm NAME or --port PORT");
     }
@@ -165,7 +240,7 @@ async fn trace(args: TraceArgs) -> Result<()> {
     }
     let duration = args.duration.map(Duration::from_secs_f64);
     let shutdown = Shutdown::install()?;
-    let opts = args.probe.options();
+    let opts = args.probe.options(&FileConfig::default());
     let probe = Probe::load(&opts)?;
     // Statistics stay on while this fd is open (kernel.bpf_stats_enabled is reference counted).
     let stats_on = if args.program_stats {
@@ -174,16 +249,84 @@ async fn trace(args: TraceArgs) -> Result<()> {
         None
     };
     let mut pump = Pump::new(probe, selector, opts.max_connections as usize, true);
-    let pids = pump.start();
+    let mut printer = Printer::new(args.json, args.preview_bytes);
+    let pids = pump.start(&mut printer);
     if pids.is_empty() {
         tracing::warn!("no process matches the selectors yet; waiting for one");
     }
-    let mut printer = Printer::new(args.json, args.preview_bytes);
     printer.ready(&pids.iter().copied().collect::<Vec<_>>(), opts.capture_bytes);
     pump.run(&mut printer, shutdown.wait(duration)).await.context("reading the ring buffer")?;
     printer.counters(&pump.loss());
     if stats_on.is_some() {
         printer.programs(&pump.probe().program_stats());
     }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p).map_err(anyhow::Error::msg)?,
+        None => FileConfig::default(),
+    };
+    let pick = |a: &Option<String>, f: &Option<String>| a.clone().or_else(|| f.clone());
+    let mut selector = Selector {
+        pids: [args.pid.clone(), file.pid.clone()].concat(),
+        comms: [args.comm.clone(), file.comm.clone()].concat(),
+        ports: [args.port.clone(), file.port.clone()].concat(),
+        detect_django: false,
+    };
+    selector.detect_django = selector.is_empty();
+    let listen: SocketAddr = pick(&args.listen, &file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
+        .parse()
+        .context("--listen must be ADDR:PORT")?;
+    let routes_file = match args.routes.as_ref().or(file.routes.as_ref()) {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the routes file {}", p.display()))?;
+            let table = crate::views::RouteTable::from_routes_file(&text)
+                .map_err(|e| anyhow::anyhow!("routes file {}: {e}", p.display()))?;
+            tracing::info!(routes = table.len(), file = %p.display(), "routes file loaded");
+            Some(std::sync::Arc::<str>::from(text))
+        }
+        None => None,
+    };
+    let d = pipeline::Settings::default();
+    let http = crate::protocol::http1::Limits {
+        max_head_bytes: args
+            .max_http_head_bytes
+            .or(file.max_http_head_bytes)
+            .unwrap_or(d.http.max_head_bytes),
+        max_pending: args.max_pending_requests.or(file.max_pending_requests).unwrap_or(d.http.max_pending),
+    };
+    let settings = pipeline::Settings {
+        job: pick(&args.job, &file.job).unwrap_or(d.job),
+        namespace: pick(&args.namespace, &file.namespace).unwrap_or_default(),
+        pod: pick(&args.pod, &file.pod).unwrap_or_default(),
+        container: pick(&args.container, &file.container).unwrap_or_default(),
+        instance: pick(&args.instance, &file.instance),
+        routes_file,
+        discover_routes: !args.no_route_discovery && file.route_discovery.unwrap_or(true),
+        discovery_timeout: d.discovery_timeout,
+        max_views: args.max_views.or(file.max_views).unwrap_or(d.max_views),
+        http,
+        max_parsers: args.max_parsers.or(file.max_parsers).unwrap_or(d.max_parsers),
+    };
+    let shutdown = Shutdown::install()?;
+    let opts = args.probe.options(&file);
+    let probe = Probe::load(&opts)?;
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(pipeline::Exposition::default()));
+    let bound = crate::server::serve(listen, shared.clone())
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(address = %bound, "serving /metrics and /healthz");
+    if selector.detect_django {
+        tracing::info!("no --pid, --comm or --port: tracing the Django processes found on this host");
+    }
+    let mut pipeline = Pipeline::new(settings, shared);
+    let mut pump = Pump::new(probe, selector, opts.max_connections as usize, false);
+    pump.start(&mut pipeline);
+    pump.run(&mut pipeline, shutdown.wait(None)).await.context("reading the ring buffer")?;
+    tracing::info!("stopped");
     Ok(())
 }

@@ -4,13 +4,17 @@
 //! `events`, `conns`, `targets`) -> sinks (`trace` today).
 
 pub mod cli;
+pub mod config;
 pub mod conns;
 pub mod django;
 pub mod ebpf;
 pub mod events;
 pub mod loss;
+pub mod pipeline;
 pub mod protocol;
 pub mod pump;
+pub mod selfmetrics;
+pub mod server;
 pub mod targets;
 pub mod trace;
 pub mod views;

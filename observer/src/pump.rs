@@ -29,14 +29,28 @@ use crate::{
 /// Receives every decoded record, with what is known of its connection.
 pub trait Sink {
     fn record(&mut self, rec: &Record<'_>, conn: Option<&ConnInfo>);
-    /// The ring buffer is drained for now: a good moment to flush buffered output.
-    fn flush(&mut self) {}
+    /// A process was selected and is traced from now on (its children follow).
+    fn tracked(&mut self, _pid: u32, _why: &str) {}
+    /// The ring buffer is drained for now: a good moment to flush buffered output and
+    /// to drop state of connections that are gone (`conns` holds the live ones).
+    fn flush(&mut self, _conns: &ConnTable) {}
+    /// Once a second: the loss counters and how much is being traced.
+    fn report(&mut self, _loss: &LossReport, _live: Live) {}
+}
+
+/// What the pump is tracking right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Live {
+    pub connections: usize,
+    pub processes: usize,
 }
 
 /// How often the ring buffer is read when no wake-up came.
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How often selectors are matched again (new `--comm` processes, new `--port` listeners).
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// How often the sink gets the loss counters.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// How often kernel entries of processes that vanished unseen are swept.
 const GC_EVERY: Duration = Duration::from_secs(5);
 /// Records handled per wake-up before other work (signals, rescans) gets a turn.
@@ -83,22 +97,22 @@ impl Pump {
 
     /// Selects and tracks the matching processes, entering their existing connections.
     /// Returns the tracked processes.
-    pub fn start(&mut self) -> BTreeSet<u32> {
-        self.rescan();
+    pub fn start<S: Sink>(&mut self, sink: &mut S) -> BTreeSet<u32> {
+        self.rescan(sink);
         self.selected.clone()
     }
 
     /// Matches the selectors against /proc and tracks new matches.
-    fn rescan(&mut self) {
+    fn rescan<S: Sink>(&mut self, sink: &mut S) {
         let procs = targets::list_processes();
-        for pid in self.selector.select(&procs, self.own_pid) {
+        for (pid, why) in self.selector.select(&procs, self.own_pid) {
             if !self.selected.contains(&pid) {
-                self.track(pid, "matches the selectors");
+                self.track(pid, &why, sink);
             }
         }
     }
 
-    fn track(&mut self, pid: u32, why: &str) {
+    fn track<S: Sink>(&mut self, pid: u32, why: &str, sink: &mut S) {
         if pid == self.own_pid {
             return;
         }
@@ -106,6 +120,7 @@ impl Pump {
             Ok(epoch) => {
                 self.selected.insert(pid);
                 tracing::info!(pid, why, "tracing process");
+                sink.tracked(pid, why);
                 self.enter_sockets(pid, epoch, None);
             }
             Err(e) => {
@@ -237,11 +252,8 @@ impl Pump {
                 self.enter_sockets(*pid, *epoch, None);
             }
             Record::ProcExec { pid, tracked: false, .. } => {
-                if !self.selector.comms.is_empty() {
-                    let comm = targets::read_process(*pid).map(|p| p.comm);
-                    if comm.is_some_and(|c| self.selector.matches_comm(&c)) {
-                        self.track(*pid, "exec matches --comm");
-                    }
+                if let Some(why) = self.selector.matches_new(*pid) {
+                    self.track(*pid, &format!("started and {why}"), sink);
                 }
             }
             Record::ProcExit { pid, .. } => {
@@ -306,7 +318,7 @@ impl Pump {
             self.handle(&item, sink);
             n += 1;
         }
-        sink.flush();
+        sink.flush(&self.conns);
         n
     }
 
@@ -321,6 +333,8 @@ impl Pump {
         let mut poll = tokio::time::interval(POLL_EVERY);
         let mut rescan = tokio::time::interval(RESCAN_EVERY);
         let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
+        let mut report = tokio::time::interval(REPORT_EVERY);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
@@ -337,8 +351,12 @@ impl Pump {
                 _ = poll.tick() => {
                     self.drain(afd.get_mut(), sink, BATCH);
                 }
-                _ = rescan.tick() => self.rescan(),
+                _ = rescan.tick() => self.rescan(sink),
                 _ = gc.tick() => self.gc(afd.get_mut(), sink),
+                _ = report.tick() => {
+                    let live = Live { connections: self.conns.len(), processes: self.probe.tracked().len() };
+                    sink.report(&self.loss(), live);
+                }
             }
         }
         // Everything the traced processes did before the stop is in the ring (or counted

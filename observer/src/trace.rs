@@ -222,7 +222,7 @@ impl Printer {
 }
 
 impl Sink for Printer {
-    fn flush(&mut self) {
+    fn flush(&mut self, _conns: &crate::conns::ConnTable) {
         self.flush_out();
     }
 

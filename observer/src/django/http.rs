@@ -46,11 +46,21 @@ pub struct HttpObservation<'a> {
     pub status: u16,
     /// The request's Content-Length header value (0 when absent).
     pub request_body: u64,
-    /// The response body size; `None` for a streaming response.
-    pub response_body: Option<u64>,
+    pub response_body: Body,
     pub charset: &'a str,
     /// Seconds from the request's first byte read to the response's last byte written.
     pub latency_s: f64,
+}
+
+/// What the response body histogram gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// `len(response.content)` of a non-streaming response.
+    Size(u64),
+    /// A streaming response: counted, not observed.
+    Streaming,
+    /// Not on the wire (the response django-prometheus saw was replaced later).
+    Unknown,
 }
 
 /// Label values dropped to [`OTHER`] because a bound bit.
@@ -256,8 +266,9 @@ impl HttpMetrics {
         self.by_status.with_label_values(&[status.as_str()]).inc();
         self.by_status_view_method.with_label_values(&[status.as_str(), o.view, method]).inc();
         match o.response_body {
-            Some(n) => self.response_body.observe(n as f64),
-            None => self.streaming.inc(),
+            Body::Size(n) => self.response_body.observe(n as f64),
+            Body::Streaming => self.streaming.inc(),
+            Body::Unknown => {}
         }
         self.by_charset.with_label_values(&[charset]).inc();
     }
@@ -277,7 +288,7 @@ mod tests {
             ajax: false,
             status,
             request_body: 0,
-            response_body: Some(5),
+            response_body: Body::Size(5),
             charset: "utf-8",
             latency_s: 0.003,
         }
@@ -301,7 +312,7 @@ mod tests {
             request_body: 300,
             ..obs("PROPFIND", "demo.views.dav", 405)
         });
-        m.observe(&HttpObservation { response_body: None, ..obs("GET", UNNAMED_VIEW, 404) });
+        m.observe(&HttpObservation { response_body: Body::Streaming, ..obs("GET", UNNAMED_VIEW, 404) });
         let t = text(&r);
         let v = values(&r);
         for (series, want) in [

@@ -330,6 +330,11 @@ impl Http1Parser {
         self.mode
     }
 
+    /// Replaces the request-side configuration (once the app's settings are known).
+    pub fn set_config(&mut self, config: Config) {
+        self.config = config;
+    }
+
     /// Requests waiting for a response.
     pub fn pending(&self) -> usize {
         self.pending.len()

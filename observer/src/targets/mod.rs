@@ -5,11 +5,12 @@
 //! found from the process's fd links and its network namespace's /proc/net tables, so they
 //! can be entered into the kernel's socket table and traced from the next syscall on.
 
+pub mod detect;
 pub mod procfs;
 pub mod unix_diag;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     net::SocketAddr,
     path::Path,
@@ -52,42 +53,73 @@ pub struct Selector {
     pub comms: Vec<String>,
     /// Processes with a TCP socket listening on one of these ports.
     pub ports: Vec<u16>,
+    /// Find Django processes (see `detect`), now and when they start.
+    pub detect_django: bool,
 }
 
 impl Selector {
     pub fn is_empty(&self) -> bool {
-        self.pids.is_empty() && self.comms.is_empty() && self.ports.is_empty()
+        self.pids.is_empty() && self.comms.is_empty() && self.ports.is_empty() && !self.detect_django
     }
 
-    /// Whether a process that just exec'd with this `comm` is selected by name.
-    pub fn matches_comm(&self, comm: &str) -> bool {
-        self.comms.iter().any(|c| c == comm)
-    }
-
-    /// The selected processes among `procs`, never `own_pid`.
-    pub fn select(&self, procs: &[ProcInfo], own_pid: u32) -> BTreeSet<u32> {
-        let mut out: BTreeSet<u32> = procs
-            .iter()
-            .filter(|p| self.pids.contains(&p.pid) || self.matches_comm(&p.comm))
-            .map(|p| p.pid)
-            .collect();
-        if !self.ports.is_empty() {
-            out.extend(listeners_on(procs, &self.ports));
+    /// Whether a process that just exec'd is selected by name or by detection; the reason.
+    pub fn matches_new(&self, pid: u32) -> Option<String> {
+        if !self.comms.is_empty()
+            && let Some(p) = read_process(pid)
+            && self.comms.contains(&p.comm)
+        {
+            return Some(format!("its name is {}", p.comm));
         }
-        // Descendants of selected processes (a gunicorn master's workers).
+        if self.detect_django {
+            return detect::evidence(pid).as_ref().and_then(detect::why_django);
+        }
+        None
+    }
+
+    /// The selected processes among `procs` with the reason for each; never `own_pid`
+    /// nor its descendants (the observer's own helpers).
+    pub fn select(&self, procs: &[ProcInfo], own_pid: u32) -> BTreeMap<u32, String> {
+        let mut out: BTreeMap<u32, String> = BTreeMap::new();
+        for p in procs {
+            if self.pids.contains(&p.pid) {
+                out.insert(p.pid, "selected by --pid".into());
+            } else if self.comms.contains(&p.comm) {
+                out.insert(p.pid, format!("its name is {}", p.comm));
+            } else if self.detect_django
+                && let Some(why) = detect::evidence(p.pid).as_ref().and_then(detect::why_django)
+            {
+                out.insert(p.pid, why);
+            }
+        }
+        if !self.ports.is_empty() {
+            for pid in listeners_on(procs, &self.ports) {
+                out.entry(pid).or_insert_with(|| "listens on a selected port".into());
+            }
+        }
         let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
         for p in procs {
             children.entry(p.ppid).or_default().push(p.pid);
         }
-        let mut stack: Vec<u32> = out.iter().copied().collect();
-        while let Some(pid) = stack.pop() {
-            for &c in children.get(&pid).into_iter().flatten() {
-                if out.insert(c) {
-                    stack.push(c);
+        let descendants = |roots: Vec<u32>| {
+            let mut seen = BTreeSet::new();
+            let mut stack = roots;
+            while let Some(pid) = stack.pop() {
+                for &c in children.get(&pid).into_iter().flatten() {
+                    if seen.insert(c) {
+                        stack.push(c);
+                    }
                 }
             }
+            seen
+        };
+        // Descendants of selected processes (a gunicorn master's workers).
+        for c in descendants(out.keys().copied().collect()) {
+            out.entry(c).or_insert_with(|| "child of a traced process".into());
         }
         out.remove(&own_pid);
+        for c in descendants(vec![own_pid]) {
+            out.remove(&c);
+        }
         out
     }
 }
@@ -277,14 +309,16 @@ mod tests {
             p(99, 10, "observer"),
         ];
         let sel = Selector { pids: vec![10], ..Default::default() };
-        assert_eq!(sel.select(&procs, 99), BTreeSet::from([10, 11, 12]));
+        let got: BTreeSet<u32> = sel.select(&procs, 99).into_keys().collect();
+        assert_eq!(got, BTreeSet::from([10, 11, 12]));
     }
 
     #[test]
     fn comm_selector_is_exact() {
         let procs = [p(1, 0, "init"), p(5, 1, "python3"), p(6, 1, "python3.11")];
         let sel = Selector { comms: vec!["python3".into()], ..Default::default() };
-        assert_eq!(sel.select(&procs, 0), BTreeSet::from([5]));
+        let got: BTreeSet<u32> = sel.select(&procs, 0).into_keys().collect();
+        assert_eq!(got, BTreeSet::from([5]));
     }
 
     #[test]

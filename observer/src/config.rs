@@ -1,0 +1,73 @@
+//! `--config FILE`: the same settings as the flags, in TOML. A flag given on the command
+//! line wins over the file.
+//!
+//! ```toml
+//! listen = "0.0.0.0:9807"
+//! job = "django"
+//! namespace = "shop"
+//! port = [8000]
+//! routes = "/etc/observer/routes.txt"
+//! max_views = 500
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Every key is optional.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub pid: Vec<u32>,
+    #[serde(default)]
+    pub comm: Vec<String>,
+    #[serde(default)]
+    pub port: Vec<u16>,
+    pub routes: Option<PathBuf>,
+    pub route_discovery: Option<bool>,
+    pub job: Option<String>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+    pub instance: Option<String>,
+    pub max_views: Option<usize>,
+    pub max_http_head_bytes: Option<usize>,
+    pub max_pending_requests: Option<usize>,
+    pub max_parsers: Option<usize>,
+    pub capture_bytes: Option<u32>,
+    pub ring_buffer_bytes: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub max_processes: Option<u32>,
+    pub max_inflight_syscalls: Option<u32>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.message().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key_and_rejects_unknown_ones() {
+        let c = FileConfig::parse(
+            "listen = \"127.0.0.1:9000\"\njob = \"shop\"\nport = [8000, 8001]\nmax_views = 10\nroute_discovery = false\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.as_deref(), Some("127.0.0.1:9000"));
+        assert_eq!(c.port, vec![8000, 8001]);
+        assert_eq!(c.max_views, Some(10));
+        assert_eq!(c.route_discovery, Some(false));
+        assert!(FileConfig::parse("lisen = \"x\"").unwrap_err().contains("unknown field"));
+    }
+}

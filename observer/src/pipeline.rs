@@ -1,0 +1,501 @@
+//! `observer run`'s sink: records of server connections go through the HTTP/1 parser,
+//! and each request/response pair becomes django_http_* samples of its target (the
+//! Django app the process belongs to).
+//!
+//! A target is a root process (a gunicorn/uwsgi master, a runserver, a uvicorn) and all
+//! its descendants: every worker feeds one series set, so counters stay monotonic while
+//! workers come and go. Its routes are discovered in the background; exchanges wait in a
+//! bounded backlog meanwhile so that their view labels are right from the first request.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use prometheus::Registry;
+
+use crate::{
+    conns::{ConnInfo, ConnTable},
+    django::{
+        TargetLabels,
+        http::{Body, HttpMetrics, HttpObservation, UNNAMED_VIEW},
+    },
+    events::{Record, Role},
+    loss::LossReport,
+    protocol::{
+        Chunk,
+        http1::{self, Event, Exchange, Http1Parser, Mode},
+    },
+    pump::{Live, Sink},
+    selfmetrics::SelfStats,
+    targets::{self, procfs},
+    views::{AppSettings, RouteTable, View, ViewResolver, discover},
+};
+
+/// Settings of the pipeline (from flags or the config file).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub job: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    /// Fixed `instance` label; by default `<host>:<port>` of the app's listener.
+    pub instance: Option<String>,
+    /// Routes to use when discovery fails (or is off).
+    pub routes_file: Option<Arc<str>>,
+    pub discover_routes: bool,
+    pub discovery_timeout: Duration,
+    pub max_views: usize,
+    pub http: http1::Limits,
+    /// Connections with parser state at once.
+    pub max_parsers: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            job: "django".into(),
+            namespace: String::new(),
+            pod: String::new(),
+            container: String::new(),
+            instance: None,
+            routes_file: None,
+            discover_routes: true,
+            discovery_timeout: Duration::from_secs(30),
+            max_views: 500,
+            http: http1::Limits::default(),
+            max_parsers: 65_536,
+        }
+    }
+}
+
+/// What the `/metrics` endpoint reads: every target's registry and the agent's stats.
+#[derive(Default)]
+pub struct Exposition {
+    pub registries: BTreeMap<u32, Registry>,
+    pub stats: SelfStats,
+    /// When the pump last reported (for /healthz).
+    pub last_report: Option<Instant>,
+}
+
+/// Exchanges kept per target while its routes are being discovered.
+const BACKLOG: usize = 10_000;
+
+enum Routes {
+    Pending(mpsc::Receiver<Result<discover::Discovery, String>>),
+    Ready,
+}
+
+struct Target {
+    http: HttpMetrics,
+    views: ViewResolver,
+    settings: AppSettings,
+    parser_config: http1::Config,
+    routes: Routes,
+    backlog: VecDeque<Exchange>,
+}
+
+struct ConnState {
+    target: u32,
+    owner: u32,
+    parser: Http1Parser,
+    counted_other: bool,
+}
+
+pub struct Pipeline {
+    settings: Settings,
+    shared: Arc<Mutex<Exposition>>,
+    hostname: String,
+    targets: HashMap<u32, Target>,
+    /// Traced process -> its target's root.
+    pid_target: HashMap<u32, u32>,
+    conns: HashMap<u64, ConnState>,
+    /// Next expected record sequence number per (tgid, fd).
+    fd_seq: HashMap<(u32, u32), u32>,
+    stats: SelfStats,
+    /// Per (target, label): the overflow count already added to `stats`.
+    overflow_seen: HashMap<(u32, &'static str), u64>,
+    events: Vec<Event>,
+    last_gc: Instant,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+/// The first TCP listening port of a process, for the `instance` label.
+fn listen_port(pid: u32) -> Option<u16> {
+    let net = targets::NetTables::read(pid)?;
+    let fds = targets::socket_fds(pid);
+    net.tcp
+        .iter()
+        .filter(|r| r.state == procfs::TCP_LISTEN && fds.iter().any(|(_, i)| *i == r.inode))
+        .map(|r| r.local.port())
+        .min()
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    targets::read_process(pid).map(|p| p.ppid).filter(|&p| p > 1)
+}
+
+impl Pipeline {
+    pub fn new(settings: Settings, shared: Arc<Mutex<Exposition>>) -> Self {
+        Self {
+            settings,
+            shared,
+            hostname: hostname(),
+            targets: HashMap::new(),
+            pid_target: HashMap::new(),
+            conns: HashMap::new(),
+            fd_seq: HashMap::new(),
+            stats: SelfStats::default(),
+            overflow_seen: HashMap::new(),
+            events: Vec::new(),
+            last_gc: Instant::now(),
+        }
+    }
+
+    fn labels(&self, root: u32) -> TargetLabels {
+        let instance = self.settings.instance.clone().unwrap_or_else(|| match listen_port(root) {
+            Some(port) => format!("{}:{port}", self.hostname),
+            None => format!("{}:pid{root}", self.hostname),
+        });
+        TargetLabels {
+            job: self.settings.job.clone(),
+            namespace: self.settings.namespace.clone(),
+            pod: self.settings.pod.clone(),
+            container: self.settings.container.clone(),
+            instance,
+        }
+    }
+
+    fn new_target(&mut self, root: u32) {
+        let labels = self.labels(root);
+        let registry = match Registry::new_custom(None, Some(labels.as_map())) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(root, error = %e, "cannot create a registry for the app");
+                return;
+            }
+        };
+        let Ok(http) = HttpMetrics::new(&registry) else { return };
+        let fallback = self.routes_file_table();
+        let routes = if self.settings.discover_routes {
+            let (tx, rx) = mpsc::channel();
+            let timeout = self.settings.discovery_timeout;
+            let spawned = std::thread::Builder::new().name(format!("discover-{root}")).spawn(move || {
+                let _ = tx.send(discover::discover(root, timeout));
+            });
+            match spawned {
+                Ok(_) => Routes::Pending(rx),
+                Err(_) => Routes::Ready,
+            }
+        } else {
+            Routes::Ready
+        };
+        tracing::info!(root, instance = %labels.instance, "new app");
+        let target = Target {
+            http,
+            views: ViewResolver::new(fallback, self.settings.max_views),
+            settings: AppSettings::default(),
+            parser_config: http1::Config::default(),
+            routes,
+            backlog: VecDeque::new(),
+        };
+        self.targets.insert(root, target);
+        self.pid_target.insert(root, root);
+        self.publish(|e| {
+            e.registries.insert(root, registry);
+        });
+    }
+
+    fn routes_file_table(&self) -> Option<RouteTable> {
+        let text = self.settings.routes_file.as_ref()?;
+        RouteTable::from_routes_file(text).ok()
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut Exposition)) {
+        if let Ok(mut e) = self.shared.lock() {
+            f(&mut e);
+        }
+    }
+
+    fn drop_target(&mut self, root: u32) {
+        if self.targets.remove(&root).is_some() {
+            tracing::info!(root, "app gone; its series are dropped");
+            self.pid_target.retain(|_, r| *r != root);
+            self.conns.retain(|_, c| c.target != root);
+            self.publish(|e| {
+                e.registries.remove(&root);
+            });
+        }
+    }
+
+    /// Picks up finished route discoveries and replays the exchanges that waited.
+    fn poll_discoveries(&mut self) {
+        let mut done = Vec::new();
+        for (root, t) in &mut self.targets {
+            if let Routes::Pending(rx) = &t.routes {
+                match rx.try_recv() {
+                    Ok(result) => done.push((*root, result)),
+                    Err(mpsc::TryRecvError::Empty) => {}
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        done.push((*root, Err("discovery thread ended".into())))
+                    }
+                }
+            }
+        }
+        for (root, result) in done {
+            let Some(t) = self.targets.get_mut(&root) else { continue };
+            t.routes = Routes::Ready;
+            match result {
+                Ok(d) => {
+                    self.stats.route_discovery_ok += 1;
+                    let table = RouteTable::new(&d.routes);
+                    tracing::info!(
+                        root,
+                        django = %d.django,
+                        routes = table.len(),
+                        unsupported = table.unsupported,
+                        "routes discovered from the running app"
+                    );
+                    t.views.set_table(Some(table));
+                    t.parser_config = http1::Config { secure_header: d.settings.secure_header() };
+                    t.settings = d.settings;
+                }
+                Err(e) => {
+                    self.stats.route_discovery_failed += 1;
+                    let fallback = if t.views.has_routes() { "the routes file" } else { "templated paths" };
+                    tracing::warn!(root, error = %e, "route discovery failed; using {fallback}");
+                }
+            }
+            let config = t.parser_config.clone();
+            for c in self.conns.values_mut().filter(|c| c.target == root) {
+                c.parser.set_config(config.clone());
+            }
+            let backlog = std::mem::take(&mut t.backlog);
+            for ex in backlog {
+                observe(t, &ex);
+                self.stats.http_exchanges += 1;
+            }
+        }
+    }
+
+    fn handle_events(&mut self, target: u32) {
+        let events = std::mem::take(&mut self.events);
+        for ev in &events {
+            match ev {
+                Event::Exchange(ex) => {
+                    let Some(t) = self.targets.get_mut(&target) else { continue };
+                    if matches!(t.routes, Routes::Pending(_)) {
+                        if t.backlog.len() >= BACKLOG {
+                            t.backlog.pop_front();
+                            self.stats.backlog_dropped += 1;
+                        }
+                        t.backlog.push_back(ex.clone());
+                    } else {
+                        observe(t, ex);
+                        self.stats.http_exchanges += 1;
+                    }
+                }
+                Event::Error(e) => *self.stats.parse_errors.entry(("http", e.as_str())).or_default() += 1,
+            }
+        }
+        self.events = events;
+        self.events.clear();
+    }
+
+    fn close_conn(&mut self, conn_id: u64) {
+        if let Some(mut c) = self.conns.remove(&conn_id) {
+            c.parser.close(&mut self.events);
+            self.handle_events(c.target);
+        }
+    }
+}
+
+/// One exchange into its target's families.
+fn observe(t: &mut Target, ex: &Exchange) {
+    let (req, resp) = (&ex.request, &ex.response);
+    let view = t.views.resolve(&req.path);
+    let (label, resolved) = match &view {
+        View::Resolved(v) | View::Templated(v) => (v.as_ref(), true),
+        View::Unresolved => (UNNAMED_VIEW, false),
+    };
+    let streaming = resp.chunked || resp.close_delimited;
+    let mut status = resp.status;
+    let mut response_body =
+        if streaming { Body::Streaming } else { Body::Size(resp.content_length.unwrap_or(resp.body_bytes)) };
+    // CommonMiddleware turns a resolver 404 into an APPEND_SLASH redirect after
+    // django-prometheus's After middleware recorded the 404 (whose body never reaches
+    // the wire).
+    if !resolved
+        && status == 301
+        && t.settings.append_slash
+        && !req.path.ends_with('/')
+        && t.views.table().is_some_and(|tb| tb.resolve(&format!("{}/", req.path)).is_some())
+    {
+        status = 404;
+        response_body = Body::Unknown;
+    }
+    let charset = resp.charset.clone().unwrap_or_else(|| t.settings.default_charset.clone());
+    let latency_s = resp.end_ns.saturating_sub(req.start_ns) as f64 / 1e9;
+    t.http.observe(&HttpObservation {
+        method: &req.method,
+        view: label,
+        resolved,
+        secure: req.secure,
+        ajax: req.ajax,
+        status,
+        request_body: req.content_length.unwrap_or(0),
+        response_body,
+        charset: &charset,
+        latency_s,
+    });
+}
+
+impl Sink for Pipeline {
+    fn tracked(&mut self, pid: u32, _why: &str) {
+        if self.pid_target.contains_key(&pid) {
+            return;
+        }
+        // A process under a traced app belongs to it (its nearest traced ancestor).
+        let mut p = pid;
+        for _ in 0..64 {
+            let Some(parent) = parent_of(p) else { break };
+            if let Some(&root) = self.pid_target.get(&parent) {
+                self.pid_target.insert(pid, root);
+                return;
+            }
+            p = parent;
+        }
+        self.new_target(pid);
+        // Apps already traced that run under this one join it.
+        let under: Vec<u32> = self
+            .targets
+            .keys()
+            .copied()
+            .filter(|&r| {
+                r != pid && std::iter::successors(parent_of(r), |&x| parent_of(x)).take(64).any(|a| a == pid)
+            })
+            .collect();
+        for r in under {
+            self.drop_target(r);
+        }
+    }
+
+    fn record(&mut self, rec: &Record<'_>, conn: Option<&ConnInfo>) {
+        match rec {
+            Record::Data(d) => {
+                let Some(conn) = conn else { return };
+                if conn.role != Role::Server {
+                    return;
+                }
+                let Some(&target) = self.pid_target.get(&d.tgid) else {
+                    self.stats.unattributed_records += 1;
+                    return;
+                };
+                let Some(t) = self.targets.get(&target) else { return };
+                if !self.conns.contains_key(&d.conn_id) {
+                    if self.conns.len() >= self.settings.max_parsers {
+                        *self.stats.label_overflow.entry("parser_states").or_default() += 1;
+                        return;
+                    }
+                    let parser = Http1Parser::new(self.settings.http, t.parser_config.clone());
+                    self.conns
+                        .insert(d.conn_id, ConnState { target, owner: d.tgid, parser, counted_other: false });
+                }
+                let Some(state) = self.conns.get_mut(&d.conn_id) else { return };
+                if let Some(seq) = d.seq {
+                    let key = (d.tgid, d.fd);
+                    if let Some(&expected) = self.fd_seq.get(&key) {
+                        let ahead = seq.wrapping_sub(expected);
+                        if ahead > 0 && ahead < 1 << 31 {
+                            state.parser.lost(&mut self.events);
+                        }
+                    }
+                    self.fd_seq.insert(key, seq.wrapping_add(1));
+                }
+                let chunk = Chunk {
+                    dir: d.dir,
+                    enter_ns: d.enter_ns,
+                    exit_ns: d.exit_ns,
+                    bytes: d.bytes,
+                    total_len: d.total_len,
+                };
+                state.parser.feed(&chunk, &mut self.events);
+                if state.parser.mode() == Mode::Other && !state.counted_other {
+                    state.counted_other = true;
+                    self.stats.not_http_connections += 1;
+                }
+                self.handle_events(target);
+            }
+            Record::ConnOpen(o) => {
+                // A connection the kernel saw opening starts its record sequence at 0.
+                self.fd_seq.insert((o.tgid, o.fd), 0);
+            }
+            Record::ConnClose(c) => {
+                self.fd_seq.remove(&(c.tgid, c.fd));
+                // The socket closes with its last fd.
+                if conn.is_none_or(|i| i.owners.len() <= 1) {
+                    self.close_conn(c.conn_id);
+                }
+            }
+            Record::ProcFork { pid, parent, .. } => {
+                if let Some(&root) = self.pid_target.get(parent) {
+                    self.pid_target.insert(*pid, root);
+                }
+            }
+            Record::ProcExit { pid, .. } => {
+                self.fd_seq.retain(|(t, _), _| t != pid);
+                let owned: Vec<u64> =
+                    self.conns.iter().filter(|(_, c)| c.owner == *pid).map(|(id, _)| *id).collect();
+                for id in owned {
+                    self.close_conn(id);
+                }
+                self.pid_target.remove(pid);
+                self.drop_target(*pid);
+            }
+            Record::ConnDup(_) | Record::FdEpoch(_) | Record::ProcExec { .. } => {}
+        }
+    }
+
+    fn flush(&mut self, conns: &ConnTable) {
+        self.poll_discoveries();
+        if self.last_gc.elapsed() >= Duration::from_secs(5) {
+            self.last_gc = Instant::now();
+            // Parser state of connections the pump no longer knows (their close was lost).
+            let gone: Vec<u64> = self.conns.keys().copied().filter(|id| conns.get(*id).is_none()).collect();
+            for id in gone {
+                self.close_conn(id);
+            }
+        }
+    }
+
+    fn report(&mut self, loss: &LossReport, live: Live) {
+        self.stats.loss = loss.clone();
+        self.stats.connections = live.connections;
+        self.stats.processes = live.processes;
+        self.stats.targets = self.targets.len();
+        self.stats.parser_states = self.conns.len();
+        // Overflow counts live in each target; add what each gained since the last
+        // report, so the totals survive targets that go away.
+        for (root, t) in &self.targets {
+            for (label, now) in [
+                ("view", t.views.overflowed),
+                ("method", t.http.overflows.methods),
+                ("charset", t.http.overflows.charsets),
+            ] {
+                let seen = self.overflow_seen.entry((*root, label)).or_default();
+                *self.stats.label_overflow.entry(label).or_default() += now.saturating_sub(*seen);
+                *seen = now;
+            }
+        }
+        self.overflow_seen.retain(|(root, _), _| self.targets.contains_key(root));
+        let stats = self.stats.clone();
+        self.publish(|e| {
+            e.stats = stats;
+            e.last_report = Some(Instant::now());
+        });
+    }
+}

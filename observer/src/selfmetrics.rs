@@ -1,0 +1,231 @@
+//! The agent's own `observer_*` metrics: what it saw, what it lost and why, what it
+//! traces, and its own CPU and memory. Built from snapshots at scrape time.
+
+use std::collections::BTreeMap;
+
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+
+use crate::loss::LossReport;
+
+/// Everything the agent reports about itself.
+#[derive(Debug, Clone, Default)]
+pub struct SelfStats {
+    pub loss: LossReport,
+    /// (protocol, reason) -> count
+    pub parse_errors: BTreeMap<(&'static str, &'static str), u64>,
+    /// Connections recognised as not HTTP/1 (and ignored).
+    pub not_http_connections: u64,
+    /// Request/response pairs turned into metrics.
+    pub http_exchanges: u64,
+    /// Exchanges dropped while a target's routes were being discovered (backlog full).
+    pub backlog_dropped: u64,
+    /// Data records of connections no target owns (e.g. right after a process exits).
+    pub unattributed_records: u64,
+    pub connections: usize,
+    pub parser_states: usize,
+    pub processes: usize,
+    pub targets: usize,
+    pub route_discovery_ok: u64,
+    pub route_discovery_failed: u64,
+    /// label -> values dropped to `<other>`
+    pub label_overflow: BTreeMap<&'static str, u64>,
+}
+
+fn pairs(labels: &[(&str, &str)]) -> Vec<LabelPair> {
+    labels
+        .iter()
+        .map(|(k, v)| {
+            let mut p = LabelPair::default();
+            p.set_name(k.to_string());
+            p.set_value(v.to_string());
+            p
+        })
+        .collect()
+}
+
+fn family(name: &str, help: &str, kind: MetricType, samples: Vec<(Vec<(&str, &str)>, f64)>) -> MetricFamily {
+    let mut mf = MetricFamily::default();
+    mf.set_name(name.to_string());
+    mf.set_help(help.to_string());
+    mf.set_field_type(kind);
+    let metrics = samples
+        .into_iter()
+        .map(|(labels, v)| {
+            let mut m = Metric::default();
+            m.set_label(pairs(&labels));
+            if kind == MetricType::COUNTER {
+                let mut c = Counter::default();
+                c.set_value(v);
+                m.set_counter(c);
+            } else {
+                let mut g = Gauge::default();
+                g.set_value(v);
+                m.set_gauge(g);
+            }
+            m
+        })
+        .collect();
+    mf.set_metric(metrics);
+    mf
+}
+
+fn counter(name: &str, help: &str, v: u64) -> MetricFamily {
+    family(name, help, MetricType::COUNTER, vec![(vec![], v as f64)])
+}
+
+fn gauge(name: &str, help: &str, v: f64) -> MetricFamily {
+    family(name, help, MetricType::GAUGE, vec![(vec![], v)])
+}
+
+/// Help text of the loss report's counters, by family name.
+fn loss_help(name: &str) -> &'static str {
+    match name {
+        "observer_records_lost_total" => "Data records lost before parsing, by reason.",
+        "observer_control_records_lost_total" => "Connection and process records lost, by reason.",
+        "observer_bytes_lost_total" => "Bytes moved by data records that were lost, by reason.",
+        "observer_capture_truncated_total" => {
+            "Data records whose capture is shorter than what the syscall moved."
+        }
+        "observer_user_memory_faults_total" => "Reads of traced processes' memory that faulted.",
+        "observer_table_full_total" => "Entries not added because a bounded table was full, by table.",
+        "observer_unknown_connection_records_total" => {
+            "Data records of connections whose opening was not seen."
+        }
+        "observer_records_total" => "Data records received from the kernel.",
+        "observer_captured_bytes_total" => "Payload bytes captured by the kernel programs.",
+        "observer_peek_skipped_total" => "MSG_PEEK reads skipped (their bytes are read again).",
+        _ => "observer counter.",
+    }
+}
+
+/// The agent's own CPU seconds and resident bytes, from /proc/self.
+fn own_usage() -> (f64, f64) {
+    let ticks = {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if t > 0 { t as f64 } else { 100.0 }
+    };
+    let page = {
+        // SAFETY: as above.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if p > 0 { p as f64 } else { 4096.0 }
+    };
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised comm: utime is the 14th field, stime the 15th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |p| p * page);
+    (cpu, rss)
+}
+
+impl SelfStats {
+    pub fn families(&self) -> Vec<MetricFamily> {
+        let mut out = Vec::new();
+        let mut by_name: BTreeMap<&'static str, Vec<(Vec<(&str, &str)>, f64)>> = BTreeMap::new();
+        for c in &self.loss.counters {
+            by_name.entry(c.name).or_default().push((c.labels.clone(), c.value as f64));
+        }
+        for (name, samples) in by_name {
+            out.push(family(name, loss_help(name), MetricType::COUNTER, samples));
+        }
+        out.push(family(
+            "observer_parse_errors_total",
+            "Bytes a protocol parser could not follow, by protocol and reason (each followed by a resync).",
+            MetricType::COUNTER,
+            self.parse_errors
+                .iter()
+                .map(|((p, r), v)| (vec![("protocol", *p), ("reason", *r)], *v as f64))
+                .collect(),
+        ));
+        out.push(counter(
+            "observer_not_http_connections_total",
+            "Server connections recognised as not HTTP/1 and ignored.",
+            self.not_http_connections,
+        ));
+        out.push(counter(
+            "observer_http_exchanges_total",
+            "HTTP request/response pairs turned into django_http_* metrics.",
+            self.http_exchanges,
+        ));
+        out.push(counter(
+            "observer_discovery_backlog_dropped_total",
+            "Exchanges dropped while their app's routes were being discovered.",
+            self.backlog_dropped,
+        ));
+        out.push(counter(
+            "observer_unattributed_records_total",
+            "Data records of processes that belong to no traced app.",
+            self.unattributed_records,
+        ));
+        out.push(family(
+            "observer_route_discovery_total",
+            "Route discoveries from running apps, by result.",
+            MetricType::COUNTER,
+            vec![
+                (vec![("result", "success")], self.route_discovery_ok as f64),
+                (vec![("result", "failure")], self.route_discovery_failed as f64),
+            ],
+        ));
+        out.push(family(
+            "observer_label_overflow_total",
+            "Label values replaced by <other> because a cardinality bound was reached, by label.",
+            MetricType::COUNTER,
+            self.label_overflow.iter().map(|(l, v)| (vec![("label", *l)], *v as f64)).collect(),
+        ));
+        out.push(gauge("observer_connections", "Connections traced now.", self.connections as f64));
+        out.push(gauge(
+            "observer_parser_states",
+            "Connections with protocol parser state now.",
+            self.parser_states as f64,
+        ));
+        out.push(gauge("observer_processes", "Processes traced now.", self.processes as f64));
+        out.push(gauge("observer_targets", "Django apps (targets) traced now.", self.targets as f64));
+        let (cpu, rss) = own_usage();
+        out.push(family(
+            "observer_process_cpu_seconds_total",
+            "CPU time the observer itself used (user and system).",
+            MetricType::COUNTER,
+            vec![(vec![], cpu)],
+        ));
+        out.push(gauge("observer_process_resident_memory_bytes", "The observer's resident memory.", rss));
+        out.push(family(
+            "observer_build_info",
+            "The observer's version.",
+            MetricType::GAUGE,
+            vec![(vec![("version", env!("CARGO_PKG_VERSION"))], 1.0)],
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{django::expo, loss::UserCounters};
+
+    #[test]
+    fn every_family_is_exposed_with_its_labels() {
+        let mut s = SelfStats {
+            loss: LossReport::from_parts(&[0; 11], 0, &UserCounters::default()),
+            ..Default::default()
+        };
+        s.parse_errors.insert(("http", "invalid_head"), 2);
+        s.label_overflow.insert("view", 5);
+        let t = expo::encode_text(&s.families());
+        let v: BTreeMap<String, f64> =
+            expo::parse_text(&t).into_iter().map(|x| (x.series(), x.value)).collect();
+        assert_eq!(v[r#"observer_parse_errors_total{protocol="http",reason="invalid_head"}"#], 2.0);
+        assert_eq!(v[r#"observer_label_overflow_total{label="view"}"#], 5.0);
+        assert_eq!(v[r#"observer_records_lost_total{reason="ring_buffer_full"}"#], 0.0);
+        assert!(v["observer_process_resident_memory_bytes"] > 0.0);
+        assert!(t.contains("# TYPE observer_table_full_total counter"));
+    }
+}
