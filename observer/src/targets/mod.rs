@@ -317,7 +317,7 @@ mod tests {
     fn comm_selector_is_exact() {
         let procs = [p(1, 0, "init"), p(5, 1, "python3"), p(6, 1, "python3.11")];
         let sel = Selector { comms: vec!["python3".into()], ..Default::default() };
-        let got: BTreeSet<u32> = sel.select(&procs, 0).into_keys().collect();
+        let got: BTreeSet<u32> = sel.select(&procs, 99).into_keys().collect();
         assert_eq!(got, BTreeSet::from([5]));
     }
 
