@@ -36,13 +36,19 @@ pub fn merge(sets: Vec<Vec<MetricFamily>>) -> Vec<MetricFamily> {
     by_name.into_values().collect()
 }
 
-/// The Prometheus text format (0.0.4).
+/// The Prometheus text format (0.0.4). Families without samples are left out (the
+/// encoder refuses them).
 pub fn encode_text(families: &[MetricFamily]) -> String {
-    let mut buf = Vec::new();
-    // Encoding in-memory families into a Vec cannot fail but for invalid families,
-    // which registration already rejected.
-    let _ = TextEncoder::new().encode(families, &mut buf);
-    String::from_utf8(buf).unwrap_or_default()
+    let mut out = String::new();
+    let encoder = TextEncoder::new();
+    for mf in families.iter().filter(|mf| !mf.get_metric().is_empty()) {
+        let mut buf = Vec::new();
+        match encoder.encode(std::slice::from_ref(mf), &mut buf) {
+            Ok(()) => out.push_str(&String::from_utf8_lossy(&buf)),
+            Err(e) => tracing::warn!(family = mf.name(), error = %e, "family not encodable; left out"),
+        }
+    }
+    out
 }
 
 fn om_float(v: f64) -> String {
@@ -67,7 +73,7 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 /// OpenMetrics 1.0 text.
 pub fn encode_openmetrics(families: &[MetricFamily]) -> String {
     let mut out = String::new();
-    for mf in families {
+    for mf in families.iter().filter(|mf| !mf.get_metric().is_empty()) {
         let name = mf.name();
         let (family, kind) = match mf.get_field_type() {
             MetricType::COUNTER => (name.strip_suffix("_total").unwrap_or(name), "counter"),
@@ -282,6 +288,20 @@ mod tests {
         assert_eq!(s[0].labels["b"], "q\"z");
         assert_eq!(s[0].value, 2.5);
         assert_eq!(s[1].series(), "n");
+    }
+
+    #[test]
+    fn an_empty_family_does_not_cut_the_exposition() {
+        let mut empty = MetricFamily::default();
+        empty.set_name("a_empty_total".into());
+        empty.set_help("h".into());
+        empty.set_field_type(MetricType::COUNTER);
+        let mut fams = vec![empty];
+        fams.extend(registry("a").gather());
+        let t = encode_text(&fams);
+        assert!(t.contains("django_x_seconds_count"), "{t}");
+        assert!(!t.contains("a_empty_total"));
+        assert!(encode_openmetrics(&fams).contains("django_x_seconds_count"));
     }
 
     #[test]

@@ -18,6 +18,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod django;
+
 /// Whether eBPF tests can run here; panics instead of skipping when they must run.
 pub fn ebpf_available() -> bool {
     let must = std::env::var("OBSERVER_REQUIRE_EBPF").is_ok_and(|v| v == "1")

@@ -1,0 +1,264 @@
+//! The Django test app under gunicorn, `observer run` on it, a raw HTTP client that can
+//! pipeline and speak any method, and /metrics scraping.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use observer::django::expo;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// A binary of the test venv (`cargo xtask setup` makes it).
+pub fn venv_bin(name: &str) -> PathBuf {
+    let p = root().join("target/venv/bin").join(name);
+    assert!(p.exists(), "{} is missing: run `cargo xtask setup`", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before listening");
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// gunicorn serving tests/apps/djangoapp on a free loopback port.
+pub struct Gunicorn {
+    child: Child,
+    pub port: u16,
+}
+
+impl Gunicorn {
+    /// `worker_class` is `sync` or `gthread`.
+    pub fn start(worker_class: &str, workers: u32, django_prometheus: bool) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(venv_bin("python"));
+        cmd.arg(venv_bin("gunicorn"))
+            .args(["--chdir", root().join("tests/apps/djangoapp").to_str().unwrap()])
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .args(["--workers", &workers.to_string(), "--worker-class", worker_class, "--threads", "4"])
+            .args(["--keep-alive", "30", "--log-level", "warning"])
+            .arg("testproj.wsgi:application")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if django_prometheus {
+            cmd.env("OBSERVER_TEST_DJANGO_PROMETHEUS", "1");
+        }
+        let mut child = cmd.spawn().expect("start gunicorn");
+        wait_for_port(port, &mut child, "gunicorn");
+        Self { child, port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gunicorn {
+    fn drop(&mut self) {
+        // SIGTERM to the master we started: it stops its workers.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `observer run` (the binary under test) with a /metrics port.
+pub struct ObserverRun {
+    child: Child,
+    pub port: u16,
+}
+
+impl ObserverRun {
+    pub fn start(args: &[&str]) -> Self {
+        let port = free_port();
+        let mut child = Command::new(super::observer_bin())
+            .arg("run")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start observer run");
+        wait_for_port(port, &mut child, "observer run");
+        Self { child, port }
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics::parse(&http_get(self.port, "/metrics"))
+    }
+
+    /// Polls /metrics until `f` holds (e.g. route discovery finished).
+    pub fn wait_until(&self, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = self.metrics();
+            if f(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ObserverRun {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A scrape: series (labels sorted, see `Sample::series`) -> value.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub samples: Vec<expo::Sample>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        Self { samples: expo::parse_text(text) }
+    }
+
+    /// Sum of a family's samples whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
+    /// A family's samples keyed by their labels minus `ignore` (target labels).
+    pub fn family(&self, name: &str, ignore: &[&str]) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for s in self.samples.iter().filter(|s| s.name == name) {
+            let key: Vec<String> = s
+                .labels
+                .iter()
+                .filter(|(k, _)| !ignore.contains(&k.as_str()))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            *out.entry(key.join(",")).or_insert(0.0) += s.value;
+        }
+        out
+    }
+}
+
+/// A response as the client read it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response; `head_request` means no body.
+pub fn read_response(r: &mut BufReader<TcpStream>, head_request: bool) -> Response {
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("status line");
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status line {line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).expect("header");
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        if (100..200).contains(&status) {
+            continue; // interim response
+        }
+        let mut resp = Response { status, headers, body_len: 0 };
+        if head_request || status == 204 || status == 304 {
+            return resp;
+        }
+        if resp.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            loop {
+                let mut size = String::new();
+                r.read_line(&mut size).expect("chunk size");
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                    .expect("chunk size");
+                let mut buf = vec![0u8; n + 2];
+                r.read_exact(&mut buf).expect("chunk");
+                if n == 0 {
+                    break;
+                }
+                resp.body_len += n;
+            }
+        } else if let Some(n) = resp.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            let mut buf = vec![0u8; n];
+            r.read_exact(&mut buf).expect("body");
+            resp.body_len = n;
+        } else {
+            let mut buf = Vec::new();
+            r.read_to_end(&mut buf).expect("body until close");
+            resp.body_len = buf.len();
+        }
+        return resp;
+    }
+}
+
+/// Sends raw bytes on a new connection and reads `n` responses (`heads`: which are
+/// answers to HEAD).
+pub fn raw_exchange(port: u16, bytes: &[u8], heads: &[bool]) -> Vec<Response> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(bytes).expect("send");
+    let mut r = BufReader::new(s);
+    heads.iter().map(|&h| read_response(&mut r, h)).collect()
+}
+
+/// A plain GET; returns the body.
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}

@@ -1,0 +1,350 @@
+//! `observer run` on the Django test app under gunicorn: a known mix of requests, and the
+//! django_http_* values on /metrics must equal, family by family, what django-prometheus's
+//! middlewares would have counted for that mix (shared/reference/django-metrics.md A.4).
+
+mod harness;
+
+use std::collections::BTreeMap;
+
+use harness::{
+    django::{Gunicorn, Metrics, ObserverRun, Response, raw_exchange},
+    ebpf_available,
+};
+
+const UUID: &str = "123e4567-e89b-12d3-a456-426614174000";
+
+/// A request of the mix.
+#[derive(Clone)]
+struct Req {
+    method: &'static str,
+    path: String,
+    headers: Vec<(&'static str, &'static str)>,
+    body: Body,
+}
+
+#[derive(Clone)]
+enum Body {
+    None,
+    Length(usize),
+    Chunked(Vec<usize>),
+    /// Content-Length body announced with `Expect: 100-continue`.
+    Continue(usize),
+}
+
+fn req(method: &'static str, path: &str) -> Req {
+    Req { method, path: path.into(), headers: vec![], body: Body::None }
+}
+
+impl Req {
+    fn header(mut self, k: &'static str, v: &'static str) -> Self {
+        self.headers.push((k, v));
+        self
+    }
+
+    fn body(mut self, b: Body) -> Self {
+        self.body = b;
+        self
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = format!("{} {} HTTP/1.1\r\nHost: test\r\n", self.method, self.path).into_bytes();
+        for (k, v) in &self.headers {
+            out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+        }
+        match &self.body {
+            Body::None => out.extend_from_slice(b"\r\n"),
+            Body::Length(n) => {
+                out.extend_from_slice(format!("Content-Length: {n}\r\n\r\n").as_bytes());
+                out.extend(std::iter::repeat_n(b'b', *n));
+            }
+            Body::Continue(n) => {
+                out.extend_from_slice(
+                    format!("Content-Length: {n}\r\nExpect: 100-continue\r\n\r\n").as_bytes(),
+                );
+                out.extend(std::iter::repeat_n(b'c', *n));
+            }
+            Body::Chunked(sizes) => {
+                out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                for n in sizes {
+                    out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                    out.extend(std::iter::repeat_n(b'k', *n));
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+        }
+        out
+    }
+
+    fn content_length(&self) -> u64 {
+        match self.body {
+            Body::Length(n) | Body::Continue(n) => n as u64,
+            Body::None | Body::Chunked(_) => 0,
+        }
+    }
+}
+
+/// The test app's URLconf, as Django resolves it: the view name of a path.
+fn view_of(path: &str) -> Option<String> {
+    let p = path.split('?').next().unwrap();
+    let seg: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+    let v = match seg.as_slice() {
+        [""] => "index",
+        ["plain"] => "testproj.views.plain",
+        ["thing", ""] => "testproj.views.Thing",
+        ["shop", "items", n, ""] if n.parse::<u64>().is_ok() => "shop:item",
+        ["shop", "c", _, ""] => "shop:shop.views.category",
+        ["other", "legacy", y, ""] if y.len() == 4 => "other:legacy",
+        ["u", u, ""] if *u == UUID => "by-uuid",
+        ["files", rest @ ..] if !rest.is_empty() && !rest.concat().is_empty() => "files",
+        ["boom"] => "boom",
+        ["missing"] => "missing",
+        ["go"] => "go",
+        ["tmpl"] => "tmpl",
+        ["stream"] => "stream",
+        ["big"] => "big",
+        ["upload"] => "upload",
+        ["slow"] => "slow",
+        _ => return None,
+    };
+    Some(v.into())
+}
+
+/// What django-prometheus's middlewares record for one request and the response the
+/// client received.
+struct Expected {
+    view: String,
+    resolved: bool,
+    raw_method: String,
+    method: String,
+    transport: &'static str,
+    status: String,
+    ajax: bool,
+    request_body: u64,
+    response: Option<u64>,
+    streaming: bool,
+    charset: String,
+}
+
+fn expected(r: &Req, resp: &Response) -> Expected {
+    let known = ["GET", "HEAD", "POST", "PUT", "DELETE", "TRACE", "OPTIONS", "CONNECT", "PATCH"];
+    let view = view_of(&r.path);
+    let mut streaming = resp.header("transfer-encoding").is_some();
+    let mut status = resp.status;
+    let mut response = (!streaming).then(|| resp.header("content-length").unwrap().parse::<u64>().unwrap());
+    // APPEND_SLASH: After saw the resolver 404 before CommonMiddleware redirected.
+    if view.is_none() && status == 301 && view_of(&format!("{}/", r.path)).is_some() {
+        status = 404;
+        response = None;
+        streaming = false;
+    }
+    let charset = resp
+        .header("content-type")
+        .and_then(|ct| ct.split(';').find_map(|p| p.trim().strip_prefix("charset=")).map(String::from))
+        .unwrap_or_else(|| "utf-8".into());
+    Expected {
+        resolved: view.is_some(),
+        view: view.unwrap_or_else(|| "<unnamed view>".into()),
+        raw_method: r.method.into(),
+        method: if known.contains(&r.method) { r.method.into() } else { "<invalid method>".into() },
+        transport: if r.headers.iter().any(|(k, v)| *k == "X-Forwarded-Proto" && *v == "https") {
+            "https"
+        } else {
+            "http"
+        },
+        status: status.to_string(),
+        ajax: r.headers.iter().any(|(k, v)| *k == "X-Requested-With" && *v == "XMLHttpRequest"),
+        request_body: r.content_length(),
+        response,
+        streaming,
+        charset,
+    }
+}
+
+/// The mix every worker class gets (one connection per request).
+fn single_requests() -> Vec<Req> {
+    vec![
+        req("GET", "/"),
+        req("GET", "/plain"),
+        req("GET", "/thing/"),
+        req("GET", "/shop/items/42/").header("X-Requested-With", "XMLHttpRequest"),
+        req("GET", "/shop/c/red-hat_2/"),
+        req("GET", "/other/legacy/2020/"),
+        req("GET", &format!("/u/{UUID}/")),
+        req("GET", "/files/a/b%20c.txt?download=1"),
+        req("GET", "/boom"),
+        req("GET", "/missing"),
+        req("GET", "/nope/nothing"),
+        req("GET", "/shop/items/42"),
+        req("GET", "/go"),
+        req("GET", "/tmpl"),
+        req("GET", "/stream"),
+        req("GET", "/big"),
+        req("POST", "/upload").body(Body::Length(5000)),
+        req("POST", "/upload").body(Body::Chunked(vec![100, 3000, 7])),
+        req("POST", "/upload").body(Body::Continue(300)),
+        req("HEAD", "/"),
+        req("PROPFIND", "/plain"),
+        req("GET", "/").header("X-Forwarded-Proto", "https"),
+        req("DELETE", "/tmpl"),
+    ]
+}
+
+/// Sends the mix; returns each request with the response the client read.
+fn drive(port: u16, keep_alive: bool) -> Vec<(Req, Response)> {
+    let mut done = Vec::new();
+    for r in single_requests() {
+        let resp = raw_exchange(port, &r.bytes(), &[r.method == "HEAD"]).remove(0);
+        done.push((r, resp));
+    }
+    if keep_alive {
+        // Keep-alive: three requests one after the other on one connection.
+        let seq = [req("GET", "/"), req("GET", "/shop/items/1/"), req("GET", "/nope")];
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
+        for r in seq {
+            std::io::Write::write_all(&mut s, &r.bytes()).unwrap();
+            let resp = harness::django::read_response(&mut reader, false);
+            done.push((r, resp));
+        }
+        // Pipelined: four requests in one write, answered in order.
+        let pipe = [
+            req("GET", "/thing/"),
+            req("HEAD", "/plain"),
+            req("POST", "/upload").body(Body::Length(64)),
+            req("GET", "/shop/items/7/"),
+        ];
+        let bytes: Vec<u8> = pipe.iter().flat_map(Req::bytes).collect();
+        let heads: Vec<bool> = pipe.iter().map(|r| r.method == "HEAD").collect();
+        let resps = raw_exchange(port, &bytes, &heads);
+        done.extend(pipe.into_iter().zip(resps));
+    }
+    done
+}
+
+fn key(pairs: &[(&str, &str)]) -> String {
+    let mut p: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    p.sort();
+    p.join(",")
+}
+
+fn count(map: &mut BTreeMap<String, f64>, pairs: &[(&str, &str)]) {
+    *map.entry(key(pairs)).or_insert(0.0) += 1.0;
+}
+
+/// Cumulative bucket counts of a PowersOf(2, 30) histogram for these observations.
+fn body_buckets(values: &[u64]) -> BTreeMap<u64, f64> {
+    let mut bounds: Vec<u64> = vec![0];
+    bounds.extend((0..30).map(|i| 1u64 << i));
+    bounds.into_iter().map(|b| (b, values.iter().filter(|&&v| v <= b).count() as f64)).collect()
+}
+
+fn buckets(m: &Metrics, name: &str) -> BTreeMap<u64, f64> {
+    let mut out = BTreeMap::new();
+    for s in m.samples.iter().filter(|s| s.name == name) {
+        let le = &s.labels["le"];
+        if le != "+Inf" {
+            out.insert(le.parse::<f64>().unwrap() as u64, s.value);
+        }
+    }
+    out
+}
+
+/// Every family, exactly.
+fn assert_metrics(m: &Metrics, done: &[(Req, Response)]) {
+    let ex: Vec<Expected> = done.iter().map(|(r, resp)| expected(r, resp)).collect();
+    let n = ex.len() as f64;
+    let ignore = ["job", "instance"];
+    assert_eq!(m.sum("django_http_requests_before_middlewares_total", &[]), n);
+    assert_eq!(m.sum("django_http_responses_before_middlewares_total", &[]), n);
+    assert_eq!(m.sum("django_http_requests_latency_including_middlewares_seconds_count", &[]), n);
+    assert!(m.sum("django_http_requests_latency_including_middlewares_seconds_sum", &[]) > 0.0);
+    assert_eq!(m.sum("django_http_requests_unknown_latency_total", &[]), 0.0);
+    assert_eq!(m.sum("django_http_ajax_requests_total", &[]), ex.iter().filter(|e| e.ajax).count() as f64);
+    assert_eq!(
+        m.sum("django_http_responses_streaming_total", &[]),
+        ex.iter().filter(|e| e.streaming).count() as f64
+    );
+
+    let mut by_method = BTreeMap::new();
+    let mut by_transport = BTreeMap::new();
+    let mut by_vtm = BTreeMap::new();
+    let mut by_status = BTreeMap::new();
+    let mut by_svm = BTreeMap::new();
+    let mut by_charset = BTreeMap::new();
+    let mut latency = BTreeMap::new();
+    for e in &ex {
+        count(&mut by_method, &[("method", &e.method)]);
+        count(&mut by_transport, &[("transport", e.transport)]);
+        if e.resolved {
+            count(&mut by_vtm, &[("view", &e.view), ("transport", e.transport), ("method", &e.method)]);
+        }
+        count(&mut by_status, &[("status", &e.status)]);
+        count(&mut by_svm, &[("status", &e.status), ("view", &e.view), ("method", &e.method)]);
+        count(&mut by_charset, &[("charset", &e.charset)]);
+        count(&mut latency, &[("view", &e.view), ("method", &e.raw_method)]);
+    }
+    for (family, want) in [
+        ("django_http_requests_total_by_method_total", &by_method),
+        ("django_http_requests_total_by_transport_total", &by_transport),
+        ("django_http_requests_total_by_view_transport_method_total", &by_vtm),
+        ("django_http_responses_total_by_status_total", &by_status),
+        ("django_http_responses_total_by_status_view_method_total", &by_svm),
+        ("django_http_responses_total_by_charset_total", &by_charset),
+        ("django_http_requests_latency_seconds_by_view_method_count", &latency),
+    ] {
+        assert_eq!(&m.family(family, &ignore), want, "{family}");
+    }
+
+    let req_bodies: Vec<u64> = ex.iter().map(|e| e.request_body).collect();
+    assert_eq!(m.sum("django_http_requests_body_total_bytes_count", &[]), n);
+    assert_eq!(
+        m.sum("django_http_requests_body_total_bytes_sum", &[]),
+        req_bodies.iter().sum::<u64>() as f64
+    );
+    assert_eq!(buckets(m, "django_http_requests_body_total_bytes_bucket"), body_buckets(&req_bodies));
+    let resp_bodies: Vec<u64> = ex.iter().filter_map(|e| e.response).collect();
+    assert_eq!(m.sum("django_http_responses_body_total_bytes_count", &[]), resp_bodies.len() as f64);
+    assert_eq!(
+        m.sum("django_http_responses_body_total_bytes_sum", &[]),
+        resp_bodies.iter().sum::<u64>() as f64
+    );
+    assert_eq!(buckets(m, "django_http_responses_body_total_bytes_bucket"), body_buckets(&resp_bodies));
+
+    // Every series carries the target labels.
+    for s in m.samples.iter().filter(|s| s.name.starts_with("django_http_")) {
+        assert_eq!(s.labels.get("job").map(String::as_str), Some("django"), "{s:?}");
+        assert!(s.labels.contains_key("instance"), "{s:?}");
+    }
+}
+
+fn run_mix(worker_class: &str, keep_alive: bool) {
+    if !ebpf_available() {
+        return;
+    }
+    let app = Gunicorn::start(worker_class, 2, false);
+    let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
+    obs.wait_until("route discovery", |m| {
+        m.sum("observer_route_discovery_total", &[("result", "success")]) == 1.0
+    });
+    let done = drive(app.port, keep_alive);
+    let n = done.len() as f64;
+    let m = obs
+        .wait_until("every exchange", |m| m.sum("django_http_responses_before_middlewares_total", &[]) >= n);
+    assert_metrics(&m, &done);
+    let instance = m.samples.iter().find_map(|s| s.labels.get("instance").cloned()).unwrap();
+    assert!(instance.ends_with(&format!(":{}", app.port)), "instance {instance} names the app's port");
+    assert_eq!(m.sum("observer_parse_errors_total", &[]), 0.0, "no parse errors on a clean run");
+    assert_eq!(m.sum("observer_targets", &[]), 1.0, "master and workers are one app");
+}
+
+#[test]
+fn gunicorn_sync_workers_give_exact_django_http_metrics() {
+    run_mix("sync", false);
+}
+
+#[test]
+fn gunicorn_gthread_workers_with_keep_alive_and_pipelining_give_exact_django_http_metrics() {
+    run_mix("gthread", true);
+}
