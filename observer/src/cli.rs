@@ -36,7 +36,7 @@ struct Cli {
 enum Command {
     /// Trace the Django processes and serve their django-prometheus metrics on /metrics
     /// (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what the selected processes send and receive on their sockets, one record a line.
     Trace(TraceArgs),
 }
@@ -169,7 +169,7 @@ pub fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Trace(args)) => run_async(trace(args)),
-        Some(Command::Run(args)) => run_async(run(args)),
+        Some(Command::Run(args)) => run_async(run(*args)),
         None => run_async(run(cli.run)),
     };
     match result {

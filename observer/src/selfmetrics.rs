@@ -43,7 +43,10 @@ fn pairs(labels: &[(&str, &str)]) -> Vec<LabelPair> {
         .collect()
 }
 
-fn family(name: &str, help: &str, kind: MetricType, samples: Vec<(Vec<(&str, &str)>, f64)>) -> MetricFamily {
+/// Label pairs and a value.
+type Samples<'a> = Vec<(Vec<(&'a str, &'a str)>, f64)>;
+
+fn family(name: &str, help: &str, kind: MetricType, samples: Samples<'_>) -> MetricFamily {
     let mut mf = MetricFamily::default();
     mf.set_name(name.to_string());
     mf.set_help(help.to_string());
@@ -129,7 +132,7 @@ fn own_usage() -> (f64, f64) {
 impl SelfStats {
     pub fn families(&self) -> Vec<MetricFamily> {
         let mut out = Vec::new();
-        let mut by_name: BTreeMap<&'static str, Vec<(Vec<(&str, &str)>, f64)>> = BTreeMap::new();
+        let mut by_name: BTreeMap<&'static str, Samples<'_>> = BTreeMap::new();
         for c in &self.loss.counters {
             by_name.entry(c.name).or_default().push((c.labels.clone(), c.value as f64));
         }
