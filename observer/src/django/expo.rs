@@ -4,10 +4,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use prometheus::{
-    Encoder as _, TextEncoder,
-    proto::{MetricFamily, MetricType},
-};
+use prometheus::proto::{MetricFamily, MetricType};
 
 /// Content type of the Prometheus text format.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -36,26 +33,39 @@ pub fn merge(sets: Vec<Vec<MetricFamily>>) -> Vec<MetricFamily> {
     by_name.into_values().collect()
 }
 
-/// The Prometheus text format (0.0.4). Families without samples are left out (the
-/// encoder refuses them).
+/// The Prometheus text format (0.0.4).
 pub fn encode_text(families: &[MetricFamily]) -> String {
-    let mut out = String::new();
-    let encoder = TextEncoder::new();
-    for mf in families.iter().filter(|mf| !mf.get_metric().is_empty()) {
-        let mut buf = Vec::new();
-        match encoder.encode(std::slice::from_ref(mf), &mut buf) {
-            Ok(()) => out.push_str(&String::from_utf8_lossy(&buf)),
-            Err(e) => tracing::warn!(family = mf.name(), error = %e, "family not encodable; left out"),
-        }
-    }
-    out
+    encode(families, false)
 }
 
-fn om_float(v: f64) -> String {
-    if v.is_infinite() {
-        return if v > 0.0 { "+Inf".into() } else { "-Inf".into() };
+/// OpenMetrics 1.0 text.
+pub fn encode_openmetrics(families: &[MetricFamily]) -> String {
+    encode(families, true)
+}
+
+/// A float as prometheus_client writes it (`floatToGoString`): Python's repr, with an
+/// exponent from 1e7 on (`1.048576e+06`). Used for `le`, so that bucket label sets are
+/// the ones django-prometheus exports.
+pub fn go_float(v: f64) -> String {
+    if v == f64::INFINITY {
+        return "+Inf".into();
     }
-    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.1}") } else { format!("{v}") }
+    if v == f64::NEG_INFINITY {
+        return "-Inf".into();
+    }
+    if v.is_nan() {
+        return "NaN".into();
+    }
+    let s = format!("{v:?}");
+    match s.find('.') {
+        Some(dot) if v > 0.0 && dot > 6 && !s.contains('e') => {
+            let digits = format!("{}{}", &s[1..dot], &s[dot + 1..]);
+            let mantissa = format!("{}.{}", &s[..1], digits);
+            let mantissa = mantissa.trim_end_matches(['0', '.']);
+            format!("{mantissa}e+0{}", dot - 1)
+        }
+        _ => s,
+    }
 }
 
 fn escape(v: &str) -> String {
@@ -70,57 +80,76 @@ fn labels(pairs: &[(&str, &str)]) -> String {
     format!("{{{}}}", inner.join(","))
 }
 
-/// OpenMetrics 1.0 text.
-pub fn encode_openmetrics(families: &[MetricFamily]) -> String {
+/// A sample value (Python-like repr: `3.0`, `0.25`).
+fn value(v: f64) -> String {
+    if v.is_finite() { format!("{v:?}") } else { go_float(v) }
+}
+
+fn encode(families: &[MetricFamily], om: bool) -> String {
     let mut out = String::new();
     for mf in families.iter().filter(|mf| !mf.get_metric().is_empty()) {
         let name = mf.name();
-        let (family, kind) = match mf.get_field_type() {
-            MetricType::COUNTER => (name.strip_suffix("_total").unwrap_or(name), "counter"),
+        let kind = mf.get_field_type();
+        let (family, type_name) = match kind {
+            MetricType::COUNTER if om => (name.strip_suffix("_total").unwrap_or(name), "counter"),
+            MetricType::COUNTER => (name, "counter"),
             MetricType::GAUGE => (name, "gauge"),
             MetricType::HISTOGRAM => (name, "histogram"),
-            _ => (name, "unknown"),
+            _ => (name, if om { "unknown" } else { "untyped" }),
         };
-        let _ = writeln!(out, "# TYPE {family} {kind}");
-        let _ = writeln!(out, "# HELP {family} {}", mf.help().replace('\\', r"\\").replace('\n', r"\n"));
+        let help = mf.help().replace('\\', r"\\").replace('\n', r"\n");
+        let _ = writeln!(out, "# HELP {family} {help}");
+        let _ = writeln!(out, "# TYPE {family} {type_name}");
         for m in mf.get_metric() {
             let base: Vec<(&str, &str)> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
-            match mf.get_field_type() {
+            match kind {
                 MetricType::COUNTER => {
-                    let _ = writeln!(
-                        out,
-                        "{family}_total{} {}",
-                        labels(&base),
-                        om_float(m.get_counter().get_value())
-                    );
+                    let sample = if om { format!("{family}_total") } else { name.to_string() };
+                    let _ = writeln!(out, "{sample}{} {}", labels(&base), value(m.get_counter().get_value()));
                 }
                 MetricType::GAUGE => {
-                    let _ =
-                        writeln!(out, "{family}{} {}", labels(&base), om_float(m.get_gauge().get_value()));
+                    let _ = writeln!(out, "{family}{} {}", labels(&base), value(m.get_gauge().get_value()));
                 }
                 MetricType::HISTOGRAM => {
                     let h = m.get_histogram();
                     let mut saw_inf = false;
                     for b in h.get_bucket() {
-                        let le = om_float(b.upper_bound());
+                        let le = go_float(b.upper_bound());
                         saw_inf |= b.upper_bound().is_infinite();
                         let mut l = base.clone();
                         l.push(("le", &le));
-                        let _ = writeln!(out, "{family}_bucket{} {}", labels(&l), b.cumulative_count());
+                        let _ = writeln!(
+                            out,
+                            "{family}_bucket{} {}",
+                            labels(&l),
+                            value(b.cumulative_count() as f64)
+                        );
                     }
                     if !saw_inf {
                         let mut l = base.clone();
                         l.push(("le", "+Inf"));
-                        let _ = writeln!(out, "{family}_bucket{} {}", labels(&l), h.get_sample_count());
+                        let _ = writeln!(
+                            out,
+                            "{family}_bucket{} {}",
+                            labels(&l),
+                            value(h.get_sample_count() as f64)
+                        );
                     }
-                    let _ = writeln!(out, "{family}_count{} {}", labels(&base), h.get_sample_count());
-                    let _ = writeln!(out, "{family}_sum{} {}", labels(&base), om_float(h.get_sample_sum()));
+                    let _ = writeln!(
+                        out,
+                        "{family}_count{} {}",
+                        labels(&base),
+                        value(h.get_sample_count() as f64)
+                    );
+                    let _ = writeln!(out, "{family}_sum{} {}", labels(&base), value(h.get_sample_sum()));
                 }
                 _ => {}
             }
         }
     }
-    out.push_str("# EOF\n");
+    if om {
+        out.push_str("# EOF\n");
+    }
     out
 }
 
@@ -275,7 +304,7 @@ mod tests {
         assert!(om.contains("# TYPE django_http_requests_total_by_method counter\n"), "{om}");
         let v = values(&om);
         assert_eq!(v[r#"django_http_requests_total_by_method_total{job="a",method="GET"}"#], 1.0, "{om}");
-        assert!(om.contains(r#"le="1.0"} 1"#), "{om}");
+        assert!(om.contains(r#"le="1.0"} 1.0"#), "{om}");
         assert_eq!(v[r#"django_x_seconds_bucket{job="a",le="+Inf"}"#], 1.0);
         assert!(om.ends_with("# EOF\n"));
     }
@@ -302,6 +331,23 @@ mod tests {
         assert!(t.contains("django_x_seconds_count"), "{t}");
         assert!(!t.contains("a_empty_total"));
         assert!(encode_openmetrics(&fams).contains("django_x_seconds_count"));
+    }
+
+    #[test]
+    fn le_is_written_as_prometheus_client_writes_it() {
+        for (v, s) in [
+            (0.0, "0.0"),
+            (0.01, "0.01"),
+            (1.0, "1.0"),
+            (8192.0, "8192.0"),
+            (524_288.0, "524288.0"),
+            (1_048_576.0, "1.048576e+06"),
+            (536_870_912.0, "5.36870912e+08"),
+            (10_000_000.0, "1e+07"),
+            (f64::INFINITY, "+Inf"),
+        ] {
+            assert_eq!(go_float(v), s, "{v}");
+        }
     }
 
     #[test]

@@ -339,8 +339,8 @@ mod tests {
             (r#"django_http_responses_total_by_status_total{status="405"}"#, 1.0),
             ("django_http_responses_streaming_total", 1.0),
             ("django_http_responses_body_total_bytes_count", 2.0),
-            (r#"django_http_requests_body_total_bytes_bucket{le="256"}"#, 2.0),
-            (r#"django_http_requests_body_total_bytes_bucket{le="512"}"#, 3.0),
+            (r#"django_http_requests_body_total_bytes_bucket{le="256.0"}"#, 2.0),
+            (r#"django_http_requests_body_total_bytes_bucket{le="512.0"}"#, 3.0),
             (r#"django_http_responses_total_by_charset_total{charset="utf-8"}"#, 3.0),
         ] {
             assert_eq!(v.get(series), Some(&want), "{series} in\n{t}");

@@ -92,22 +92,32 @@ impl Drop for Gunicorn {
 pub struct ObserverRun {
     child: Child,
     pub port: u16,
+    log: PathBuf,
 }
 
 impl ObserverRun {
     pub fn start(args: &[&str]) -> Self {
         let port = free_port();
+        // Its log goes to a file, printed if the test fails.
+        let log_dir = root().join("target/test-logs");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let log = log_dir.join(format!("observer-run-{port}.log"));
         let mut child = Command::new(super::observer_bin())
             .arg("run")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start observer run");
         wait_for_port(port, &mut child, "observer run");
-        Self { child, port }
+        Self { child, port, log }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn metrics(&self) -> Metrics {
@@ -133,6 +143,10 @@ impl Drop for ObserverRun {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- observer run log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

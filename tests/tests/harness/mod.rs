@@ -19,6 +19,7 @@ use std::{
 use serde_json::Value;
 
 pub mod django;
+pub mod mix;
 
 /// Whether eBPF tests can run here; panics instead of skipping when they must run.
 pub fn ebpf_available() -> bool {

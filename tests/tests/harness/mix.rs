@@ -1,0 +1,216 @@
+//! The request mix the end-to-end tests send to the Django test app, and what
+//! django-prometheus's middlewares record for each request (django-metrics.md A.4).
+
+use super::django::{Response, raw_exchange, read_response};
+
+pub const UUID: &str = "123e4567-e89b-12d3-a456-426614174000";
+
+/// A request of the mix.
+#[derive(Clone)]
+pub struct Req {
+    pub method: &'static str,
+    pub path: String,
+    pub headers: Vec<(&'static str, &'static str)>,
+    pub body: Body,
+}
+
+#[derive(Clone)]
+pub enum Body {
+    None,
+    Length(usize),
+    Chunked(Vec<usize>),
+    /// Content-Length body announced with `Expect: 100-continue`.
+    Continue(usize),
+}
+
+pub fn req(method: &'static str, path: &str) -> Req {
+    Req { method, path: path.into(), headers: vec![], body: Body::None }
+}
+
+impl Req {
+    pub fn header(mut self, k: &'static str, v: &'static str) -> Self {
+        self.headers.push((k, v));
+        self
+    }
+
+    pub fn body(mut self, b: Body) -> Self {
+        self.body = b;
+        self
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = format!("{} {} HTTP/1.1\r\nHost: test\r\n", self.method, self.path).into_bytes();
+        for (k, v) in &self.headers {
+            out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+        }
+        match &self.body {
+            Body::None => out.extend_from_slice(b"\r\n"),
+            Body::Length(n) => {
+                out.extend_from_slice(format!("Content-Length: {n}\r\n\r\n").as_bytes());
+                out.extend(std::iter::repeat_n(b'b', *n));
+            }
+            Body::Continue(n) => {
+                out.extend_from_slice(
+                    format!("Content-Length: {n}\r\nExpect: 100-continue\r\n\r\n").as_bytes(),
+                );
+                out.extend(std::iter::repeat_n(b'c', *n));
+            }
+            Body::Chunked(sizes) => {
+                out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                for n in sizes {
+                    out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                    out.extend(std::iter::repeat_n(b'k', *n));
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+        }
+        out
+    }
+
+    pub fn content_length(&self) -> u64 {
+        match self.body {
+            Body::Length(n) | Body::Continue(n) => n as u64,
+            Body::None | Body::Chunked(_) => 0,
+        }
+    }
+}
+
+/// The test app's URLconf, as Django resolves it: the view name of a path.
+pub fn view_of(path: &str) -> Option<String> {
+    let p = path.split('?').next().unwrap();
+    let seg: Vec<&str> = p.trim_start_matches('/').split('/').collect();
+    let v = match seg.as_slice() {
+        [""] => "index",
+        ["plain"] => "testproj.views.plain",
+        ["thing", ""] => "testproj.views.Thing",
+        ["shop", "items", n, ""] if n.parse::<u64>().is_ok() => "shop:item",
+        ["shop", "c", _, ""] => "shop:shop.views.category",
+        ["other", "legacy", y, ""] if y.len() == 4 => "other:legacy",
+        ["u", u, ""] if *u == UUID => "by-uuid",
+        ["files", rest @ ..] if !rest.is_empty() && !rest.concat().is_empty() => "files",
+        ["boom"] => "boom",
+        ["missing"] => "missing",
+        ["go"] => "go",
+        ["tmpl"] => "tmpl",
+        ["stream"] => "stream",
+        ["big"] => "big",
+        ["upload"] => "upload",
+        ["slow"] => "slow",
+        _ => return None,
+    };
+    Some(v.into())
+}
+
+/// What django-prometheus's middlewares record for one request and the response the
+/// client received.
+pub struct Expected {
+    pub view: String,
+    pub resolved: bool,
+    pub raw_method: String,
+    pub method: String,
+    pub transport: &'static str,
+    pub status: String,
+    pub ajax: bool,
+    pub request_body: u64,
+    pub response: Option<u64>,
+    pub streaming: bool,
+    pub charset: String,
+}
+
+pub fn expected(r: &Req, resp: &Response) -> Expected {
+    let known = ["GET", "HEAD", "POST", "PUT", "DELETE", "TRACE", "OPTIONS", "CONNECT", "PATCH"];
+    let view = view_of(&r.path);
+    let mut streaming = resp.header("transfer-encoding").is_some();
+    let mut status = resp.status;
+    let mut response = (!streaming).then(|| resp.header("content-length").unwrap().parse::<u64>().unwrap());
+    // APPEND_SLASH: After saw the resolver 404 before CommonMiddleware redirected.
+    if view.is_none() && status == 301 && view_of(&format!("{}/", r.path)).is_some() {
+        status = 404;
+        response = None;
+        streaming = false;
+    }
+    let charset = resp
+        .header("content-type")
+        .and_then(|ct| ct.split(';').find_map(|p| p.trim().strip_prefix("charset=")).map(String::from))
+        .unwrap_or_else(|| "utf-8".into());
+    Expected {
+        resolved: view.is_some(),
+        view: view.unwrap_or_else(|| "<unnamed view>".into()),
+        raw_method: r.method.into(),
+        method: if known.contains(&r.method) { r.method.into() } else { "<invalid method>".into() },
+        transport: if r.headers.iter().any(|(k, v)| *k == "X-Forwarded-Proto" && *v == "https") {
+            "https"
+        } else {
+            "http"
+        },
+        status: status.to_string(),
+        ajax: r.headers.iter().any(|(k, v)| *k == "X-Requested-With" && *v == "XMLHttpRequest"),
+        request_body: r.content_length(),
+        response,
+        streaming,
+        charset,
+    }
+}
+
+/// The mix every worker class gets (one connection per request).
+pub fn single_requests() -> Vec<Req> {
+    vec![
+        req("GET", "/"),
+        req("GET", "/plain"),
+        req("GET", "/thing/"),
+        req("GET", "/shop/items/42/").header("X-Requested-With", "XMLHttpRequest"),
+        req("GET", "/shop/c/red-hat_2/"),
+        req("GET", "/other/legacy/2020/"),
+        req("GET", &format!("/u/{UUID}/")),
+        req("GET", "/files/a/b%20c.txt?download=1"),
+        req("GET", "/boom"),
+        req("GET", "/missing"),
+        req("GET", "/nope/nothing"),
+        req("GET", "/shop/items/42"),
+        req("GET", "/go"),
+        req("GET", "/tmpl"),
+        req("GET", "/stream"),
+        req("GET", "/big"),
+        req("POST", "/upload").body(Body::Length(5000)),
+        req("POST", "/upload").body(Body::Chunked(vec![100, 3000, 7])),
+        req("POST", "/upload").body(Body::Continue(300)),
+        req("HEAD", "/"),
+        req("PROPFIND", "/plain"),
+        req("GET", "/").header("X-Forwarded-Proto", "https"),
+        req("DELETE", "/tmpl"),
+    ]
+}
+
+/// Sends the mix; returns each request with the response the client read.
+pub fn drive(port: u16, keep_alive: bool) -> Vec<(Req, Response)> {
+    let mut done = Vec::new();
+    for r in single_requests() {
+        let resp = raw_exchange(port, &r.bytes(), &[r.method == "HEAD"]).remove(0);
+        done.push((r, resp));
+    }
+    if keep_alive {
+        // Keep-alive: three requests one after the other on one connection.
+        let seq = [req("GET", "/"), req("GET", "/shop/items/1/"), req("GET", "/nope")];
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
+        for r in seq {
+            std::io::Write::write_all(&mut s, &r.bytes()).unwrap();
+            let resp = read_response(&mut reader, false);
+            done.push((r, resp));
+        }
+        // Pipelined: four requests in one write, answered in order.
+        let pipe = [
+            req("GET", "/thing/"),
+            req("HEAD", "/plain"),
+            req("POST", "/upload").body(Body::Length(64)),
+            req("GET", "/shop/items/7/"),
+        ];
+        let bytes: Vec<u8> = pipe.iter().flat_map(Req::bytes).collect();
+        let heads: Vec<bool> = pipe.iter().map(|r| r.method == "HEAD").collect();
+        let resps = raw_exchange(port, &bytes, &heads);
+        done.extend(pipe.into_iter().zip(resps));
+    }
+    done
+}
