@@ -112,7 +112,14 @@ impl ObserverRun {
             .spawn()
             .expect("start observer run");
         wait_for_port(port, &mut child, "observer run");
-        Self { child, port, log }
+        let obs = Self { child, port, log };
+        // /healthz turns 200 once the pump runs: the selected processes are traced.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_status(port, "/healthz").is_some_and(|s| s == 200) {
+            assert!(Instant::now() < deadline, "observer run never became healthy:\n{}", obs.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        obs
     }
 
     /// What it logged so far.
@@ -265,6 +272,16 @@ pub fn raw_exchange(port: u16, bytes: &[u8], heads: &[bool]) -> Vec<Response> {
     s.write_all(bytes).expect("send");
     let mut r = BufReader::new(s);
     heads.iter().map(|&h| read_response(&mut r, h)).collect()
+}
+
+/// The status of a GET, `None` if the connection fails.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A plain GET; returns the body.
