@@ -33,6 +33,14 @@ enum Cmd {
     },
     /// Set up, then trace a small HTTP server and client with `observer trace`.
     Demo,
+    /// Run every fuzz target (observer/fuzz) for a time budget each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +51,7 @@ fn main() -> Result<()> {
             setup::all()?;
             demo::demo()
         }
+        Cmd::Fuzz { seconds, targets } => fuzz(seconds, &targets),
     }
 }
 
@@ -55,7 +64,10 @@ pub fn root() -> PathBuf {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     eprintln!("xtask: {shown}");
-    let status = cmd.current_dir(root()).status().with_context(|| format!("starting {shown}"))?;
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
     if !status.success() {
         bail!("{shown} failed with {status}");
     }
@@ -98,4 +110,28 @@ fn test(extra: &[String]) -> Result<()> {
         t.env("OBSERVER_REQUIRE_EBPF", "1");
     }
     run(&mut t)
+}
+
+/// `cargo fuzz` on every target of observer/fuzz (its own workspace, nightly). The
+/// kernel object is not needed to fuzz parsers: AYA_BUILD_SKIP=1.
+fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+    setup::all()?;
+    setup::cargo_fuzz()?;
+    let manifest = std::fs::read_to_string(root().join("observer/fuzz/Cargo.toml"))?;
+    let all: Vec<String> = manifest
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = \"")?.strip_suffix('"').map(String::from))
+        .filter(|n| n != "observer-fuzz")
+        .collect();
+    let targets: Vec<&String> = all.iter().filter(|t| only.is_empty() || only.contains(t)).collect();
+    if targets.is_empty() {
+        bail!("no such fuzz target; have: {}", all.join(", "));
+    }
+    for t in targets {
+        run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", t, "--", &format!("-max_total_time={seconds}")])
+            .current_dir(root().join("observer"))
+            .env("AYA_BUILD_SKIP", "1"))?;
+    }
+    Ok(())
 }

@@ -132,3 +132,11 @@ fn venv() -> Result<()> {
     fs::write(&marker, wanted).context("writing the venv marker")?;
     Ok(())
 }
+
+/// cargo-fuzz, for `cargo xtask fuzz` (not needed by the tests).
+pub fn cargo_fuzz() -> Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_some() {
+        return Ok(());
+    }
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+}
