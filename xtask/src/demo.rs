@@ -1,13 +1,13 @@
-//! `cargo xtask demo`: a small HTTP server (Python's http.server on loopback) traced with
-//! `observer trace --port`, driven by a few requests, with the captured records and a
-//! short summary printed. Every process started here is stopped by its PID.
+//! `cargo xtask demo`: the test Django app (tests/apps/djangoapp) under gunicorn with two
+//! workers, `observer run` on it, some traffic, then where /metrics is and a summary of
+//! what it says. Every process started here is stopped by its PID.
 
 use std::{
+    collections::BTreeMap,
     fs,
-    io::{BufRead as _, BufReader},
+    io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     process::{Child, Command, Stdio},
-    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -16,11 +16,20 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{root, run};
 
-/// Kills and reaps a child we started when dropped.
+/// Stops a child we started (SIGTERM, then SIGKILL) when dropped.
 struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -30,96 +39,185 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-pub fn demo() -> Result<()> {
+fn wait_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {port}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// One request on its own connection (`headers` end with CRLF each); returns (status, body).
+fn request(port: u16, method: &str, path: &str, headers: &str, body: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n{headers}\r\n{body}")?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// `name{a="x",b="y"} v` lines of one family, as (labels, value).
+fn family(metrics: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let map = labels
+                .split("\",")
+                .filter_map(|kv| {
+                    kv.split_once("=\"").map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string()))
+                })
+                .collect();
+            Some((map, value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn scalar(metrics: &str, name: &str) -> f64 {
+    // + 0.0: an empty f64 sum is -0.0
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        + 0.0
+}
+
+pub fn demo(serve: bool) -> Result<()> {
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
         "build",
         "--quiet",
         "--package",
         "observer",
     ]))?;
-    let observer = root().join("target/debug/observer");
-
-    let dir = std::env::temp_dir().join(format!("observer-demo-{}", std::process::id()));
-    fs::create_dir_all(&dir)?;
-    fs::write(dir.join("index.html"), "<h1>hello from the observer demo</h1>\n")?;
-    fs::write(dir.join("big.txt"), "x".repeat(20_000))?;
-    let port = free_port()?;
-    let server = Guard(
-        Command::new("/usr/bin/python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
-            .current_dir(&dir)
+    let venv = root().join("target/venv/bin");
+    let app_port = free_port()?;
+    let app = Guard(
+        Command::new(venv.join("python"))
+            .arg(venv.join("gunicorn"))
+            .args(["--chdir", root().join("tests/apps/djangoapp").to_str().context("path")?])
+            .args(["--bind", &format!("127.0.0.1:{app_port}"), "--workers", "2", "--log-level", "warning"])
+            .arg("testproj.wsgi:application")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting python3 -m http.server")?,
+            .context("starting gunicorn (cargo xtask setup makes the venv)")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("the demo HTTP server did not start");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    println!("demo: HTTP server pid {} on 127.0.0.1:{port}; tracing it with:", server.0.id());
-    println!("demo:   observer trace --port {port}\n");
+    wait_port(app_port)?;
+    println!("demo: Django test app under gunicorn (pid {}, 2 workers) on 127.0.0.1:{app_port}", app.0.id());
 
-    let mut tracer = Guard(
-        Command::new(&observer)
-            .args(["trace", "--port", &port.to_string(), "--duration", "4", "--preview-bytes", "72"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+    let metrics_port = free_port()?;
+    let log_path = std::env::temp_dir().join(format!("observer-demo-{}.log", std::process::id()));
+    let observer = Guard(
+        Command::new(root().join("target/debug/observer"))
+            .args(["run", "--listen", &format!("127.0.0.1:{metrics_port}"), "--pid", &app.0.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log_path)?)
             .spawn()
-            .context("starting observer trace")?,
+            .context("starting observer run")?,
     );
-    // Wait until the programs are attached (its "tracing" line on stderr).
-    let stderr = tracer.0.stderr.take().context("observer stderr")?;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut counters = Vec::new();
+    wait_port(metrics_port)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).context("observer did not start")?;
-        if line.starts_with("observer: tracing") {
-            println!("{line}");
+        let (_, m) = request(metrics_port, "GET", "/metrics", "", "")?;
+        if scalar(&m, "observer_route_discovery_total{result=\"success\"}") >= 1.0 {
             break;
         }
-        if line.starts_with("observer: ") {
-            bail!("{line}");
+        if Instant::now() > deadline {
+            bail!("observer did not discover the app's routes:\n{}", fs::read_to_string(&log_path)?);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    println!("demo: observer run --pid {} (pid {}) says:", app.0.id(), observer.0.id());
+    for line in fs::read_to_string(&log_path)?.lines() {
+        println!("demo:   {line}");
+    }
+
+    let mix: &[(&str, &str, &str, &str)] = &[
+        ("GET", "/", "", ""),
+        ("GET", "/shop/items/7/", "", ""),
+        ("GET", "/shop/items/8/", "X-Requested-With: XMLHttpRequest\r\n", ""),
+        ("GET", "/shop/c/hats/", "", ""),
+        ("GET", "/other/legacy/2021/", "", ""),
+        ("GET", "/thing/", "", ""),
+        ("GET", "/tmpl", "", ""),
+        ("GET", "/stream", "", ""),
+        ("GET", "/big", "", ""),
+        ("GET", "/nope", "", ""),
+        ("GET", "/boom", "", ""),
+        ("POST", "/upload", "Content-Length: 11\r\n", "hello world"),
+    ];
+    let mut sent = 0;
+    for round in 0..3 {
+        for (method, path, headers, body) in mix {
+            let (status, _) = request(app_port, method, path, headers, body)?;
+            if round == 0 {
+                println!("demo: {method:6} {path:22} -> {status}");
+            }
+            sent += 1;
         }
     }
+    // The pump reads the ring buffer every 10 ms; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, m) = request(metrics_port, "GET", "/metrics", "", "")?;
+        // The agent's own counters are published once a second.
+        let done = scalar(&m, "django_http_responses_before_middlewares_total") >= f64::from(sent)
+            && scalar(&m, "observer_http_exchanges_total") >= f64::from(sent);
+        if done || Instant::now() > deadline {
+            break m;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
 
-    // A few requests, from a client that is not traced (only the server is selected).
-    let client = format!(
-        "import urllib.request as u\n\
-         for path in ['/', '/big.txt', '/missing']:\n\
-         \x20   try: print(path, u.urlopen('http://127.0.0.1:{port}' + path).status)\n\
-         \x20   except Exception as e: print(path, e)\n"
-    );
-    let out = Command::new("/usr/bin/python3").args(["-c", &client]).output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    println!();
-
-    let stdout = tracer.0.stdout.take().context("observer stdout")?;
-    let records: Vec<String> = BufReader::new(stdout).lines().map_while(Result::ok).collect();
-    let status = tracer.0.wait()?;
-    counters.extend(rx.try_iter().filter(|l| l.starts_with("observer_")));
-    for r in &records {
-        println!("{r}");
+    println!("\ndemo: {sent} requests sent; /metrics is at http://127.0.0.1:{metrics_port}/metrics");
+    println!("demo: django_http_responses_total_by_status_view_method_total:");
+    let mut rows = family(&metrics, "django_http_responses_total_by_status_view_method_total");
+    rows.sort_by(|a, b| a.0.get("view").cmp(&b.0.get("view")));
+    for (l, v) in rows {
+        let get = |k: &str| l.get(k).map_or("", String::as_str);
+        println!("demo:   view={:28} method={:5} status={} {v}", get("view"), get("method"), get("status"));
     }
-    if !status.success() {
-        bail!("observer trace exited with {status}");
+    for name in [
+        "django_http_requests_before_middlewares_total",
+        "django_http_ajax_requests_total",
+        "django_http_responses_streaming_total",
+        "django_http_requests_latency_including_middlewares_seconds_count",
+        "observer_http_exchanges_total",
+        "observer_records_lost_total",
+        "observer_parse_errors_total",
+    ] {
+        println!("demo:   {name} {}", scalar(&metrics, name));
     }
-    let data = records.iter().filter(|r| r.contains(" recv ") || r.contains(" send ")).count();
-    let conns = records.iter().filter(|r| r.contains("] open fd=")).count();
-    println!("\ndemo: {data} data records on {conns} connections; loss counters:");
-    for c in &counters {
-        println!("demo:   {c}");
+    if serve {
+        println!(
+            "\ndemo: serving until Ctrl-C (curl http://127.0.0.1:{metrics_port}/metrics, or send traffic to :{app_port})"
+        );
+        wait_for_interrupt();
     }
-    println!("\ndemo: from the HTTP issue on, this demo runs a Django app and serves /metrics.");
-    drop(server);
-    let _ = fs::remove_dir_all(&dir);
+    drop(observer);
+    drop(app);
+    let _ = fs::remove_file(&log_path);
     Ok(())
+}
+
+/// Blocks until SIGINT or SIGTERM, which are then handled (so the guards run).
+fn wait_for_interrupt() {
+    // SAFETY: plain signal-mask syscalls on a local sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
 }

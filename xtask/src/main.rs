@@ -31,8 +31,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Set up, then trace a small HTTP server and client with `observer trace`.
-    Demo,
+    /// Set up, run the Django test app under gunicorn, trace it with `observer run`, send
+    /// some traffic and summarise /metrics.
+    Demo {
+        /// Keep the app and the observer running until Ctrl-C.
+        #[arg(long)]
+        serve: bool,
+    },
     /// Run every fuzz target (observer/fuzz) for a time budget each.
     Fuzz {
         /// Seconds per target.
@@ -47,9 +52,9 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::all(),
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
-        Cmd::Demo => {
+        Cmd::Demo { serve } => {
             setup::all()?;
-            demo::demo()
+            demo::demo(serve)
         }
         Cmd::Fuzz { seconds, targets } => fuzz(seconds, &targets),
     }
