@@ -135,6 +135,10 @@ fn listen_port(pid: u32) -> Option<u16> {
         .min()
 }
 
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 fn parent_of(pid: u32) -> Option<u32> {
     targets::read_process(pid).map(|p| p.ppid).filter(|&p| p > 1)
 }
@@ -224,11 +228,34 @@ impl Pipeline {
     fn drop_target(&mut self, root: u32) {
         if self.targets.remove(&root).is_some() {
             tracing::info!(root, "app gone; its series are dropped");
+            let members: Vec<u32> =
+                self.pid_target.iter().filter(|(_, r)| **r == root).map(|(p, _)| *p).collect();
             self.pid_target.retain(|_, r| *r != root);
             self.conns.retain(|_, c| c.target != root);
             self.publish(|e| {
                 e.registries.remove(&root);
             });
+            self.adopt(members.into_iter().filter(|&p| p != root && alive(p)).collect());
+        }
+    }
+
+    /// Processes of an app whose root went away but which live on (a gunicorn master
+    /// re-exec'd with USR2 outlives the old one): the topmost become new apps (a counter
+    /// reset Prometheus sees, as for any restarted exporter) and the others join them.
+    fn adopt(&mut self, orphans: Vec<u32>) {
+        let set: std::collections::HashSet<u32> = orphans.iter().copied().collect();
+        let (tops, rest): (Vec<u32>, Vec<u32>) =
+            orphans.into_iter().partition(|&p| parent_of(p).is_none_or(|pp| !set.contains(&pp)));
+        for p in tops.into_iter().chain(rest) {
+            self.tracked(p, "outlived its app's root");
+        }
+    }
+
+    /// Apps whose root vanished without an exit record (lost).
+    fn sweep_targets(&mut self) {
+        let dead: Vec<u32> = self.targets.keys().copied().filter(|&r| !alive(r)).collect();
+        for r in dead {
+            self.drop_target(r);
         }
     }
 
@@ -469,6 +496,7 @@ impl Sink for Pipeline {
             for id in gone {
                 self.close_conn(id);
             }
+            self.sweep_targets();
         }
     }
 
