@@ -83,12 +83,17 @@ pub struct Exposition {
 const BACKLOG: usize = 10_000;
 
 enum Routes {
+    /// Discovery starts with the app's first exchange: by then it has loaded its
+    /// settings and changed to its working directory (a fresh exec has not).
+    NotStarted,
     Pending(mpsc::Receiver<Result<discover::Discovery, String>>),
     Ready,
 }
 
 struct Target {
-    http: HttpMetrics,
+    /// Created with the first exchange, when the app listens and its `instance` label
+    /// (its listening port) is known.
+    http: Option<HttpMetrics>,
     views: ViewResolver,
     settings: AppSettings,
     parser_config: http1::Config,
@@ -175,6 +180,41 @@ impl Pipeline {
     }
 
     fn new_target(&mut self, root: u32) {
+        tracing::info!(root, "new app");
+        let target = Target {
+            http: None,
+            views: ViewResolver::new(self.routes_file_table(), self.settings.max_views),
+            settings: AppSettings::default(),
+            parser_config: http1::Config::default(),
+            routes: Routes::NotStarted,
+            backlog: VecDeque::new(),
+        };
+        self.targets.insert(root, target);
+        self.pid_target.insert(root, root);
+    }
+
+    /// Starts the app's route discovery in the background (or skips it when off).
+    fn start_discovery(&mut self, root: u32) {
+        let Some(t) = self.targets.get_mut(&root) else { return };
+        t.routes = Routes::Ready;
+        if !self.settings.discover_routes {
+            return;
+        }
+        let (tx, rx) = mpsc::channel();
+        let timeout = self.settings.discovery_timeout;
+        let spawned = std::thread::Builder::new().name(format!("discover-{root}")).spawn(move || {
+            let _ = tx.send(discover::discover(root, timeout));
+        });
+        if spawned.is_ok() {
+            t.routes = Routes::Pending(rx);
+        }
+    }
+
+    /// Creates the app's registry, with its target labels, once.
+    fn materialize(&mut self, root: u32) {
+        if self.targets.get(&root).is_none_or(|t| t.http.is_some()) {
+            return;
+        }
         let labels = self.labels(root);
         let registry = match Registry::new_custom(None, Some(labels.as_map())) {
             Ok(r) => r,
@@ -184,34 +224,34 @@ impl Pipeline {
             }
         };
         let Ok(http) = HttpMetrics::new(&registry) else { return };
-        let fallback = self.routes_file_table();
-        let routes = if self.settings.discover_routes {
-            let (tx, rx) = mpsc::channel();
-            let timeout = self.settings.discovery_timeout;
-            let spawned = std::thread::Builder::new().name(format!("discover-{root}")).spawn(move || {
-                let _ = tx.send(discover::discover(root, timeout));
-            });
-            match spawned {
-                Ok(_) => Routes::Pending(rx),
-                Err(_) => Routes::Ready,
-            }
-        } else {
-            Routes::Ready
-        };
-        tracing::info!(root, instance = %labels.instance, "new app");
-        let target = Target {
-            http,
-            views: ViewResolver::new(fallback, self.settings.max_views),
-            settings: AppSettings::default(),
-            parser_config: http1::Config::default(),
-            routes,
-            backlog: VecDeque::new(),
-        };
-        self.targets.insert(root, target);
-        self.pid_target.insert(root, root);
+        if let Some(t) = self.targets.get_mut(&root) {
+            t.http = Some(http);
+        }
+        tracing::info!(root, instance = %labels.instance, "exporting the app's series");
         self.publish(|e| {
             e.registries.insert(root, registry);
         });
+    }
+
+    /// One exchange of an app: wait for its routes, or count it.
+    fn exchange(&mut self, root: u32, ex: &Exchange) {
+        if matches!(self.targets.get(&root).map(|t| &t.routes), Some(Routes::NotStarted)) {
+            self.start_discovery(root);
+        }
+        let Some(t) = self.targets.get_mut(&root) else { return };
+        if matches!(t.routes, Routes::Pending(_)) {
+            if t.backlog.len() >= BACKLOG {
+                t.backlog.pop_front();
+                self.stats.backlog_dropped += 1;
+            }
+            t.backlog.push_back(ex.clone());
+            return;
+        }
+        self.materialize(root);
+        if let Some(t) = self.targets.get_mut(&root) {
+            observe(t, ex);
+            self.stats.http_exchanges += 1;
+        }
     }
 
     fn routes_file_table(&self) -> Option<RouteTable> {
@@ -288,7 +328,13 @@ impl Pipeline {
                         "routes discovered from the running app"
                     );
                     t.views.set_table(Some(table));
-                    t.parser_config = http1::Config { secure_header: d.settings.secure_header() };
+                    t.parser_config = http1::Config {
+                        extra_header: d
+                            .settings
+                            .secure_header()
+                            .map(|(name, _)| name)
+                            .filter(|n| !http1::PROXY_HEADERS.contains(&n.as_str())),
+                    };
                     t.settings = d.settings;
                 }
                 Err(e) => {
@@ -298,13 +344,12 @@ impl Pipeline {
                 }
             }
             let config = t.parser_config.clone();
+            let backlog = std::mem::take(&mut t.backlog);
             for c in self.conns.values_mut().filter(|c| c.target == root) {
                 c.parser.set_config(config.clone());
             }
-            let backlog = std::mem::take(&mut t.backlog);
             for ex in backlog {
-                observe(t, &ex);
-                self.stats.http_exchanges += 1;
+                self.exchange(root, &ex);
             }
         }
     }
@@ -313,19 +358,7 @@ impl Pipeline {
         let events = std::mem::take(&mut self.events);
         for ev in &events {
             match ev {
-                Event::Exchange(ex) => {
-                    let Some(t) = self.targets.get_mut(&target) else { continue };
-                    if matches!(t.routes, Routes::Pending(_)) {
-                        if t.backlog.len() >= BACKLOG {
-                            t.backlog.pop_front();
-                            self.stats.backlog_dropped += 1;
-                        }
-                        t.backlog.push_back(ex.clone());
-                    } else {
-                        observe(t, ex);
-                        self.stats.http_exchanges += 1;
-                    }
-                }
+                Event::Exchange(ex) => self.exchange(target, ex),
                 Event::Error(e) => *self.stats.parse_errors.entry(("http", e.as_str())).or_default() += 1,
             }
         }
@@ -343,6 +376,7 @@ impl Pipeline {
 
 /// One exchange into its target's families.
 fn observe(t: &mut Target, ex: &Exchange) {
+    let Some(http) = t.http.as_mut() else { return };
     let (req, resp) = (&ex.request, &ex.response);
     let view = t.views.resolve(&req.path);
     let (label, resolved) = match &view {
@@ -367,11 +401,16 @@ fn observe(t: &mut Target, ex: &Exchange) {
     }
     let charset = resp.charset.clone().unwrap_or_else(|| t.settings.default_charset.clone());
     let latency_s = resp.end_ns.saturating_sub(req.start_ns) as f64 / 1e9;
-    t.http.observe(&HttpObservation {
+    // request.is_secure() with SECURE_PROXY_SSL_HEADER: the header has exactly that value.
+    let secure = t
+        .settings
+        .secure_header()
+        .is_some_and(|(name, value)| req.proxy_headers.iter().any(|(n, v)| *n == name && *v == value));
+    http.observe(&HttpObservation {
         method: &req.method,
         view: label,
         resolved,
-        secure: req.secure,
+        secure,
         ajax: req.ajax,
         status,
         request_body: req.content_length.unwrap_or(0),
@@ -509,11 +548,9 @@ impl Sink for Pipeline {
         // Overflow counts live in each target; add what each gained since the last
         // report, so the totals survive targets that go away.
         for (root, t) in &self.targets {
-            for (label, now) in [
-                ("view", t.views.overflowed),
-                ("method", t.http.overflows.methods),
-                ("charset", t.http.overflows.charsets),
-            ] {
+            let o = t.http.as_ref().map(|h| h.overflows).unwrap_or_default();
+            for (label, now) in [("view", t.views.overflowed), ("method", o.methods), ("charset", o.charsets)]
+            {
                 let seen = self.overflow_seen.entry((*root, label)).or_default();
                 *self.stats.label_overflow.entry(label).or_default() += now.saturating_sub(*seen);
                 *seen = now;

@@ -114,18 +114,23 @@ fn run_mix(worker_class: &str, keep_alive: bool) {
     }
     let app = Gunicorn::start(worker_class, 2, false);
     let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
-    obs.wait_until("route discovery", |m| {
-        m.sum("observer_route_discovery_total", &[("result", "success")]) == 1.0
-    });
     let done = drive(app.port, keep_alive);
     let n = done.len() as f64;
-    let m = obs
-        .wait_until("every exchange", |m| m.sum("django_http_responses_before_middlewares_total", &[]) >= n);
+    // The self metrics are published once a second: wait for them too.
+    let m = obs.wait_until("every exchange", |m| {
+        m.sum("django_http_responses_before_middlewares_total", &[]) >= n
+            && m.sum("observer_http_exchanges_total", &[]) >= n
+    });
     assert_metrics(&m, &done);
     let instance = m.samples.iter().find_map(|s| s.labels.get("instance").cloned()).unwrap();
     assert!(instance.ends_with(&format!(":{}", app.port)), "instance {instance} names the app's port");
     assert_eq!(m.sum("observer_parse_errors_total", &[]), 0.0, "no parse errors on a clean run");
     assert_eq!(m.sum("observer_targets", &[]), 1.0, "master and workers are one app");
+    assert_eq!(
+        m.sum("observer_route_discovery_total", &[("result", "success")]),
+        1.0,
+        "routes discovered with the first exchange"
+    );
 }
 
 #[test]
@@ -136,4 +141,32 @@ fn gunicorn_sync_workers_give_exact_django_http_metrics() {
 #[test]
 fn gunicorn_gthread_workers_with_keep_alive_and_pipelining_give_exact_django_http_metrics() {
     run_mix("gthread", true);
+}
+
+#[test]
+fn django_apps_are_found_without_selectors_including_ones_started_later() {
+    if !ebpf_available() {
+        return;
+    }
+    let obs = ObserverRun::start(&[]);
+    // Started after the observer: found from its exec.
+    let app = Gunicorn::start("sync", 2, false);
+    let instance_suffix = format!(":{}", app.port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !obs.log().contains(&format!("pid={} why=\"started and runs gunicorn\"", app.pid())) {
+        assert!(std::time::Instant::now() < deadline, "the new app was not traced:\n{}", obs.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for _ in 0..3 {
+        harness::django::raw_exchange(app.port, b"GET /shop/items/3/ HTTP/1.1\r\nHost: t\r\n\r\n", &[false]);
+    }
+    let m = obs.wait_until("3 requests", |m| {
+        m.samples.iter().any(|s| {
+            s.name == "django_http_responses_total_by_status_view_method_total"
+                && s.labels.get("instance").is_some_and(|i| i.ends_with(&instance_suffix))
+                && s.labels.get("view").map(String::as_str) == Some("shop:item")
+                && s.value == 3.0
+        })
+    });
+    assert!(m.sum("observer_targets", &[]) >= 1.0);
 }

@@ -118,12 +118,12 @@ fn failed_discovery_is_counted_and_falls_back_to_the_routes_file() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let obs = ObserverRun::start(&["--pid", &server.id().to_string(), "--routes", routes.to_str().unwrap()]);
-    obs.wait_until("discovery to fail", |m| {
-        m.sum("observer_route_discovery_total", &[("result", "failure")]) == 1.0
-    });
+    // Discovery runs with the app's first exchange, which waits for its result.
     raw_exchange(port, b"GET /index.html HTTP/1.1\r\nHost: t\r\n\r\n", &[false]);
-    let m = obs
-        .wait_until("the request", |m| m.sum("django_http_responses_before_middlewares_total", &[]) >= 1.0);
+    let m = obs.wait_until("the request, after discovery failed", |m| {
+        m.sum("observer_route_discovery_total", &[("result", "failure")]) == 1.0
+            && m.sum("django_http_responses_before_middlewares_total", &[]) >= 1.0
+    });
     assert_eq!(views(&m), BTreeSet::from(["static-index".to_string()]));
     assert!(obs.log().contains("route discovery failed"), "the failure is logged");
     let _ = server.kill();

@@ -124,20 +124,13 @@ pub fn demo(serve: bool) -> Result<()> {
             .context("starting observer run")?,
     );
     wait_port(metrics_port)?;
+    // /healthz answers 200 once the observer traces the app.
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, m) = request(metrics_port, "GET", "/metrics", "", "")?;
-        if scalar(&m, "observer_route_discovery_total{result=\"success\"}") >= 1.0 {
-            break;
-        }
+    while request(metrics_port, "GET", "/healthz", "", "")?.0 != 200 {
         if Instant::now() > deadline {
-            bail!("observer did not discover the app's routes:\n{}", fs::read_to_string(&log_path)?);
+            bail!("observer did not become healthy:\n{}", fs::read_to_string(&log_path)?);
         }
         thread::sleep(Duration::from_millis(100));
-    }
-    println!("demo: observer run --pid {} (pid {}) says:", app.0.id(), observer.0.id());
-    for line in fs::read_to_string(&log_path)?.lines() {
-        println!("demo:   {line}");
     }
 
     let mix: &[(&str, &str, &str, &str)] = &[
@@ -177,6 +170,10 @@ pub fn demo(serve: bool) -> Result<()> {
         thread::sleep(Duration::from_millis(100));
     };
 
+    println!("\ndemo: observer run --pid {} (pid {}) logged:", app.0.id(), observer.0.id());
+    for line in fs::read_to_string(&log_path)?.lines() {
+        println!("demo:   {line}");
+    }
     println!("\ndemo: {sent} requests sent; /metrics is at http://127.0.0.1:{metrics_port}/metrics");
     println!("demo: django_http_responses_total_by_status_view_method_total:");
     let mut rows = family(&metrics, "django_http_responses_total_by_status_view_method_total");

@@ -53,8 +53,9 @@ pub struct Request {
     pub content_length: Option<u64>,
     /// `X-Requested-With: XMLHttpRequest`.
     pub ajax: bool,
-    /// The configured "request is secure" header matched (Django's SECURE_PROXY_SSL_HEADER).
-    pub secure: bool,
+    /// Proxy headers kept for deciding later whether Django considers the request secure
+    /// (its SECURE_PROXY_SSL_HEADER): names lower-case, values bounded.
+    pub proxy_headers: Vec<(String, String)>,
     /// When the server read the request's first byte (exit of that read).
     pub start_ns: u64,
     /// Part of the head was not captured: headers after the capture are unknown.
@@ -141,11 +142,27 @@ pub enum Mode {
     Other,
 }
 
+/// Headers a proxy uses to say the client spoke HTTPS: what Django's
+/// SECURE_PROXY_SSL_HEADER names in practice. Kept per request so that the decision can
+/// wait for the app's settings.
+pub const PROXY_HEADERS: [&str; 7] = [
+    "x-forwarded-proto",
+    "x-forwarded-protocol",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
+];
+/// Longest proxy header value kept.
+const MAX_PROXY_VALUE: usize = 64;
+
 /// Request-side configuration shared by a target's connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
-    /// Django's SECURE_PROXY_SSL_HEADER as (lower-case header name, value).
-    pub secure_header: Option<(String, String)>,
+    /// Another header to keep (the app's SECURE_PROXY_SSL_HEADER when it is not one of
+    /// [`PROXY_HEADERS`]), lower-case.
+    pub extra_header: Option<String>,
 }
 
 #[derive(Debug)]
@@ -722,10 +739,15 @@ fn parse_request(buf: &[u8], config: &Config) -> HeadResult<(Request, Framing)> 
     }
     let hs = &*req.headers;
     let ajax = header(hs, "x-requested-with").any(|v| v == b"XMLHttpRequest");
-    let secure = config
-        .secure_header
-        .as_ref()
-        .is_some_and(|(name, value)| header(hs, name).any(|v| v == value.as_bytes()));
+    let proxy_headers: Vec<(String, String)> = hs
+        .iter()
+        .filter(|h| {
+            PROXY_HEADERS.iter().any(|p| h.name.eq_ignore_ascii_case(p))
+                || config.extra_header.as_ref().is_some_and(|e| h.name.eq_ignore_ascii_case(e))
+        })
+        .take(PROXY_HEADERS.len() + 1)
+        .map(|h| (h.name.to_ascii_lowercase(), bounded(h.value, MAX_PROXY_VALUE)))
+        .collect();
     let cl = content_length(hs);
     let framing = if is_chunked(hs) {
         Framing::Chunked(Chunked::Size { line: Vec::new() })
@@ -741,7 +763,7 @@ fn parse_request(buf: &[u8], config: &Config) -> HeadResult<(Request, Framing)> 
         minor_version: minor,
         content_length: cl,
         ajax,
-        secure,
+        proxy_headers,
         start_ns: 0,
         head_truncated: false,
     };
@@ -1156,13 +1178,16 @@ mod tests {
     }
 
     #[test]
-    fn methods_targets_and_secure_header() {
-        let cfg = Config { secure_header: Some(("x-forwarded-proto".into(), "https".into())) };
+    fn methods_targets_and_proxy_headers() {
+        let cfg = Config { extra_header: Some("x-my-scheme".into()) };
         let mut p = Http1Parser::new(Limits::default(), cfg);
         let ev = run(
             &mut p,
             &[
-                (R, b"PROPFIND http://example.com/dav/a%20b?x HTTP/1.1\r\nX-Forwarded-Proto: https\r\n\r\n"),
+                (
+                    R,
+                    b"PROPFIND http://example.com/dav/a%20b?x HTTP/1.1\r\nX-Forwarded-Proto: https\r\nX-My-Scheme: s\r\nCookie: c\r\n\r\n",
+                ),
                 (S, b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n"),
                 (R, b"OPTIONS * HTTP/1.1\r\n\r\n"),
                 (S, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
@@ -1171,9 +1196,12 @@ mod tests {
         let ex = exchanges(&ev);
         assert_eq!(ex[0].request.method, "PROPFIND");
         assert_eq!(ex[0].request.path, "/dav/a%20b");
-        assert!(ex[0].request.secure);
+        assert_eq!(
+            ex[0].request.proxy_headers,
+            vec![("x-forwarded-proto".into(), "https".into()), ("x-my-scheme".into(), "s".into())]
+        );
         assert_eq!(ex[1].request.path, "*");
-        assert!(!ex[1].request.secure);
+        assert!(ex[1].request.proxy_headers.is_empty());
     }
 
     #[test]
