@@ -46,16 +46,9 @@ struct RunArgs {
     /// Address of the /metrics and /healthz endpoint [default: 0.0.0.0:9807].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
-    /// Trace this process and its descendants (repeatable). With no --pid, --comm or
-    /// --port, Django processes are found automatically.
-    #[arg(long, value_name = "PID")]
-    pid: Vec<u32>,
-    /// Trace processes with this exact name (/proc/PID/comm), now and when they start.
-    #[arg(long, value_name = "NAME")]
-    comm: Vec<String>,
-    /// Trace processes listening on this TCP port.
-    #[arg(long, value_name = "PORT")]
-    port: Vec<u16>,
+    /// With no --pid, --comm or --port, Django processes are found automatically.
+    #[command(flatten)]
+    select: SelectArgs,
     /// Routes file (`PATTERN VIEW_NAME` lines) for apps whose routes cannot be discovered.
     #[arg(long, value_name = "FILE")]
     routes: Option<PathBuf>,
@@ -129,8 +122,9 @@ impl ProbeArgs {
     }
 }
 
+/// Which processes to trace.
 #[derive(Debug, Args)]
-struct TraceArgs {
+struct SelectArgs {
     /// Trace this process and its descendants (repeatable).
     #[arg(long, value_name = "PID")]
     pid: Vec<u32>,
@@ -140,6 +134,26 @@ struct TraceArgs {
     /// Trace processes listening on this TCP port.
     #[arg(long, value_name = "PORT")]
     port: Vec<u16>,
+}
+
+impl SelectArgs {
+    /// The selector, with the config file's selectors added.
+    fn selector(&self, file: &FileConfig) -> Selector {
+        let mut s = Selector {
+            pids: [self.pid.as_slice(), &file.pid].concat(),
+            comms: [self.comm.as_slice(), &file.comm].concat(),
+            ports: [self.port.as_slice(), &file.port].concat(),
+            detect_django: false,
+        };
+        s.detect_django = s.is_empty();
+        s
+    }
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    select: SelectArgs,
     /// JSON lines with the full captured bytes (base64), for test fixtures.
     #[arg(long)]
     json: bool,
@@ -224,16 +238,12 @@ impl Shutdown {
 }
 
 async fn trace(args: TraceArgs) -> Result<()> {
-    let selector = Selector {
-        pids: args.pid.clone(),
-        comms: args.comm.clone(),
-        ports: args.port.clone(),
-        detect_django: false,
-    };
-    if selector.is_empty() {
+    // trace has no detection: it needs an explicit selector.
+    let selector = args.select.selector(&FileConfig::default());
+    if selector.detect_django {
         bail!("say what to trace: --pid PID, --comm NAME or --port PORT");
     }
-    for &pid in &args.pid {
+    for &pid in &selector.pids {
         if crate::targets::read_process(pid).is_none() {
             bail!("no process with pid {pid}");
         }
@@ -269,13 +279,7 @@ async fn run(args: RunArgs) -> Result<()> {
         None => FileConfig::default(),
     };
     let pick = |a: &Option<String>, f: &Option<String>| a.clone().or_else(|| f.clone());
-    let mut selector = Selector {
-        pids: [args.pid.clone(), file.pid.clone()].concat(),
-        comms: [args.comm.clone(), file.comm.clone()].concat(),
-        ports: [args.port.clone(), file.port.clone()].concat(),
-        detect_django: false,
-    };
-    selector.detect_django = selector.is_empty();
+    let selector = args.select.selector(&file);
     let listen: SocketAddr = pick(&args.listen, &file.listen)
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
         .parse()

@@ -310,6 +310,14 @@ fn target_path(target: &str) -> String {
     t[..end.min(MAX_PATH)].to_string()
 }
 
+/// Appends what fits of `visible` to a head buffer bounded by `max`; returns the length
+/// the buffer had (where this syscall's bytes start in it).
+fn extend_head(buf: &mut Vec<u8>, visible: &[u8], max: usize) -> usize {
+    let old = buf.len();
+    buf.extend_from_slice(&visible[..visible.len().min(max.saturating_sub(old))]);
+    old
+}
+
 /// Parses a head cut short by the capture: up to its last complete line, as if the head
 /// ended there. `None` when not even the first line is complete or valid.
 fn parse_truncated<T>(buf: &[u8], parse: impl Fn(&[u8]) -> HeadResult<T>) -> Option<T> {
@@ -456,9 +464,7 @@ impl Http1Parser {
                             }
                         }
                     }
-                    let old = buf.len();
-                    let room = self.limits.max_head_bytes.saturating_sub(old);
-                    buf.extend_from_slice(&visible[..visible.len().min(room)]);
+                    let old = extend_head(buf, visible, self.limits.max_head_bytes);
                     self.head_start_ns.get_or_insert(ts);
                     match parse_request(buf, &self.config) {
                         HeadResult::Complete((req, framing), n) => {
@@ -564,9 +570,7 @@ impl Http1Parser {
                         self.send = Framing::Resync;
                         continue;
                     }
-                    let old = buf.len();
-                    let room = self.limits.max_head_bytes.saturating_sub(old);
-                    buf.extend_from_slice(&visible[..visible.len().min(room)]);
+                    let old = extend_head(buf, visible, self.limits.max_head_bytes);
                     match parse_response(buf) {
                         HeadResult::Complete(head, n) => {
                             cur.advance(n.saturating_sub(old) as u64);
