@@ -122,6 +122,21 @@ fn run_mix(worker_class: &str, keep_alive: bool) {
             && m.sum("observer_http_exchanges_total", &[]) >= n
     });
     assert_metrics(&m, &done);
+    // The same numbers in OpenMetrics, when the scraper asks for it.
+    let om = harness::django::http_get_with(
+        obs.port,
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n",
+    );
+    assert!(om.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    assert!(om.contains("# TYPE django_http_requests_total_by_method counter"));
+    let om = Metrics::parse(&om);
+    for family in [
+        "django_http_responses_total_by_status_view_method_total",
+        "django_http_requests_body_total_bytes_bucket",
+    ] {
+        assert_eq!(om.family(family, &[]), m.family(family, &[]), "{family} in OpenMetrics");
+    }
     let instance = m.samples.iter().find_map(|s| s.labels.get("instance").cloned()).unwrap();
     assert!(instance.ends_with(&format!(":{}", app.port)), "instance {instance} names the app's port");
     assert_eq!(m.sum("observer_parse_errors_total", &[]), 0.0, "no parse errors on a clean run");

@@ -286,9 +286,14 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
 
 /// A plain GET; returns the body.
 pub fn http_get(port: u16, path: &str) -> String {
+    http_get_with(port, path, "")
+}
+
+/// A GET with extra header lines (each ending in CRLF); returns the body.
+pub fn http_get_with(port: u16, path: &str, headers: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
