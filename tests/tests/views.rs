@@ -129,3 +129,47 @@ fn failed_discovery_is_counted_and_falls_back_to_the_routes_file() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[test]
+fn discovery_enters_the_apps_mount_namespace() {
+    if !ebpf_available() {
+        return;
+    }
+    // The app lives on a tmpfs mounted only inside its own mount namespace (as in a
+    // container): the observer cannot see its files; discovery must enter the namespace.
+    let dir = TempDir::new("mntns");
+    let hidden = dir.0.join("hidden");
+    std::fs::create_dir_all(&hidden).unwrap();
+    let port = free_port();
+    let app_dir = harness::django::root().join("tests/apps/djangoapp");
+    let script = format!(
+        "mount -t tmpfs observer-test {hidden} && cp -r {app} {hidden}/app && exec {py} {gunicorn} --chdir {hidden}/app \
+         --bind 127.0.0.1:{port} --workers 1 --log-level warning testproj.wsgi:application",
+        hidden = hidden.display(),
+        app = app_dir.display(),
+        py = harness::django::venv_bin("python").display(),
+        gunicorn = harness::django::venv_bin("gunicorn").display(),
+    );
+    let mut app = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "/bin/sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the app in its namespace did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!hidden.join("app").exists(), "outside the namespace the app's files are not there");
+    let obs = ObserverRun::start(&["--pid", &app.id().to_string()]);
+    raw_exchange(port, b"GET /shop/items/9/ HTTP/1.1\r\nHost: t\r\n\r\n", &[false]);
+    let m = obs.wait_until("the request", |m| {
+        m.sum("django_http_responses_before_middlewares_total", &[]) >= 1.0
+            && m.sum("observer_route_discovery_total", &[("result", "success")]) == 1.0
+    });
+    assert_eq!(views(&m), BTreeSet::from(["shop:item".to_string()]));
+    // SAFETY: signalling our own child (gunicorn, exec'd by sh).
+    unsafe { libc::kill(app.id() as i32, libc::SIGTERM) };
+    let _ = app.wait();
+}
