@@ -21,6 +21,8 @@ pub struct UserCounters {
     pub socket_table_full: u64,
     /// Processes userspace could not track (table full).
     pub process_table_full: u64,
+    /// Bytes moved by the data records received (their true lengths).
+    pub data_bytes: u64,
 }
 
 /// One counter: metric name, labels, value.
@@ -104,6 +106,7 @@ impl LossReport {
                 c("observer_unknown_connection_records_total", &[], u.unknown_connection_records),
                 c("observer_records_total", &[], kc(counter::DATA_RECORDS)),
                 c("observer_captured_bytes_total", &[], kc(counter::CAPTURED_BYTES)),
+                c("observer_data_bytes_total", &[], u.data_bytes),
                 c("observer_peek_skipped_total", &[], kc(counter::PEEK_SKIPPED)),
             ],
         }

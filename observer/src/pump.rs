@@ -200,6 +200,7 @@ impl Pump {
         };
         match &rec {
             Record::Data(d) => {
+                self.user.data_bytes += d.total_len;
                 let conn = self.conns.get(d.conn_id);
                 if conn.is_none() {
                     self.user.unknown_connection_records += 1;
