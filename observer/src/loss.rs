@@ -23,6 +23,8 @@ pub struct UserCounters {
     pub process_table_full: u64,
     /// Bytes moved by the data records received (their true lengths).
     pub data_bytes: u64,
+    /// Connections seen being opened (accept/connect).
+    pub connections_opened: u64,
 }
 
 /// One counter: metric name, labels, value.
@@ -107,6 +109,7 @@ impl LossReport {
                 c("observer_records_total", &[], kc(counter::DATA_RECORDS)),
                 c("observer_captured_bytes_total", &[], kc(counter::CAPTURED_BYTES)),
                 c("observer_data_bytes_total", &[], u.data_bytes),
+                c("observer_connections_opened_total", &[], u.connections_opened),
                 c("observer_peek_skipped_total", &[], kc(counter::PEEK_SKIPPED)),
             ],
         }

@@ -21,7 +21,7 @@ use crate::{
         TargetLabels,
         http::{Body, HttpMetrics, HttpObservation, UNNAMED_VIEW},
     },
-    events::{Record, Role},
+    events::{Record, Role, SockAddr},
     loss::LossReport,
     protocol::{
         Chunk,
@@ -98,12 +98,14 @@ struct Target {
     settings: AppSettings,
     parser_config: http1::Config,
     routes: Routes,
-    backlog: VecDeque<Exchange>,
+    backlog: VecDeque<(Exchange, Option<SockAddr>)>,
 }
 
 struct ConnState {
     target: u32,
     owner: u32,
+    /// The connection's local address: the listener the app serves on.
+    local: Option<SockAddr>,
     parser: Http1Parser,
     counted_other: bool,
 }
@@ -129,15 +131,22 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
-/// The first TCP listening port of a process, for the `instance` label.
-fn listen_port(pid: u32) -> Option<u16> {
+/// Where a process listens, for the `instance` label: its lowest TCP port, else the
+/// path of its listening Unix socket.
+fn listen_addr(pid: u32) -> Option<String> {
     let net = targets::NetTables::read(pid)?;
     let fds = targets::socket_fds(pid);
-    net.tcp
+    let owned = |inode: u64| fds.iter().any(|(_, i)| *i == inode);
+    let port = net
+        .tcp
         .iter()
-        .filter(|r| r.state == procfs::TCP_LISTEN && fds.iter().any(|(_, i)| *i == r.inode))
+        .filter(|r| r.state == procfs::TCP_LISTEN && owned(r.inode))
         .map(|r| r.local.port())
-        .min()
+        .min();
+    if let Some(p) = port {
+        return Some(p.to_string());
+    }
+    net.unix.iter().filter(|r| r.listening && owned(r.inode)).find_map(|r| r.path.clone())
 }
 
 fn alive(pid: u32) -> bool {
@@ -165,11 +174,18 @@ impl Pipeline {
         }
     }
 
-    fn labels(&self, root: u32) -> TargetLabels {
-        let instance = self.settings.instance.clone().unwrap_or_else(|| match listen_port(root) {
-            Some(port) => format!("{}:{port}", self.hostname),
-            None => format!("{}:pid{root}", self.hostname),
+    fn labels(&self, root: u32, local: Option<&SockAddr>) -> TargetLabels {
+        let served_on = local.and_then(|a| match a {
+            SockAddr::Inet(s) => Some(s.port().to_string()),
+            SockAddr::UnixPath(p) => Some(String::from_utf8_lossy(p).into_owned()),
+            SockAddr::UnixAbstract(p) => Some(format!("@{}", String::from_utf8_lossy(p))),
+            SockAddr::UnixUnnamed => None,
         });
+        let instance =
+            self.settings.instance.clone().unwrap_or_else(|| match served_on.or_else(|| listen_addr(root)) {
+                Some(addr) => format!("{}:{addr}", self.hostname),
+                None => format!("{}:pid{root}", self.hostname),
+            });
         TargetLabels {
             job: self.settings.job.clone(),
             namespace: self.settings.namespace.clone(),
@@ -210,12 +226,13 @@ impl Pipeline {
         }
     }
 
-    /// Creates the app's registry, with its target labels, once.
-    fn materialize(&mut self, root: u32) {
+    /// Creates the app's registry, with its target labels, once. `local` is where its
+    /// first exchange was served: the `instance` label names it.
+    fn materialize(&mut self, root: u32, local: Option<&SockAddr>) {
         if self.targets.get(&root).is_none_or(|t| t.http.is_some()) {
             return;
         }
-        let labels = self.labels(root);
+        let labels = self.labels(root, local);
         let registry = match Registry::new_custom(None, Some(labels.as_map())) {
             Ok(r) => r,
             Err(e) => {
@@ -233,8 +250,8 @@ impl Pipeline {
         });
     }
 
-    /// One exchange of an app: wait for its routes, or count it.
-    fn exchange(&mut self, root: u32, ex: &Exchange) {
+    /// One exchange of an app (served on `local`): wait for its routes, or count it.
+    fn exchange(&mut self, root: u32, ex: &Exchange, local: Option<&SockAddr>) {
         if matches!(self.targets.get(&root).map(|t| &t.routes), Some(Routes::NotStarted)) {
             self.start_discovery(root);
         }
@@ -244,10 +261,10 @@ impl Pipeline {
                 t.backlog.pop_front();
                 self.stats.backlog_dropped += 1;
             }
-            t.backlog.push_back(ex.clone());
+            t.backlog.push_back((ex.clone(), local.cloned()));
             return;
         }
-        self.materialize(root);
+        self.materialize(root, local);
         if let Some(t) = self.targets.get_mut(&root) {
             observe(t, ex);
             self.stats.http_exchanges += 1;
@@ -348,17 +365,17 @@ impl Pipeline {
             for c in self.conns.values_mut().filter(|c| c.target == root) {
                 c.parser.set_config(config.clone());
             }
-            for ex in backlog {
-                self.exchange(root, &ex);
+            for (ex, local) in backlog {
+                self.exchange(root, &ex, local.as_ref());
             }
         }
     }
 
-    fn handle_events(&mut self, target: u32) {
+    fn handle_events(&mut self, target: u32, local: Option<&SockAddr>) {
         let events = std::mem::take(&mut self.events);
         for ev in &events {
             match ev {
-                Event::Exchange(ex) => self.exchange(target, ex),
+                Event::Exchange(ex) => self.exchange(target, ex, local),
                 Event::Error(e) => *self.stats.parse_errors.entry(("http", e.as_str())).or_default() += 1,
             }
         }
@@ -369,7 +386,7 @@ impl Pipeline {
     fn close_conn(&mut self, conn_id: u64) {
         if let Some(mut c) = self.conns.remove(&conn_id) {
             c.parser.close(&mut self.events);
-            self.handle_events(c.target);
+            self.handle_events(c.target, c.local.as_ref());
         }
     }
 }
@@ -468,8 +485,11 @@ impl Sink for Pipeline {
                         return;
                     }
                     let parser = Http1Parser::new(self.settings.http, t.parser_config.clone());
-                    self.conns
-                        .insert(d.conn_id, ConnState { target, owner: d.tgid, parser, counted_other: false });
+                    let local = conn.local.clone();
+                    self.conns.insert(
+                        d.conn_id,
+                        ConnState { target, owner: d.tgid, local, parser, counted_other: false },
+                    );
                 }
                 let Some(state) = self.conns.get_mut(&d.conn_id) else { return };
                 if let Some(seq) = d.seq {
@@ -494,7 +514,8 @@ impl Sink for Pipeline {
                     state.counted_other = true;
                     self.stats.not_http_connections += 1;
                 }
-                self.handle_events(target);
+                let local = state.local.clone();
+                self.handle_events(target, local.as_ref());
             }
             Record::ConnOpen(o) => {
                 // A connection the kernel saw opening starts its record sequence at 0.

@@ -208,6 +208,7 @@ impl Pump {
                 sink.record(&rec, conn);
             }
             Record::ConnOpen(o) => {
+                self.user.connections_opened += 1;
                 // Without kernel offsets the local address is not in the record: look in
                 // /proc (best effort: the connection may be closed again already), then
                 // fall back to the listener's address.

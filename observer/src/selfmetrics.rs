@@ -97,6 +97,7 @@ fn loss_help(name: &str) -> &'static str {
         "observer_records_total" => "Data records received from the kernel.",
         "observer_captured_bytes_total" => "Payload bytes captured by the kernel programs.",
         "observer_data_bytes_total" => "Bytes moved by the data syscalls recorded (captured or not).",
+        "observer_connections_opened_total" => "Connections seen being opened (accepted or connected).",
         "observer_peek_skipped_total" => "MSG_PEEK reads skipped (their bytes are read again).",
         _ => "observer counter.",
     }

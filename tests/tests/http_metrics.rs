@@ -4,109 +4,11 @@
 
 mod harness;
 
-use std::collections::BTreeMap;
-
 use harness::{
-    django::{Gunicorn, Metrics, ObserverRun, Response},
+    django::{Gunicorn, Metrics, ObserverRun},
     ebpf_available,
-    mix::{Expected, Req, drive, expected},
+    mix::{assert_metrics, drive},
 };
-
-fn key(pairs: &[(&str, &str)]) -> String {
-    let mut p: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    p.sort();
-    p.join(",")
-}
-
-fn count(map: &mut BTreeMap<String, f64>, pairs: &[(&str, &str)]) {
-    *map.entry(key(pairs)).or_insert(0.0) += 1.0;
-}
-
-/// Cumulative bucket counts of a PowersOf(2, 30) histogram for these observations.
-fn body_buckets(values: &[u64]) -> BTreeMap<u64, f64> {
-    let mut bounds: Vec<u64> = vec![0];
-    bounds.extend((0..30).map(|i| 1u64 << i));
-    bounds.into_iter().map(|b| (b, values.iter().filter(|&&v| v <= b).count() as f64)).collect()
-}
-
-fn buckets(m: &Metrics, name: &str) -> BTreeMap<u64, f64> {
-    let mut out = BTreeMap::new();
-    for s in m.samples.iter().filter(|s| s.name == name) {
-        let le = &s.labels["le"];
-        if le != "+Inf" {
-            out.insert(le.parse::<f64>().unwrap() as u64, s.value);
-        }
-    }
-    out
-}
-
-/// Every family, exactly.
-fn assert_metrics(m: &Metrics, done: &[(Req, Response)]) {
-    let ex: Vec<Expected> = done.iter().map(|(r, resp)| expected(r, resp)).collect();
-    let n = ex.len() as f64;
-    let ignore = ["job", "instance"];
-    assert_eq!(m.sum("django_http_requests_before_middlewares_total", &[]), n);
-    assert_eq!(m.sum("django_http_responses_before_middlewares_total", &[]), n);
-    assert_eq!(m.sum("django_http_requests_latency_including_middlewares_seconds_count", &[]), n);
-    assert!(m.sum("django_http_requests_latency_including_middlewares_seconds_sum", &[]) > 0.0);
-    assert_eq!(m.sum("django_http_requests_unknown_latency_total", &[]), 0.0);
-    assert_eq!(m.sum("django_http_ajax_requests_total", &[]), ex.iter().filter(|e| e.ajax).count() as f64);
-    assert_eq!(
-        m.sum("django_http_responses_streaming_total", &[]),
-        ex.iter().filter(|e| e.streaming).count() as f64
-    );
-
-    let mut by_method = BTreeMap::new();
-    let mut by_transport = BTreeMap::new();
-    let mut by_vtm = BTreeMap::new();
-    let mut by_status = BTreeMap::new();
-    let mut by_svm = BTreeMap::new();
-    let mut by_charset = BTreeMap::new();
-    let mut latency = BTreeMap::new();
-    for e in &ex {
-        count(&mut by_method, &[("method", &e.method)]);
-        count(&mut by_transport, &[("transport", e.transport)]);
-        if e.resolved {
-            count(&mut by_vtm, &[("view", &e.view), ("transport", e.transport), ("method", &e.method)]);
-        }
-        count(&mut by_status, &[("status", &e.status)]);
-        count(&mut by_svm, &[("status", &e.status), ("view", &e.view), ("method", &e.method)]);
-        count(&mut by_charset, &[("charset", &e.charset)]);
-        count(&mut latency, &[("view", &e.view), ("method", &e.raw_method)]);
-    }
-    for (family, want) in [
-        ("django_http_requests_total_by_method_total", &by_method),
-        ("django_http_requests_total_by_transport_total", &by_transport),
-        ("django_http_requests_total_by_view_transport_method_total", &by_vtm),
-        ("django_http_responses_total_by_status_total", &by_status),
-        ("django_http_responses_total_by_status_view_method_total", &by_svm),
-        ("django_http_responses_total_by_charset_total", &by_charset),
-        ("django_http_requests_latency_seconds_by_view_method_count", &latency),
-    ] {
-        assert_eq!(&m.family(family, &ignore), want, "{family}");
-    }
-
-    let req_bodies: Vec<u64> = ex.iter().map(|e| e.request_body).collect();
-    assert_eq!(m.sum("django_http_requests_body_total_bytes_count", &[]), n);
-    assert_eq!(
-        m.sum("django_http_requests_body_total_bytes_sum", &[]),
-        req_bodies.iter().sum::<u64>() as f64
-    );
-    assert_eq!(buckets(m, "django_http_requests_body_total_bytes_bucket"), body_buckets(&req_bodies));
-    let resp_bodies: Vec<u64> = ex.iter().filter_map(|e| e.response).collect();
-    assert_eq!(m.sum("django_http_responses_body_total_bytes_count", &[]), resp_bodies.len() as f64);
-    assert_eq!(
-        m.sum("django_http_responses_body_total_bytes_sum", &[]),
-        resp_bodies.iter().sum::<u64>() as f64
-    );
-    assert_eq!(buckets(m, "django_http_responses_body_total_bytes_bucket"), body_buckets(&resp_bodies));
-
-    // Every series carries the target labels.
-    for s in m.samples.iter().filter(|s| s.name.starts_with("django_http_")) {
-        assert_eq!(s.labels.get("job").map(String::as_str), Some("django"), "{s:?}");
-        assert!(s.labels.contains_key("instance"), "{s:?}");
-    }
-}
 
 fn run_mix(worker_class: &str, keep_alive: bool) {
     if !ebpf_available() {

@@ -3,7 +3,8 @@
 //! - tracefs mounted at /sys/kernel/tracing;
 //! - rust-src for the nightly toolchain (the eBPF crate is built with -Zbuild-std=core);
 //! - Debian packages: LLVM 22 (bpf-linker links against it), the services the tests run
-//!   (postgresql, redis-server, memcached, prometheus for promtool and a real server),
+//!   (postgresql, redis-server, memcached, prometheus for promtool and a real server,
+//!   nginx and uwsgi with its Python 3 plugin for the app-server tests),
 //!   python3-venv, bpftool and strace;
 //! - bpf-linker 0.13.0 built against LLVM 22 (the nightly's LLVM major);
 //! - a Python venv at target/venv from tests/apps/requirements.txt (pinned).
@@ -28,6 +29,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-server",
     "memcached",
     "prometheus",
+    "nginx",
+    "uwsgi",
+    "uwsgi-plugin-python3",
     "python3-venv",
     "bpftool",
     "strace",

@@ -574,7 +574,13 @@ impl Http1Parser {
                     match parse_response(buf) {
                         HeadResult::Complete(head, n) => {
                             cur.advance(n.saturating_sub(old) as u64);
+                            let to_head = self.pending.front().is_some_and(|r| r.method == "HEAD");
                             self.start_response(head, ts, out);
+                            // Some servers (uwsgi) write a body after a HEAD response head
+                            // anyway: the rest of that write is not a new response.
+                            if to_head && response_start(cur.visible()) == Start::No {
+                                cur.advance(cur.remaining());
+                            }
                         }
                         HeadResult::Partial => {
                             if buf.len() >= self.limits.max_head_bytes {
@@ -1062,6 +1068,22 @@ mod tests {
         assert!(ex[0].response.close_delimited);
         assert_eq!(ex[0].response.body_bytes, 9);
         assert_eq!(ex[0].response.end_ns, 3);
+    }
+
+    #[test]
+    fn a_body_after_a_head_response_in_the_same_write_is_ignored() {
+        let mut p = Http1Parser::new(Limits::default(), Config::default());
+        let ev = run(
+            &mut p,
+            &[
+                (R, b"HEAD / HTTP/1.1\r\n\r\n"),
+                (S, b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nindex\n"),
+                (R, b"GET / HTTP/1.1\r\n\r\n"),
+                (S, b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nindex\n"),
+            ],
+        );
+        assert!(errors(&ev).is_empty(), "{ev:?}");
+        assert_eq!(exchanges(&ev).len(), 2);
     }
 
     #[test]

@@ -74,8 +74,14 @@ fn launch_for(pid: u32) -> Result<Launch, String> {
     // The interpreter named in the command line (a virtualenv's bin/python), not
     // /proc/PID/exe (the base interpreter, which misses the virtualenv).
     let exe = fs::read_link(format!("{proc_}/exe")).ok();
-    let python = match argv.first() {
-        Some(a) if is_python(a) => PathBuf::from(a),
+    // uwsgi embeds Python: its virtualenv is an option.
+    let uwsgi_home = argv
+        .windows(2)
+        .find(|w| matches!(w[0].as_str(), "--virtualenv" | "--venv" | "--home" | "--pyhome" | "-H"))
+        .map(|w| Path::new(&w[1]).join("bin/python"));
+    let python = match (argv.first(), uwsgi_home) {
+        (Some(a), _) if is_python(a) => PathBuf::from(a),
+        (_, Some(home)) => home,
         _ => match env.iter().find(|(k, _)| k == "VIRTUAL_ENV") {
             Some((_, venv)) => Path::new(venv).join("bin/python"),
             None => match exe {

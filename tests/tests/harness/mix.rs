@@ -1,7 +1,9 @@
 //! The request mix the end-to-end tests send to the Django test app, and what
 //! django-prometheus's middlewares record for each request (django-metrics.md A.4).
 
-use super::django::{Response, raw_exchange, read_response};
+use std::collections::BTreeMap;
+
+use super::django::{Metrics, Response, raw_exchange, read_response};
 
 pub const UUID: &str = "123e4567-e89b-12d3-a456-426614174000";
 
@@ -97,6 +99,8 @@ pub fn view_of(path: &str) -> Option<String> {
         ["big"] => "big",
         ["upload"] => "upload",
         ["slow"] => "slow",
+        ["async", ""] => "async-view",
+        ["async", "stream"] => "async-stream",
         _ => return None,
     };
     Some(v.into())
@@ -121,9 +125,11 @@ pub struct Expected {
 pub fn expected(r: &Req, resp: &Response) -> Expected {
     let known = ["GET", "HEAD", "POST", "PUT", "DELETE", "TRACE", "OPTIONS", "CONNECT", "PATCH"];
     let view = view_of(&r.path);
-    let mut streaming = resp.header("transfer-encoding").is_some();
+    // Chunked, or delimited by closing the connection (no Content-Length).
+    let length = resp.header("content-length").map(|v| v.parse::<u64>().unwrap());
+    let mut streaming = resp.header("transfer-encoding").is_some() || length.is_none();
     let mut status = resp.status;
-    let mut response = (!streaming).then(|| resp.header("content-length").unwrap().parse::<u64>().unwrap());
+    let mut response = if streaming { None } else { length };
     // APPEND_SLASH: After saw the resolver 404 before CommonMiddleware redirected.
     if view.is_none() && status == 301 && view_of(&format!("{}/", r.path)).is_some() {
         status = 404;
@@ -213,4 +219,100 @@ pub fn drive(port: u16, keep_alive: bool) -> Vec<(Req, Response)> {
         done.extend(pipe.into_iter().zip(resps));
     }
     done
+}
+
+fn key(pairs: &[(&str, &str)]) -> String {
+    let mut p: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    p.sort();
+    p.join(",")
+}
+
+fn count(map: &mut BTreeMap<String, f64>, pairs: &[(&str, &str)]) {
+    *map.entry(key(pairs)).or_insert(0.0) += 1.0;
+}
+
+/// Cumulative bucket counts of a PowersOf(2, 30) histogram for these observations.
+fn body_buckets(values: &[u64]) -> BTreeMap<u64, f64> {
+    let mut bounds: Vec<u64> = vec![0];
+    bounds.extend((0..30).map(|i| 1u64 << i));
+    bounds.into_iter().map(|b| (b, values.iter().filter(|&&v| v <= b).count() as f64)).collect()
+}
+
+fn buckets(m: &Metrics, name: &str) -> BTreeMap<u64, f64> {
+    let mut out = BTreeMap::new();
+    for s in m.samples.iter().filter(|s| s.name == name) {
+        let le = &s.labels["le"];
+        if le != "+Inf" {
+            out.insert(le.parse::<f64>().unwrap() as u64, s.value);
+        }
+    }
+    out
+}
+
+/// Every family, exactly.
+pub fn assert_metrics(m: &Metrics, done: &[(Req, Response)]) {
+    let ex: Vec<Expected> = done.iter().map(|(r, resp)| expected(r, resp)).collect();
+    let n = ex.len() as f64;
+    let ignore = ["job", "instance"];
+    assert_eq!(m.sum("django_http_requests_before_middlewares_total", &[]), n);
+    assert_eq!(m.sum("django_http_responses_before_middlewares_total", &[]), n);
+    assert_eq!(m.sum("django_http_requests_latency_including_middlewares_seconds_count", &[]), n);
+    assert!(m.sum("django_http_requests_latency_including_middlewares_seconds_sum", &[]) > 0.0);
+    assert_eq!(m.sum("django_http_requests_unknown_latency_total", &[]), 0.0);
+    assert_eq!(m.sum("django_http_ajax_requests_total", &[]), ex.iter().filter(|e| e.ajax).count() as f64);
+    assert_eq!(
+        m.sum("django_http_responses_streaming_total", &[]),
+        ex.iter().filter(|e| e.streaming).count() as f64
+    );
+
+    let mut by_method = BTreeMap::new();
+    let mut by_transport = BTreeMap::new();
+    let mut by_vtm = BTreeMap::new();
+    let mut by_status = BTreeMap::new();
+    let mut by_svm = BTreeMap::new();
+    let mut by_charset = BTreeMap::new();
+    let mut latency = BTreeMap::new();
+    for e in &ex {
+        count(&mut by_method, &[("method", &e.method)]);
+        count(&mut by_transport, &[("transport", e.transport)]);
+        if e.resolved {
+            count(&mut by_vtm, &[("view", &e.view), ("transport", e.transport), ("method", &e.method)]);
+        }
+        count(&mut by_status, &[("status", &e.status)]);
+        count(&mut by_svm, &[("status", &e.status), ("view", &e.view), ("method", &e.method)]);
+        count(&mut by_charset, &[("charset", &e.charset)]);
+        count(&mut latency, &[("view", &e.view), ("method", &e.raw_method)]);
+    }
+    for (family, want) in [
+        ("django_http_requests_total_by_method_total", &by_method),
+        ("django_http_requests_total_by_transport_total", &by_transport),
+        ("django_http_requests_total_by_view_transport_method_total", &by_vtm),
+        ("django_http_responses_total_by_status_total", &by_status),
+        ("django_http_responses_total_by_status_view_method_total", &by_svm),
+        ("django_http_responses_total_by_charset_total", &by_charset),
+        ("django_http_requests_latency_seconds_by_view_method_count", &latency),
+    ] {
+        assert_eq!(&m.family(family, &ignore), want, "{family}");
+    }
+
+    let req_bodies: Vec<u64> = ex.iter().map(|e| e.request_body).collect();
+    assert_eq!(m.sum("django_http_requests_body_total_bytes_count", &[]), n);
+    assert_eq!(
+        m.sum("django_http_requests_body_total_bytes_sum", &[]),
+        req_bodies.iter().sum::<u64>() as f64
+    );
+    assert_eq!(buckets(m, "django_http_requests_body_total_bytes_bucket"), body_buckets(&req_bodies));
+    let resp_bodies: Vec<u64> = ex.iter().filter_map(|e| e.response).collect();
+    assert_eq!(m.sum("django_http_responses_body_total_bytes_count", &[]), resp_bodies.len() as f64);
+    assert_eq!(
+        m.sum("django_http_responses_body_total_bytes_sum", &[]),
+        resp_bodies.iter().sum::<u64>() as f64
+    );
+    assert_eq!(buckets(m, "django_http_responses_body_total_bytes_bucket"), body_buckets(&resp_bodies));
+
+    // Every series carries the target labels.
+    for s in m.samples.iter().filter(|s| s.name.starts_with("django_http_")) {
+        assert_eq!(s.labels.get("job").map(String::as_str), Some("django"), "{s:?}");
+        assert!(s.labels.contains_key("instance"), "{s:?}");
+    }
 }

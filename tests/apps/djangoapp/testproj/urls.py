@@ -18,6 +18,8 @@ urlpatterns = [
     path("files/<path:rest>", views.files, name="files"),
     path("u/<uuid:id>/", views.by_uuid, name="by-uuid"),
     path("slow", views.slow, name="slow"),
+    path("async/", views.aview, name="async-view"),
+    path("async/stream", views.astream, name="async-stream"),
 ]
 
 from django.conf import settings  # noqa: E402

@@ -67,3 +67,16 @@ def by_uuid(request, id):
 def slow(request):
     time.sleep(0.3)
     return HttpResponse("slow\n")
+
+
+async def aview(request):
+    """An async view (served natively by ASGI servers)."""
+    return HttpResponse("async view\n")
+
+
+async def astream(request):
+    async def parts():
+        for i in range(3):
+            yield ("async part %d\n" % i).encode()
+
+    return StreamingHttpResponse(parts(), content_type="text/plain")
