@@ -389,3 +389,98 @@ fn gunicorn_on_a_unix_socket_behind_nginx_keep_alive_upstreams() {
     assert!(instance.ends_with(&format!(":{}", socket.display())), "instance {instance} names the socket");
     eprintln!("nginx -> unix socket -> gunicorn gthread: {n} requests");
 }
+
+/// Sends `n` requests; returns how many.
+fn burst(port: u16, n: usize) -> f64 {
+    for i in 0..n {
+        let r = raw_exchange(
+            port,
+            format!("GET /shop/items/{i}/ HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+            &[false],
+        );
+        assert_eq!(r[0].status, 200);
+    }
+    n as f64
+}
+
+#[test]
+fn workers_crash_and_scale_while_the_series_stay_exact_until_the_app_goes() {
+    if !ebpf_available() {
+        return;
+    }
+    // No selector: the observer finds the app, and later its restarted self.
+    let obs = ObserverRun::start(&[]);
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let suffix = format!(":{port}");
+    // This app's series only (other tests' apps may be found too).
+    let count = move |m: &Metrics| {
+        m.samples
+            .iter()
+            .filter(|s| {
+                s.name == "django_http_requests_before_middlewares_total"
+                    && s.labels.get("instance").is_some_and(|i| i.ends_with(&suffix))
+            })
+            .map(|s| s.value)
+            .sum::<f64>()
+    };
+    let start = || {
+        let s = Server::start(
+            gunicorn(&["--bind", &bind, "--workers", "2", "testproj.wsgi:application"]),
+            libc::SIGTERM,
+            tcp_ready(port),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !obs.log().contains(&format!("pid={} why=\"started and runs gunicorn\"", s.pid())) {
+            assert!(Instant::now() < deadline, "the app was not traced:\n{}", obs.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    };
+    let wait_workers = |s: &Server, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s.children().len() != n {
+            assert!(Instant::now() < deadline, "gunicorn did not get to {n} workers");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut server = start();
+    wait_workers(&server, 2);
+    let mut sent = burst(port, 30);
+    let mut seen = vec![count(&obs.wait_until("first burst", |m| count(m) >= sent))];
+    // A worker crashes; the master forks a new one.
+    let victim = *server.children().iter().next().unwrap();
+    // SAFETY: a worker of the gunicorn we started.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(500));
+    wait_workers(&server, 2);
+    sent += burst(port, 30);
+    seen.push(count(&obs.wait_until("after the crash", |m| count(m) >= sent)));
+    // One more worker (TTIN), then one less (TTOU).
+    // SAFETY: signalling the master we started.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTTIN) };
+    wait_workers(&server, 3);
+    sent += burst(port, 30);
+    seen.push(count(&obs.wait_until("after TTIN", |m| count(m) >= sent)));
+    // SAFETY: as above.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTTOU) };
+    wait_workers(&server, 2);
+    sent += burst(port, 30);
+    seen.push(count(&obs.wait_until("after TTOU", |m| count(m) >= sent)));
+    assert_eq!(seen, vec![30.0, 60.0, 90.0, 120.0], "exact and monotonic through a crash and scaling");
+
+    // The app goes away: so do its series.
+    // SAFETY: signalling the master we started.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    let _ = server.child.wait();
+    let gone = obs.wait_until("the app's series to go", |m| {
+        !m.samples.iter().any(|s| s.labels.get("instance").is_some_and(|i| i.ends_with(&format!(":{port}"))))
+    });
+    assert_eq!(count(&gone), 0.0);
+
+    // A new master on the same port: the same label set from zero, a counter reset.
+    let _restarted = start();
+    let again = burst(port, 5);
+    let m = obs.wait_until("the restarted app", |m| count(m) >= again);
+    assert_eq!(count(&m), again);
+}
