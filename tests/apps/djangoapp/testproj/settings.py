@@ -1,8 +1,14 @@
 """Settings of the end-to-end test app.
 
-OBSERVER_TEST_DJANGO_PROMETHEUS=1 installs django-prometheus (middlewares and the
-/metrics view), for side-by-side runs; without it the app has no instrumentation at all.
+OBSERVER_TEST_DJANGO_PROMETHEUS=1 installs django-prometheus (middlewares, the /metrics
+view, its PostgreSQL engine and model mixin), for side-by-side runs; without it the app
+has no instrumentation at all.
+
+OBSERVER_TEST_PG (JSON: host, port, name, user, password, and optionally conn_max_age,
+server_side_binding, pool, closed_port) gives it a PostgreSQL database, with two extra
+aliases that cannot connect: "broken" (a closed port) and "wrongpw" (a wrong password).
 """
+import json
 import os
 from pathlib import Path
 
@@ -13,7 +19,32 @@ ALLOWED_HOSTS = ["*"]
 ROOT_URLCONF = "testproj.urls"
 WSGI_APPLICATION = "testproj.wsgi.application"
 USE_TZ = True
+DJANGO_PROMETHEUS = os.environ.get("OBSERVER_TEST_DJANGO_PROMETHEUS") == "1"
 DATABASES = {}
+_pg = os.environ.get("OBSERVER_TEST_PG")
+if _pg:
+    _pg = json.loads(_pg)
+    _engine = "django_prometheus.db.backends.postgresql" if DJANGO_PROMETHEUS else "django.db.backends.postgresql"
+    _options = {}
+    if _pg.get("server_side_binding"):
+        _options["server_side_binding"] = True
+    if _pg.get("pool"):
+        _options["pool"] = {"min_size": 1, "max_size": 4}
+    _base = {
+        "ENGINE": _engine,
+        "NAME": _pg["name"],
+        "USER": _pg["user"],
+        "PASSWORD": _pg["password"],
+        "HOST": _pg["host"],
+        "PORT": str(_pg["port"]),
+        "CONN_MAX_AGE": _pg.get("conn_max_age", 0),
+        "OPTIONS": _options,
+    }
+    DATABASES = {
+        "default": _base,
+        "broken": {**_base, "PORT": str(_pg.get("closed_port", 9)), "HOST": "127.0.0.1", "OPTIONS": {}},
+        "wrongpw": {**_base, "PASSWORD": "not-the-password", "OPTIONS": {}},
+    }
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = ["django.contrib.contenttypes", "shop"]
@@ -31,7 +62,6 @@ TEMPLATES = [
 ]
 LOGGING = {"version": 1, "disable_existing_loggers": False}
 
-DJANGO_PROMETHEUS = os.environ.get("OBSERVER_TEST_DJANGO_PROMETHEUS") == "1"
 if DJANGO_PROMETHEUS:
     INSTALLED_APPS.append("django_prometheus")
     MIDDLEWARE = (
@@ -39,3 +69,4 @@ if DJANGO_PROMETHEUS:
         + MIDDLEWARE
         + ["django_prometheus.middleware.PrometheusAfterMiddleware"]
     )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from . import views
+from . import dbviews, views
 
 urlpatterns = [
     path("", views.index, name="index"),
@@ -20,6 +20,21 @@ urlpatterns = [
     path("slow", views.slow, name="slow"),
     path("async/", views.aview, name="async-view"),
     path("async/stream", views.astream, name="async-stream"),
+    path("db/create", dbviews.create, name="db-create"),
+    path("db/save", dbviews.save, name="db-save"),
+    path("db/delete", dbviews.delete, name="db-delete"),
+    path("db/bulk", dbviews.bulk, name="db-bulk"),
+    path("db/update", dbviews.update, name="db-update"),
+    path("db/executemany", dbviews.executemany, name="db-executemany"),
+    path("db/list", dbviews.listing, name="db-list"),
+    path("db/unique-caught", dbviews.unique_caught, name="db-unique-caught"),
+    path("db/unique-uncaught", dbviews.unique_uncaught, name="db-unique-uncaught"),
+    path("db/missing-table", dbviews.missing_table, name="db-missing-table"),
+    path("db/timeout", dbviews.timeout, name="db-timeout"),
+    path("db/rollback", dbviews.rollback, name="db-rollback"),
+    path("db/broken", dbviews.broken, name="db-broken"),
+    path("db/wrongpw", dbviews.wrongpw, name="db-wrongpw"),
+    path("db/raw", dbviews.raw, name="db-raw"),
 ]
 
 from django.conf import settings  # noqa: E402

@@ -1,0 +1,14 @@
+from django.conf import settings
+from django.db import models
+
+if settings.DJANGO_PROMETHEUS:
+    from django_prometheus.models import ExportModelOperationsMixin
+
+    _bases = (ExportModelOperationsMixin("item"), models.Model)
+else:
+    _bases = (models.Model,)
+
+
+class Item(*_bases):
+    name = models.CharField(max_length=100, unique=True)
+    price = models.IntegerField(default=0)

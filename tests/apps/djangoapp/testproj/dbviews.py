@@ -1,0 +1,132 @@
+"""Views that drive a known set of database operations (OBSERVER_TEST_PG must be set)."""
+import itertools
+import os
+
+from django.db import IntegrityError, OperationalError, connection, connections, transaction
+from django.http import HttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from shop.models import Item
+
+_names = itertools.count()
+
+
+def _name(prefix):
+    return "%s-%d-%d" % (prefix, os.getpid(), next(_names))
+
+
+def create(request):
+    item = Item.objects.create(name=_name("create"), price=1)
+    return HttpResponse("created %d\n" % item.pk)
+
+
+def save(request):
+    item = Item.objects.create(name=_name("save"), price=1)
+    item.price = 2
+    item.save()
+    return HttpResponse("saved %d\n" % item.pk)
+
+
+def delete(request):
+    item = Item.objects.create(name=_name("delete"), price=1)
+    item.delete()
+    return HttpResponse("deleted\n")
+
+
+def bulk(request):
+    Item.objects.bulk_create([Item(name=_name("bulk"), price=3) for _ in range(3)])
+    return HttpResponse("bulk\n")
+
+
+def update(request):
+    n = Item.objects.filter(price=3).update(price=4)
+    return HttpResponse("updated %d\n" % n)
+
+
+def executemany(request):
+    with connection.cursor() as c:
+        c.executemany(
+            "INSERT INTO shop_item (name, price) VALUES (%s, %s)",
+            [(_name("many"), 5) for _ in range(4)],
+        )
+    return HttpResponse("executemany\n")
+
+
+def listing(request):
+    n = len(list(Item.objects.all().values_list("name", "price")))
+    return HttpResponse("%d items\n" % n)
+
+
+def unique_caught(request):
+    name = _name("dup")
+    Item.objects.create(name=name)
+    try:
+        with transaction.atomic():
+            Item.objects.create(name=name)
+    except IntegrityError:
+        return HttpResponse("duplicate refused\n")
+    return HttpResponse("no error?\n", status=500)
+
+
+def unique_uncaught(request):
+    name = _name("dup")
+    Item.objects.create(name=name)
+    Item.objects.create(name=name)  # IntegrityError: a 500
+    return HttpResponse("unreachable\n")
+
+
+def missing_table(request):
+    with connection.cursor() as c:
+        c.execute("SELECT * FROM no_such_table")  # ProgrammingError (UndefinedTable): a 500
+    return HttpResponse("unreachable\n")
+
+
+def timeout(request):
+    try:
+        with transaction.atomic():
+            with connection.cursor() as c:
+                c.execute("SET LOCAL statement_timeout = 50")
+                c.execute("SELECT pg_sleep(2)")
+    except OperationalError:
+        return HttpResponse("cancelled\n")
+    return HttpResponse("not cancelled?\n", status=500)
+
+
+class Rollback(Exception):
+    pass
+
+
+def rollback(request):
+    try:
+        with transaction.atomic():
+            Item.objects.create(name=_name("rollback"))
+            raise Rollback
+    except Rollback:
+        pass
+    return HttpResponse("rolled back\n")
+
+
+def broken(request):
+    try:
+        with connections["broken"].cursor() as c:
+            c.execute("SELECT 1")
+    except OperationalError:
+        return HttpResponse("refused\n")
+    return HttpResponse("connected?\n", status=500)
+
+
+def wrongpw(request):
+    try:
+        with connections["wrongpw"].cursor() as c:
+            c.execute("SELECT 1")
+    except OperationalError:
+        return HttpResponse("denied\n")
+    return HttpResponse("connected?\n", status=500)
+
+
+@csrf_exempt
+def raw(request):
+    with connection.cursor() as c:
+        c.execute("SELECT count(*) FROM shop_item WHERE price >= %s", [0])
+        (n,) = c.fetchone()
+    return HttpResponse("%d\n" % n)
