@@ -3,6 +3,7 @@
 //! resynchronisation, never a panic.
 
 pub mod http1;
+pub mod postgres;
 
 use crate::events::Direction;
 
