@@ -48,11 +48,14 @@ pub enum RecordKind {
     ProcExec = 7,
     /// [`ProcEvent`] for the exit of a tracked process (its last thread).
     ProcExit = 8,
+    /// [`ConnOpen`] layout: a `connect` of a tracked process failed at once (refused,
+    /// unreachable, no such socket file); `error` is the errno. The socket is not traced.
+    ConnFailed = 9,
 }
 
 impl RecordKind {
     /// All kinds, in tag order.
-    pub const ALL: [RecordKind; 8] = [
+    pub const ALL: [RecordKind; 9] = [
         Self::Data,
         Self::ConnOpen,
         Self::ConnClose,
@@ -61,6 +64,7 @@ impl RecordKind {
         Self::ProcFork,
         Self::ProcExec,
         Self::ProcExit,
+        Self::ConnFailed,
     ];
 
     /// Decodes a tag read from the ring buffer.
@@ -191,7 +195,8 @@ pub struct ConnOpen {
     pub role: u8,
     /// Non-zero when `connect` returned EINPROGRESS (non-blocking; completes later).
     pub in_progress: u8,
-    pub _pad: u16,
+    /// The errno of a failed `connect` ([`RecordKind::ConnFailed`]); 0 otherwise.
+    pub error: u16,
     /// Valid bytes of `peer`; 0 when unknown.
     pub peer_len: u32,
     /// Valid bytes of `local`; 0 when unknown.

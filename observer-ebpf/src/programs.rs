@@ -141,6 +141,9 @@ const SOCK_STREAM: u64 = 1;
 const SOCK_TYPE_MASK: u64 = 0xf;
 const MSG_PEEK: u64 = 2;
 const EINPROGRESS: i64 = 115;
+const EINTR: i64 = 4;
+const EALREADY: i64 = 114;
+const EISCONN: i64 = 106;
 const CLONE_THREAD: u64 = 0x10000;
 const CLOSE_RANGE_CLOEXEC: u64 = 4;
 const F_DUPFD: u64 = 0;
@@ -692,6 +695,8 @@ fn addrs_from_sock(fd: u32, p: *mut ConnOpen) -> bool {
 #[inline(always)]
 #[allow(clippy::too_many_arguments, reason = "inlined; one call per role")]
 fn emit_open(
+    kind: RecordKind,
+    error: u16,
     pid_tgid: u64,
     fd: u32,
     conn_id: u64,
@@ -708,7 +713,7 @@ fn emit_open(
     let p = e.as_mut_ptr();
     // SAFETY: p points to a reserved ConnOpen in the ring buffer.
     unsafe {
-        (*p).kind = RecordKind::ConnOpen as u32;
+        (*p).kind = kind as u32;
         (*p).tgid = (pid_tgid >> 32) as u32;
         (*p).ts_ns = now();
         (*p).conn_id = conn_id;
@@ -716,12 +721,13 @@ fn emit_open(
         (*p).fd = fd;
         (*p).role = role;
         (*p).in_progress = u8::from(in_progress);
-        (*p)._pad = 0;
+        (*p).error = error;
         (*p).listen_fd = listen_fd;
         (*p).local_len = 0;
         (*p).peer_len = 0;
     }
-    if !addrs_from_sock(fd, p) && addr != 0 {
+    // A failed connect leaves the socket without a peer: take the syscall's argument.
+    if (kind == RecordKind::ConnFailed || !addrs_from_sock(fd, p)) && addr != 0 {
         let n = if addr_len > SOCKADDR_BYTES as u64 { SOCKADDR_BYTES as u32 } else { addr_len as u32 };
         // SAFETY: p points to a reserved ConnOpen; n <= SOCKADDR_BYTES.
         unsafe {
@@ -776,20 +782,48 @@ pub fn sys_exit_connect(c: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(inf) = unstash(pid_tgid, OP_CONNECT) else { return 0 };
     let ret = arg(&c, 0) as i64;
-    // A non-blocking connect returns EINPROGRESS and completes later: trace it from now,
-    // the first successful read or write proves the connection.
-    if ret != 0 && ret != -EINPROGRESS {
-        return 0;
-    }
     let tgid = (pid_tgid >> 32) as u32;
     let Some(p) = tracked(tgid) else { return 0 };
+    // A non-blocking connect returns EINPROGRESS and completes later: trace it from now,
+    // the first successful read or write proves the connection. One that failed at once
+    // is reported (a database connection error) and not traced; a connect interrupted
+    // (EINTR) or repeated (EALREADY, EISCONN) says nothing new.
+    if ret != 0 && ret != -EINPROGRESS {
+        if ret != -EINTR && ret != -EALREADY && ret != -EISCONN && ret > -4096 {
+            let conn_id = next_conn_id();
+            emit_open(
+                RecordKind::ConnFailed,
+                (-ret) as u16,
+                pid_tgid,
+                inf.fd,
+                conn_id,
+                ROLE_CLIENT,
+                false,
+                u32::MAX,
+                inf.ptr,
+                inf.arg,
+            );
+        }
+        return 0;
+    }
     let conn_id = next_conn_id();
     let v = SockVal::new(conn_id, p.epoch, ROLE_CLIENT);
     if SOCKS.insert(SockKey { tgid, fd: inf.fd }, v, 0).is_err() {
         count(counter::SOCK_TABLE_FULL, 1);
         return 0;
     }
-    emit_open(pid_tgid, inf.fd, conn_id, ROLE_CLIENT, ret != 0, u32::MAX, inf.ptr, inf.arg);
+    emit_open(
+        RecordKind::ConnOpen,
+        0,
+        pid_tgid,
+        inf.fd,
+        conn_id,
+        ROLE_CLIENT,
+        ret != 0,
+        u32::MAX,
+        inf.ptr,
+        inf.arg,
+    );
     0
 }
 
@@ -833,7 +867,18 @@ fn exit_accept(c: &TracePointContext) {
         count(counter::SOCK_TABLE_FULL, 1);
         return;
     }
-    emit_open(pid_tgid, fd as u32, conn_id, ROLE_SERVER, false, inf.fd, inf.ptr, addr_len);
+    emit_open(
+        RecordKind::ConnOpen,
+        0,
+        pid_tgid,
+        fd as u32,
+        conn_id,
+        ROLE_SERVER,
+        false,
+        inf.fd,
+        inf.ptr,
+        addr_len,
+    );
 }
 
 #[tracepoint]

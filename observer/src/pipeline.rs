@@ -543,7 +543,7 @@ impl Sink for Pipeline {
                 self.pid_target.remove(pid);
                 self.drop_target(*pid);
             }
-            Record::ConnDup(_) | Record::FdEpoch(_) | Record::ProcExec { .. } => {}
+            Record::ConnDup(_) | Record::FdEpoch(_) | Record::ProcExec { .. } | Record::ConnFailed(_) => {}
         }
     }
 

@@ -262,6 +262,7 @@ impl Pump {
                 sink.record(&rec, None);
                 self.forget_process(*pid);
             }
+            Record::ConnFailed(_) => sink.record(&rec, None),
         }
     }
 

@@ -245,6 +245,18 @@ impl Sink for Printer {
                 o.fd,
                 if o.in_progress { " (in progress)" } else { "" }
             ),
+            Record::ConnFailed(f) if self.json => json!({"type": "connect_failed", "ts_ns": f.ts_ns, "pid": f.tgid,
+                "tid": f.tid, "fd": f.fd, "errno": f.errno, "peer": f.peer.as_ref().map(ToString::to_string)})
+            .to_string(),
+            Record::ConnFailed(f) => format!(
+                "{} pid={}/{} connect fd={} to {} failed: errno {}",
+                self.wall(f.ts_ns),
+                f.tgid,
+                f.tid,
+                f.fd,
+                f.peer.as_ref().map_or_else(|| "?".to_string(), ToString::to_string),
+                f.errno
+            ),
             Record::ConnClose(c) | Record::ConnDup(c) => {
                 let what = if matches!(rec, Record::ConnClose(_)) { "close" } else { "dup" };
                 if self.json {

@@ -305,3 +305,40 @@ fn comm_selector_picks_up_a_process_that_starts_later() {
     let trace = obs.stop();
     trace.assert_exact(pid, &ops(&result), usize::MAX);
 }
+
+fn refused(family: &str) {
+    if !ebpf_available() {
+        return;
+    }
+    let (pid, _, result, trace) = traced("refused", family, &[]);
+    let failed: Vec<&Value> = trace.records.iter().filter(|r| r["type"] == "connect_failed").collect();
+    let opened: Vec<&Value> =
+        trace.records.iter().filter(|r| r["type"] == "open" && r["pid"] == pid).collect();
+    for a in result["attempts"].as_array().unwrap() {
+        let errno = a["errno"].as_i64().unwrap();
+        if errno == libc::EINPROGRESS as i64 {
+            // Fails later: traced as a connection that never moves a byte.
+            assert!(opened.iter().any(|o| o["fd"] == a["fd"] && o["in_progress"] == true), "{a}: {opened:?}");
+            continue;
+        }
+        assert_ne!(errno, 0, "{a}");
+        let f = failed
+            .iter()
+            .find(|f| f["fd"] == a["fd"] && f["errno"] == errno)
+            .unwrap_or_else(|| panic!("no connect_failed record for {a}: {failed:?}"));
+        assert_eq!(f["pid"], pid);
+        assert_eq!(f["peer"], result["peer"], "{f}");
+    }
+    // The blocking attempt always fails at once.
+    assert!(!failed.is_empty());
+}
+
+#[test]
+fn refused_connects_are_reported_over_tcp() {
+    refused("inet");
+}
+
+#[test]
+fn refused_connects_are_reported_over_unix_sockets() {
+    refused("unix");
+}

@@ -20,12 +20,26 @@ pub use sockaddr::SockAddr;
 pub enum Record<'a> {
     Data(Data<'a>),
     ConnOpen(Open),
+    /// A `connect` that failed at once; the socket is not traced.
+    ConnFailed(Failed),
     ConnClose(FdEvent),
     ConnDup(FdEvent),
     FdEpoch(Epoch),
-    ProcFork { pid: u32, parent: u32, ts_ns: u64 },
-    ProcExec { pid: u32, tracked: bool, epoch: u32, ts_ns: u64 },
-    ProcExit { pid: u32, ts_ns: u64 },
+    ProcFork {
+        pid: u32,
+        parent: u32,
+        ts_ns: u64,
+    },
+    ProcExec {
+        pid: u32,
+        tracked: bool,
+        epoch: u32,
+        ts_ns: u64,
+    },
+    ProcExit {
+        pid: u32,
+        ts_ns: u64,
+    },
 }
 
 /// Direction of bytes, from the traced process's point of view.
@@ -111,6 +125,19 @@ pub struct Open {
     pub local: Option<SockAddr>,
     /// For an accepted connection, the listening socket's fd.
     pub listen_fd: Option<u32>,
+}
+
+/// A `connect` that failed at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    /// The errno (ECONNREFUSED, ENOENT, ...).
+    pub errno: u16,
+    /// Where it tried to connect, as the syscall's argument had it.
+    pub peer: Option<SockAddr>,
 }
 
 /// An fd of a connection closed (ConnClose) or added (ConnDup).
@@ -219,6 +246,17 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
                 peer: addr(&o.peer, o.peer_len),
                 local: addr(&o.local, o.local_len),
                 listen_fd: (o.listen_fd != u32::MAX).then_some(o.listen_fd),
+            }))
+        }
+        RecordKind::ConnFailed => {
+            let o: ConnOpen = read(buf)?;
+            Ok(Record::ConnFailed(Failed {
+                ts_ns: o.ts_ns,
+                tgid: o.tgid,
+                tid: o.tid,
+                fd: o.fd,
+                errno: o.error,
+                peer: SockAddr::from_raw(&o.peer[..(o.peer_len as usize).min(SOCKADDR_BYTES)]),
             }))
         }
         k @ (RecordKind::ConnClose | RecordKind::ConnDup) => {

@@ -546,6 +546,26 @@ fn fdreuse(family: Family, dir: &str) -> Value {
     json!({"reused": reused, "dup": {"fds": [d, d2, d3]}, "ops": ops.0})
 }
 
+/// Connects to an address nobody listens on any more: once blocking (fails at once),
+/// once non-blocking (a TCP connect returns EINPROGRESS and fails later; a Unix one fails
+/// at once).
+fn refused(family: Family, dir: &str) -> Value {
+    let l = listen(family, dir);
+    let addr = addr_string(&l.addr, l.len);
+    close(l.fd);
+    if family == Family::Unix {
+        let path = format!("{dir}/peer-{}.sock", std::process::id());
+        std::fs::remove_file(path).expect("remove socket file");
+    }
+    let mut attempts = Vec::new();
+    for flags in [0, libc::SOCK_NONBLOCK] {
+        let (fd, errno) = l.connect_with(flags);
+        attempts.push(json!({"fd": fd, "errno": errno, "nonblocking": flags != 0}));
+        close(fd);
+    }
+    json!({"peer": addr, "attempts": attempts})
+}
+
 /// Many small writes and reads as fast as possible, for the ring-buffer overflow test.
 fn burst(family: Family, dir: &str, count: usize) -> Value {
     let l = listen(family, dir);
@@ -604,6 +624,7 @@ fn main() {
         "fork" => fork(family, &dir),
         "fdreuse" => fdreuse(family, &dir),
         "burst" => burst(family, &dir, count),
+        "refused" => refused(family, &dir),
         other => panic!("unknown scenario {other}"),
     };
     println!("{result}");
