@@ -326,7 +326,7 @@ pub mod raw {
             fd: 9,
             role,
             in_progress: 0,
-            _pad: 0,
+            error: 0,
             peer_len: addr.len() as u32,
             local_len: 0,
             listen_fd: 3,
