@@ -1,8 +1,11 @@
 //! observer: django-prometheus metrics for Django processes, rebuilt from their socket
 //! syscalls with eBPF. Modules follow the data flow (see DESIGN.md):
 //! `ebpf` (loader) -> `pump` (ring buffer, process and connection bookkeeping, with
-//! `events`, `conns`, `targets`) -> sinks (`trace` today).
+//! `events`, `conns`, `targets`) -> sinks: `trace`, or `pipeline` (`protocol` parsers ->
+//! `django` metrics model, with `views` and what the app itself says through `app`) ->
+//! `server`.
 
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod conns;

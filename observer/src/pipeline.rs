@@ -16,6 +16,7 @@ use std::{
 use prometheus::Registry;
 
 use crate::{
+    app::discover,
     conns::{ConnInfo, ConnTable},
     django::{
         TargetLabels,
@@ -30,7 +31,7 @@ use crate::{
     pump::{Live, Sink},
     selfmetrics::SelfStats,
     targets::{self, procfs},
-    views::{AppSettings, RouteTable, View, ViewResolver, discover},
+    views::{AppSettings, RouteTable, View, ViewResolver},
 };
 
 /// Settings of the pipeline (from flags or the config file).

@@ -2,6 +2,8 @@
 //! strings and buckets (shared/reference/django-metrics.md, section A), fed from what the
 //! wire shows. Every name, label and bucket of the contract lives here and nowhere else.
 
+pub mod aliases;
+pub mod db;
 pub mod expo;
 pub mod http;
 

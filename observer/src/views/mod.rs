@@ -1,13 +1,11 @@
 //! Request path to Django view name (`resolver_match.view_name`), the `view` label.
 //!
 //! Route sources, in order: the app's own URL resolver, dumped by running its interpreter
-//! with its environment (`discover`); a routes file (`--routes`); and when neither is
+//! with its environment (`crate::app::discover`); a routes file (`--routes`); and when neither is
 //! available, a templated path under a hard cap. Matching follows Django's resolver: the
 //! patterns of each include are tried in order, first match wins, a `path()` segment is
 //! matched from the start (to the end for endpoints), a `re_path()` one is searched, or
 //! fully matched when it is an endpoint ending in `$`.
-
-pub mod discover;
 
 use std::{collections::HashMap, sync::Arc};
 

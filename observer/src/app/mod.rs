@@ -1,6 +1,11 @@
-//! Route discovery: the app's URL resolver, read by running `discover.py` with the app's
-//! own interpreter, environment, working directory, user and mount namespace, without
-//! changing the app. A failure is reported (and counted by the caller), never fatal.
+//! Asking the app itself: small Python scripts run with the target's own interpreter,
+//! environment, working directory, user and mount namespace, without changing the app.
+//! `discover` reads its URL resolver, settings, databases and models; `migrations`
+//! counts its applied and unapplied migrations. A failure is reported (and counted by the
+//! caller), never fatal.
+
+pub mod discover;
+pub mod migrations;
 
 use std::{
     ffi::CString,
@@ -12,29 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
+use crate::targets::detect::HELPER_ENV;
 
-use super::{AppSettings, RawRoute};
-
-const SCRIPT: &str = include_str!("discover.py");
-const MARKER: &str = "OBSERVER-DISCOVERY ";
-/// Largest output read from the discovery process.
+/// Largest output read from a helper.
 const MAX_OUTPUT: usize = 32 << 20;
 
-/// What the app's resolver and settings said.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Discovery {
-    pub django: String,
-    pub settings: AppSettings,
-    pub routes: Vec<RawRoute>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Output {
-    #[serde(flatten)]
-    discovery: Option<Discovery>,
-    error: Option<String>,
-}
+/// The start every helper script shares: finding the settings, `django.setup()`, and
+/// printing the marked result.
+const COMMON: &str = include_str!("common.py");
 
 /// How to run Python as the target does.
 #[derive(Debug, Clone)]
@@ -103,13 +93,14 @@ fn launch_for(pid: u32) -> Result<Launch, String> {
     })
 }
 
-/// Runs the discovery for the app that `pid` belongs to.
-pub fn discover(pid: u32, timeout: Duration) -> Result<Discovery, String> {
+/// Runs `script` as the app `pid` belongs to would run Python, and returns the JSON
+/// that follows the last line starting with `marker` in its output.
+fn run_script(pid: u32, script: &str, marker: &str, timeout: Duration) -> Result<String, String> {
     let l = launch_for(pid)?;
     let mut cmd = Command::new(&l.python);
-    cmd.arg("-B").arg("-c").arg(SCRIPT);
+    cmd.arg("-B").arg("-c").arg(script);
     cmd.env_clear().envs(l.env.iter().map(|(k, v)| (k, v)));
-    cmd.env("OBSERVER_TARGET_ARGV", serde_json::to_string(&l.argv).unwrap_or_default());
+    cmd.env(HELPER_ENV, serde_json::to_string(&l.argv).unwrap_or_default());
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
 
     let ns_fd = match &l.mnt_ns {
@@ -165,39 +156,10 @@ pub fn discover(pid: u32, timeout: Duration) -> Result<Discovery, String> {
         }
     }
     let out = reader.join().map_err(|_| "reader panicked")?;
-    parse_output(&String::from_utf8_lossy(&out))
+    marked_line(&String::from_utf8_lossy(&out), marker).map(str::to_string)
 }
 
-/// The marked line of the script's output.
-pub fn parse_output(out: &str) -> Result<Discovery, String> {
-    let line = out.lines().rev().find_map(|l| l.strip_prefix(MARKER)).ok_or("no discovery output")?;
-    let o: Output = serde_json::from_str(line).map_err(|e| format!("discovery output: {e}"))?;
-    if let Some(e) = o.error {
-        return Err(e);
-    }
-    o.discovery.ok_or_else(|| "empty discovery output".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn output_is_found_after_app_prints() {
-        let out = "hello from settings\n\nOBSERVER-DISCOVERY {\"django\":\"5.2.19\",\"settings\":{\"APPEND_SLASH\":true,\"DEFAULT_CHARSET\":\"utf-8\",\"SECURE_PROXY_SSL_HEADER\":[\"HTTP_X_FORWARDED_PROTO\",\"https\"]},\"routes\":[{\"view\":\"index\",\"segments\":[{\"kind\":\"route\",\"regex\":\"^\\\\Z\",\"endpoint\":true}]}]}\n";
-        let d = parse_output(out).unwrap();
-        assert_eq!(d.django, "5.2.19");
-        assert_eq!(d.routes.len(), 1);
-        assert_eq!(d.settings.secure_header(), Some(("x-forwarded-proto".into(), "https".into())));
-        let t = super::super::RouteTable::new(&d.routes);
-        assert_eq!(t.resolve("/").as_deref(), Some("index"));
-    }
-
-    #[test]
-    fn errors_are_reported() {
-        let e = parse_output("OBSERVER-DISCOVERY {\"error\":\"ImproperlyConfigured: no settings\"}\n")
-            .unwrap_err();
-        assert!(e.contains("ImproperlyConfigured"));
-        assert!(parse_output("nothing").is_err());
-    }
+/// The JSON after the last `marker` in a helper's output (the app may print too).
+fn marked_line<'a>(out: &'a str, marker: &str) -> Result<&'a str, String> {
+    out.lines().rev().find_map(|l| l.strip_prefix(marker)).ok_or_else(|| "no helper output".into())
 }

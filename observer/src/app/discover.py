@@ -1,0 +1,97 @@
+# Discovery: the app's URL resolver, the settings that change what django-prometheus
+# reports, its databases and its models' tables. Follows common.py.
+
+
+def main():
+    django = setup()
+    from django.conf import settings
+    from django.urls import URLPattern, URLResolver, get_resolver
+    from django.urls.resolvers import LocalePrefixPattern, ResolverMatch, RoutePattern
+
+    def segment(pattern, endpoint):
+        if isinstance(pattern, RoutePattern):
+            kind = "route"
+        elif isinstance(pattern, LocalePrefixPattern):
+            kind = "locale"
+        else:
+            kind = "regex"
+        return {"kind": kind, "regex": pattern.regex.pattern, "endpoint": endpoint}
+
+    routes = []
+
+    def walk(resolver, segments, namespaces, app_names, depth):
+        if depth > 32:
+            return
+        for p in resolver.url_patterns:
+            if isinstance(p, URLPattern):
+                # Django's own view_name rule (ResolverMatch.__init__).
+                m = ResolverMatch(p.callback, (), {}, p.name, app_names, namespaces)
+                routes.append({"view": m.view_name, "segments": segments + [segment(p.pattern, True)]})
+            elif isinstance(p, URLResolver):
+                walk(
+                    p,
+                    segments + [segment(p.pattern, False)],
+                    namespaces + [p.namespace],
+                    app_names + [p.app_name],
+                    depth + 1,
+                )
+
+    walk(get_resolver(), [], [], [], 0)
+    return {
+        "django": django.get_version(),
+        "settings": {
+            "APPEND_SLASH": bool(settings.APPEND_SLASH),
+            "DEFAULT_CHARSET": str(settings.DEFAULT_CHARSET),
+            "SECURE_PROXY_SSL_HEADER": list(settings.SECURE_PROXY_SSL_HEADER)
+            if settings.SECURE_PROXY_SSL_HEADER
+            else None,
+        },
+        "routes": routes,
+        "databases": databases(settings),
+        "models": models(),
+    }
+
+
+def databases(settings):
+    """Where each DATABASES alias connects (never its password)."""
+    from django.db import connections
+
+    out = []
+    for alias, s in settings.DATABASES.items():
+        try:
+            vendor = connections[alias].vendor
+        except Exception:
+            vendor = None
+        options = s.get("OPTIONS") or {}
+        out.append(
+            {
+                "alias": alias,
+                "vendor": vendor,
+                "engine": s.get("ENGINE"),
+                "name": s.get("NAME") or options.get("dbname"),
+                "user": s.get("USER") or options.get("user"),
+                "host": s.get("HOST") or options.get("host"),
+                "port": str(s.get("PORT") or options.get("port") or ""),
+                "pool": bool(options.get("pool")),
+            }
+        )
+    return out
+
+
+def models():
+    """Table -> model name, and the name given to django-prometheus's model mixin."""
+    from django.apps import apps
+
+    out = []
+    for m in apps.get_models(include_auto_created=True):
+        mixin = None
+        for k in type.mro(m):
+            found = re.fullmatch(r"ExportModelOperationsMixin\('(.*)'\)", getattr(k, "__qualname__", ""))
+            if found:
+                mixin = found.group(1)
+                break
+        out.append({"table": m._meta.db_table, "model": m._meta.model_name, "mixin": mixin})
+    return out
+
+
+run(main, "OBSERVER-DISCOVERY ")
