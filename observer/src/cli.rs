@@ -76,6 +76,23 @@ struct RunArgs {
     /// Distinct templated views per app when its routes are unknown [default: 500].
     #[arg(long, value_name = "N")]
     max_views: Option<usize>,
+    /// Count django_model_* for these models only (comma-separated labels), created at 0
+    /// [default: every model of the app].
+    #[arg(long, value_name = "LABELS", value_delimiter = ',')]
+    models: Vec<String>,
+    /// Distinct model labels per app [default: 1000].
+    #[arg(long, value_name = "N")]
+    max_models: Option<usize>,
+    /// Do not count the apps' migrations (django_migrations_*) with their interpreters.
+    #[arg(long)]
+    no_migrations: bool,
+    /// Seconds between migration counts of each app [default: 300].
+    #[arg(long, value_name = "SECS")]
+    migrations_interval: Option<u64>,
+    /// Database statements sent and not yet answered per connection (a pipeline's depth)
+    /// [default: 4096].
+    #[arg(long, value_name = "N")]
+    max_pending_statements: Option<usize>,
     /// Longest HTTP head kept while incomplete [default: 32768].
     #[arg(long, value_name = "BYTES")]
     max_http_head_bytes: Option<usize>,
@@ -315,6 +332,22 @@ async fn run(args: RunArgs) -> Result<()> {
         max_views: args.max_views.or(file.max_views).unwrap_or(d.max_views),
         http,
         max_parsers: args.max_parsers.or(file.max_parsers).unwrap_or(d.max_parsers),
+        postgres: crate::protocol::postgres::Limits {
+            max_pending: args
+                .max_pending_statements
+                .or(file.max_pending_statements)
+                .unwrap_or(d.postgres.max_pending),
+            ..d.postgres
+        },
+        models: if args.models.is_empty() { file.models.clone() } else { Some(args.models.clone()) },
+        max_models: args.max_models.or(file.max_models).unwrap_or(d.max_models),
+        db_aliases: file.databases.clone(),
+        migrations: !args.no_migrations && file.migrations.unwrap_or(true),
+        migrations_interval: args
+            .migrations_interval
+            .or(file.migrations_interval)
+            .map_or(d.migrations_interval, Duration::from_secs),
+        discovery_delay: d.discovery_delay,
     };
     let shutdown = Shutdown::install()?;
     let opts = args.probe.options(&file);

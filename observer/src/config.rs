@@ -8,11 +8,23 @@
 //! port = [8000]
 //! routes = "/etc/observer/routes.txt"
 //! max_views = 500
+//! models = ["item", "order"]
+//! migrations_interval = 300
+//!
+//! # DATABASES aliases, for apps whose settings cannot be read (matched by address,
+//! # database name and user, like the discovered ones).
+//! [[databases]]
+//! alias = "replica"
+//! host = "10.0.0.12"
+//! port = 5432
+//! name = "shop"
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::django::aliases::ConfigAlias;
 
 /// Every key is optional.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -41,6 +53,13 @@ pub struct FileConfig {
     pub max_connections: Option<u32>,
     pub max_processes: Option<u32>,
     pub max_inflight_syscalls: Option<u32>,
+    pub models: Option<Vec<String>>,
+    pub max_models: Option<usize>,
+    pub migrations: Option<bool>,
+    pub migrations_interval: Option<u64>,
+    pub max_pending_statements: Option<usize>,
+    #[serde(default)]
+    pub databases: Vec<ConfigAlias>,
 }
 
 impl FileConfig {
@@ -69,5 +88,13 @@ mod tests {
         assert_eq!(c.max_views, Some(10));
         assert_eq!(c.route_discovery, Some(false));
         assert!(FileConfig::parse("lisen = \"x\"").unwrap_err().contains("unknown field"));
+        let c = FileConfig::parse(
+            "models = [\"item\"]\nmigrations = false\n[[databases]]\nalias = \"replica\"\nhost = \"10.0.0.2\"\nport = 5433\n",
+        )
+        .unwrap();
+        assert_eq!(c.models, Some(vec!["item".to_string()]));
+        assert_eq!(c.migrations, Some(false));
+        assert_eq!(c.databases[0].alias, "replica");
+        assert_eq!(c.databases[0].port, Some(5433));
     }
 }

@@ -1,11 +1,14 @@
-//! `observer run`'s sink: records of server connections go through the HTTP/1 parser,
-//! and each request/response pair becomes django_http_* samples of its target (the
-//! Django app the process belongs to).
+//! `observer run`'s sink: records of server connections go through the HTTP/1 parser and
+//! become django_http_* samples; client connections that start (or go on) as PostgreSQL
+//! go through its parser and become django_db_* and django_model_* samples, all of the
+//! target (the Django app) the process belongs to.
 //!
 //! A target is a root process (a gunicorn/uwsgi master, a runserver, a uvicorn) and all
 //! its descendants: every worker feeds one series set, so counters stay monotonic while
-//! workers come and go. Its routes are discovered in the background; exchanges wait in a
-//! bounded backlog meanwhile so that their view labels are right from the first request.
+//! workers come and go. Its routes, databases and models are discovered in the
+//! background; exchanges and database events wait in a bounded backlog meanwhile so that
+//! their labels are right from the first one. Its migrations are counted by its own
+//! interpreter after discovery and on an interval.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -16,10 +19,15 @@ use std::{
 use prometheus::Registry;
 
 use crate::{
-    app::discover,
+    app::{
+        discover::{self, Database},
+        migrations::{self, AliasMigrations},
+    },
     conns::{ConnInfo, ConnTable},
     django::{
         TargetLabels,
+        aliases::{AliasTable, ConfigAlias},
+        db::{DbMetrics, DbObservation, MigrationMetrics, ModelMap, ModelMetrics, POSTGRESQL},
         http::{Body, HttpMetrics, HttpObservation, UNNAMED_VIEW},
     },
     events::{Record, Role, SockAddr},
@@ -27,6 +35,7 @@ use crate::{
     protocol::{
         Chunk,
         http1::{self, Event, Exchange, Http1Parser, Mode},
+        postgres::{self, Failure, PgParser, sqlstate},
     },
     pump::{Live, Sink},
     selfmetrics::SelfStats,
@@ -51,6 +60,18 @@ pub struct Settings {
     pub http: http1::Limits,
     /// Connections with parser state at once.
     pub max_parsers: usize,
+    pub postgres: postgres::Limits,
+    /// Model labels counted (all models when unset); they are created at 0.
+    pub models: Option<Vec<String>>,
+    /// Distinct model labels per app.
+    pub max_models: usize,
+    /// DATABASES aliases from the config file (for apps whose settings cannot be read).
+    pub db_aliases: Vec<ConfigAlias>,
+    /// Count each app's migrations with its own interpreter.
+    pub migrations: bool,
+    pub migrations_interval: Duration,
+    /// An app that serves nothing is discovered anyway this long after it appeared.
+    pub discovery_delay: Duration,
 }
 
 impl Default for Settings {
@@ -67,6 +88,13 @@ impl Default for Settings {
             max_views: 500,
             http: http1::Limits::default(),
             max_parsers: 65_536,
+            postgres: postgres::Limits::default(),
+            models: None,
+            max_models: 1000,
+            db_aliases: Vec::new(),
+            migrations: true,
+            migrations_interval: Duration::from_secs(300),
+            discovery_delay: Duration::from_secs(10),
         }
     }
 }
@@ -80,26 +108,85 @@ pub struct Exposition {
     pub last_report: Option<Instant>,
 }
 
-/// Exchanges kept per target while its routes are being discovered.
+/// Exchanges and database events kept per target while it is being discovered.
 const BACKLOG: usize = 10_000;
 
+/// A discovery's result, with the alias table built (host names resolved) off the pump.
+type Discovered = Result<(discover::Discovery, AliasTable), String>;
+
 enum Routes {
-    /// Discovery starts with the app's first exchange: by then it has loaded its
-    /// settings and changed to its working directory (a fresh exec has not).
+    /// Discovery starts with the app's first exchange (by then it has loaded its
+    /// settings and changed to its working directory; a fresh exec has not), or a while
+    /// after the app appeared.
     NotStarted,
-    Pending(mpsc::Receiver<Result<discover::Discovery, String>>),
+    Pending(mpsc::Receiver<Discovered>),
     Ready,
 }
 
+enum MigrationsCheck {
+    Off,
+    /// Next run at.
+    Idle(Instant),
+    Running(mpsc::Receiver<Result<BTreeMap<String, AliasMigrations>, String>>),
+}
+
+/// What a database connection did, for its app's families.
+#[derive(Debug, Clone)]
+enum DbWhat {
+    Attempt,
+    AttemptFailed,
+    /// A connect that failed before any byte (refused, no such socket).
+    Refused,
+    Statement(postgres::Statement),
+}
+
+#[derive(Debug, Clone)]
+struct DbEvent {
+    peer: Option<SockAddr>,
+    user: Option<Box<str>>,
+    database: Option<Box<str>>,
+    what: DbWhat,
+}
+
+enum Backlogged {
+    Http(Exchange, Option<SockAddr>),
+    Db(DbEvent),
+}
+
+/// The families of one app, created together when the first of them is needed.
+struct Families {
+    http: HttpMetrics,
+    db: DbMetrics,
+    models: ModelMetrics,
+    migrations: MigrationMetrics,
+}
+
 struct Target {
-    /// Created with the first exchange, when the app listens and its `instance` label
-    /// (its listening port) is known.
-    http: Option<HttpMetrics>,
+    /// Created with the first exchange or database event, when the app listens and its
+    /// `instance` label (its listening port) is known.
+    families: Option<Families>,
     views: ViewResolver,
     settings: AppSettings,
     parser_config: http1::Config,
     routes: Routes,
-    backlog: VecDeque<(Exchange, Option<SockAddr>)>,
+    backlog: VecDeque<Backlogged>,
+    aliases: AliasTable,
+    models: ModelMap,
+    migrations: MigrationsCheck,
+    appeared: Instant,
+}
+
+struct PgConn {
+    parser: PgParser,
+    user: Option<Box<str>>,
+    database: Option<Box<str>>,
+}
+
+enum Proto {
+    Http(Box<Http1Parser>),
+    Postgres(Box<PgConn>),
+    /// A client connection that is no database protocol we parse.
+    Other,
 }
 
 struct ConnState {
@@ -107,7 +194,8 @@ struct ConnState {
     owner: u32,
     /// The connection's local address: the listener the app serves on.
     local: Option<SockAddr>,
-    parser: Http1Parser,
+    peer: Option<SockAddr>,
+    proto: Proto,
     counted_other: bool,
 }
 
@@ -125,6 +213,7 @@ pub struct Pipeline {
     /// Per (target, label): the overflow count already added to `stats`.
     overflow_seen: HashMap<(u32, &'static str), u64>,
     events: Vec<Event>,
+    pg_events: Vec<postgres::Event>,
     last_gc: Instant,
 }
 
@@ -171,6 +260,7 @@ impl Pipeline {
             stats: SelfStats::default(),
             overflow_seen: HashMap::new(),
             events: Vec::new(),
+            pg_events: Vec::new(),
             last_gc: Instant::now(),
         }
     }
@@ -198,19 +288,29 @@ impl Pipeline {
 
     fn new_target(&mut self, root: u32) {
         tracing::info!(root, "new app");
+        let migrations = if self.settings.migrations {
+            MigrationsCheck::Idle(Instant::now())
+        } else {
+            MigrationsCheck::Off
+        };
         let target = Target {
-            http: None,
+            families: None,
             views: ViewResolver::new(self.routes_file_table(), self.settings.max_views),
             settings: AppSettings::default(),
             parser_config: http1::Config::default(),
             routes: Routes::NotStarted,
             backlog: VecDeque::new(),
+            // Until discovery: the config file's aliases (addresses only, no DNS here).
+            aliases: AliasTable::build(&[], &self.settings.db_aliases, false),
+            models: ModelMap::by_rule(self.settings.models.as_deref()),
+            migrations,
+            appeared: Instant::now(),
         };
         self.targets.insert(root, target);
         self.pid_target.insert(root, root);
     }
 
-    /// Starts the app's route discovery in the background (or skips it when off).
+    /// Starts the app's discovery in the background (or skips it when off).
     fn start_discovery(&mut self, root: u32) {
         let Some(t) = self.targets.get_mut(&root) else { return };
         t.routes = Routes::Ready;
@@ -219,18 +319,23 @@ impl Pipeline {
         }
         let (tx, rx) = mpsc::channel();
         let timeout = self.settings.discovery_timeout;
+        let config = self.settings.db_aliases.clone();
         let spawned = std::thread::Builder::new().name(format!("discover-{root}")).spawn(move || {
-            let _ = tx.send(discover::discover(root, timeout));
+            let result = discover::discover(root, timeout).map(|d| {
+                let aliases = AliasTable::build(&d.databases, &config, true);
+                (d, aliases)
+            });
+            let _ = tx.send(result);
         });
         if spawned.is_ok() {
             t.routes = Routes::Pending(rx);
         }
     }
 
-    /// Creates the app's registry, with its target labels, once. `local` is where its
-    /// first exchange was served: the `instance` label names it.
+    /// Creates the app's registry and families, with its target labels, once. `local` is
+    /// where its first exchange was served: the `instance` label names it.
     fn materialize(&mut self, root: u32, local: Option<&SockAddr>) {
-        if self.targets.get(&root).is_none_or(|t| t.http.is_some()) {
+        if self.targets.get(&root).is_none_or(|t| t.families.is_some()) {
             return;
         }
         let labels = self.labels(root, local);
@@ -241,9 +346,21 @@ impl Pipeline {
                 return;
             }
         };
-        let Ok(http) = HttpMetrics::new(&registry) else { return };
+        let families = (|| {
+            Ok::<_, prometheus::Error>(Families {
+                http: HttpMetrics::new(&registry)?,
+                db: DbMetrics::new(&registry)?,
+                models: ModelMetrics::new(&registry, self.settings.max_models)?,
+                migrations: MigrationMetrics::new(&registry)?,
+            })
+        })();
+        let Ok(mut families) = families else { return };
         if let Some(t) = self.targets.get_mut(&root) {
-            t.http = Some(http);
+            // django-prometheus's model mixin creates its model's series at 0.
+            for label in t.models.precreate() {
+                families.models.precreate(label);
+            }
+            t.families = Some(families);
         }
         tracing::info!(root, instance = %labels.instance, "exporting the app's series");
         self.publish(|e| {
@@ -251,24 +368,85 @@ impl Pipeline {
         });
     }
 
-    /// One exchange of an app (served on `local`): wait for its routes, or count it.
-    fn exchange(&mut self, root: u32, ex: &Exchange, local: Option<&SockAddr>) {
+    /// Whether events of the app wait for its discovery (and start it if needed).
+    fn waits_for_discovery(&mut self, root: u32) -> bool {
         if matches!(self.targets.get(&root).map(|t| &t.routes), Some(Routes::NotStarted)) {
             self.start_discovery(root);
         }
+        matches!(self.targets.get(&root).map(|t| &t.routes), Some(Routes::Pending(_)))
+    }
+
+    fn backlog(&mut self, root: u32, item: Backlogged) {
         let Some(t) = self.targets.get_mut(&root) else { return };
-        if matches!(t.routes, Routes::Pending(_)) {
-            if t.backlog.len() >= BACKLOG {
-                t.backlog.pop_front();
-                self.stats.backlog_dropped += 1;
-            }
-            t.backlog.push_back((ex.clone(), local.cloned()));
+        if t.backlog.len() >= BACKLOG {
+            t.backlog.pop_front();
+            self.stats.backlog_dropped += 1;
+        }
+        t.backlog.push_back(item);
+    }
+
+    /// One exchange of an app (served on `local`): wait for its routes, or count it.
+    fn exchange(&mut self, root: u32, ex: &Exchange, local: Option<&SockAddr>) {
+        if self.waits_for_discovery(root) {
+            self.backlog(root, Backlogged::Http(ex.clone(), local.cloned()));
             return;
         }
         self.materialize(root, local);
         if let Some(t) = self.targets.get_mut(&root) {
             observe(t, ex);
             self.stats.http_exchanges += 1;
+        }
+    }
+
+    /// One database event of an app: wait for its aliases and models, or count it.
+    fn db_event(&mut self, root: u32, ev: DbEvent) {
+        if self.waits_for_discovery(root) {
+            self.backlog(root, Backlogged::Db(ev));
+            return;
+        }
+        let Some(t) = self.targets.get(&root) else { return };
+        // A connect that failed before any byte is a database's only if it was to one.
+        let alias = match (&ev.what, &ev.peer) {
+            (DbWhat::Refused, Some(peer)) => match t.aliases.by_address(peer) {
+                Some(a) => a.to_string(),
+                None => return,
+            },
+            (DbWhat::Refused, None) => return,
+            _ => t.aliases.resolve(ev.peer.as_ref(), ev.user.as_deref(), ev.database.as_deref()).to_string(),
+        };
+        self.materialize(root, None);
+        let Some(t) = self.targets.get_mut(&root) else { return };
+        let Some(f) = t.families.as_mut() else { return };
+        match ev.what {
+            DbWhat::Attempt => f.db.attempt(&alias, POSTGRESQL),
+            DbWhat::AttemptFailed => f.db.attempt_failed(&alias, POSTGRESQL),
+            DbWhat::Refused => {
+                f.db.attempt(&alias, POSTGRESQL);
+                f.db.attempt_failed(&alias, POSTGRESQL);
+            }
+            DbWhat::Statement(st) => {
+                let error_type = st.failure.map(|x| match x {
+                    Failure::Server(code) => code.class_name(),
+                    // psycopg: OperationalError when the connection broke, the base class
+                    // for an error without a SQLSTATE.
+                    Failure::ConnectionLost => sqlstate::NO_SQLSTATE,
+                    Failure::Unknown => "DatabaseError",
+                });
+                f.db.observe(&DbObservation {
+                    alias: &alias,
+                    vendor: POSTGRESQL,
+                    executes: u64::from(st.executes),
+                    many: st.many,
+                    error_type,
+                    seconds: st.end_ns.saturating_sub(st.start_ns) as f64 / 1e9,
+                });
+                for (w, n) in &st.writes {
+                    if let Some(label) = t.models.label(&w.table) {
+                        f.models.count(w.op, &label, u64::from(*n));
+                    }
+                }
+                self.stats.db_statements += 1;
+            }
         }
     }
 
@@ -317,7 +495,21 @@ impl Pipeline {
         }
     }
 
-    /// Picks up finished route discoveries and replays the exchanges that waited.
+    /// Starts the discovery of apps that served nothing for a while.
+    fn discover_quiet_apps(&mut self) {
+        let delay = self.settings.discovery_delay;
+        let quiet: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| matches!(t.routes, Routes::NotStarted) && t.appeared.elapsed() >= delay)
+            .map(|(r, _)| *r)
+            .collect();
+        for root in quiet {
+            self.start_discovery(root);
+        }
+    }
+
+    /// Picks up finished discoveries and replays what waited.
     fn poll_discoveries(&mut self) {
         let mut done = Vec::new();
         for (root, t) in &mut self.targets {
@@ -335,7 +527,7 @@ impl Pipeline {
             let Some(t) = self.targets.get_mut(&root) else { continue };
             t.routes = Routes::Ready;
             match result {
-                Ok(d) => {
+                Ok((d, aliases)) => {
                     self.stats.route_discovery_ok += 1;
                     let table = RouteTable::new(&d.routes);
                     tracing::info!(
@@ -343,6 +535,8 @@ impl Pipeline {
                         django = %d.django,
                         routes = table.len(),
                         unsupported = table.unsupported,
+                        databases = d.databases.len(),
+                        models = d.models.len(),
                         "routes discovered from the running app"
                     );
                     t.views.set_table(Some(table));
@@ -354,6 +548,18 @@ impl Pipeline {
                             .filter(|n| !http1::PROXY_HEADERS.contains(&n.as_str())),
                     };
                     t.settings = d.settings;
+                    t.aliases = aliases;
+                    t.models = ModelMap::new(
+                        d.models.iter().map(|m| (m.table.as_str(), m.model.as_str(), m.mixin.as_deref())),
+                        self.settings.models.as_deref(),
+                    );
+                    if d.databases
+                        .iter()
+                        .all(|db: &Database| db.engine.as_deref() == Some("django.db.backends.dummy"))
+                        && !d.databases.is_empty()
+                    {
+                        t.migrations = MigrationsCheck::Off;
+                    }
                 }
                 Err(e) => {
                     self.stats.route_discovery_failed += 1;
@@ -364,10 +570,84 @@ impl Pipeline {
             let config = t.parser_config.clone();
             let backlog = std::mem::take(&mut t.backlog);
             for c in self.conns.values_mut().filter(|c| c.target == root) {
-                c.parser.set_config(config.clone());
+                if let Proto::Http(p) = &mut c.proto {
+                    p.set_config(config.clone());
+                }
             }
-            for (ex, local) in backlog {
-                self.exchange(root, &ex, local.as_ref());
+            for item in backlog {
+                match item {
+                    Backlogged::Http(ex, local) => self.exchange(root, &ex, local.as_ref()),
+                    Backlogged::Db(ev) => self.db_event(root, ev),
+                }
+            }
+        }
+    }
+
+    /// Starts due migration counts (after discovery) and applies finished ones.
+    fn poll_migrations(&mut self) {
+        let timeout = self.settings.discovery_timeout;
+        let interval = self.settings.migrations_interval;
+        let mut results = Vec::new();
+        for (root, t) in &mut self.targets {
+            if !matches!(t.routes, Routes::Ready) {
+                continue;
+            }
+            match &t.migrations {
+                MigrationsCheck::Idle(at) if Instant::now() >= *at => {
+                    let (tx, rx) = mpsc::channel();
+                    let pid = *root;
+                    let spawned =
+                        std::thread::Builder::new().name(format!("migrations-{root}")).spawn(move || {
+                            let _ = tx.send(migrations::count(pid, timeout));
+                        });
+                    t.migrations = match spawned {
+                        Ok(_) => MigrationsCheck::Running(rx),
+                        Err(_) => MigrationsCheck::Idle(Instant::now() + interval),
+                    };
+                }
+                MigrationsCheck::Running(rx) => match rx.try_recv() {
+                    Ok(r) => results.push((*root, r)),
+                    Err(mpsc::TryRecvError::Empty) => {}
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        results.push((*root, Err("thread ended".into())))
+                    }
+                },
+                _ => {}
+            }
+        }
+        for (root, result) in results {
+            if let Some(t) = self.targets.get_mut(&root) {
+                t.migrations = MigrationsCheck::Idle(Instant::now() + interval);
+            }
+            match result {
+                Ok(aliases) => {
+                    if aliases.is_empty() {
+                        continue;
+                    }
+                    self.materialize(root, None);
+                    let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) else { continue };
+                    for (alias, m) in aliases {
+                        match m {
+                            AliasMigrations::Counts { applied, unapplied } => {
+                                f.migrations.set(&alias, applied, unapplied);
+                                self.stats.migrations_ok += 1;
+                            }
+                            AliasMigrations::Failed { error } => {
+                                tracing::warn!(
+                                    root,
+                                    alias,
+                                    error,
+                                    "cannot count the migrations of a database"
+                                );
+                                self.stats.migrations_failed += 1;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(root, error = %e, "cannot count the app's migrations");
+                    self.stats.migrations_failed += 1;
+                }
             }
         }
     }
@@ -384,17 +664,90 @@ impl Pipeline {
         self.events.clear();
     }
 
+    /// What a PostgreSQL connection's parser reported.
+    fn handle_pg_events(&mut self, target: u32, conn_id: u64) {
+        let events = std::mem::take(&mut self.pg_events);
+        for ev in &events {
+            let (peer, user, database) = match self.conns.get_mut(&conn_id) {
+                Some(ConnState { proto: Proto::Postgres(pg), peer, .. }) => {
+                    if let postgres::Event::Attempt { user, database } = ev {
+                        pg.user.clone_from(user);
+                        pg.database.clone_from(database);
+                    }
+                    (peer.clone(), pg.user.clone(), pg.database.clone())
+                }
+                _ => (None, None, None),
+            };
+            let what = match ev {
+                postgres::Event::Attempt { .. } => DbWhat::Attempt,
+                postgres::Event::AttemptFailed { .. } => DbWhat::AttemptFailed,
+                postgres::Event::Statement(st) => DbWhat::Statement(st.clone()),
+                postgres::Event::Encrypted => {
+                    self.stats.db_encrypted += 1;
+                    continue;
+                }
+                postgres::Event::Cancel => continue,
+                postgres::Event::Error(e) => {
+                    *self.stats.parse_errors.entry(("postgresql", e.as_str())).or_default() += 1;
+                    continue;
+                }
+            };
+            self.db_event(target, DbEvent { peer, user, database, what });
+        }
+        self.pg_events = events;
+        self.pg_events.clear();
+    }
+
     fn close_conn(&mut self, conn_id: u64) {
-        if let Some(mut c) = self.conns.remove(&conn_id) {
-            c.parser.close(&mut self.events);
-            self.handle_events(c.target, c.local.as_ref());
+        let Some(c) = self.conns.get_mut(&conn_id) else { return };
+        let target = c.target;
+        match &mut c.proto {
+            Proto::Http(p) => {
+                p.close(&mut self.events);
+                let local = c.local.clone();
+                self.conns.remove(&conn_id);
+                self.handle_events(target, local.as_ref());
+            }
+            Proto::Postgres(pg) => {
+                pg.parser.close(&mut self.pg_events);
+                self.handle_pg_events(target, conn_id);
+                self.conns.remove(&conn_id);
+            }
+            Proto::Other => {
+                self.conns.remove(&conn_id);
+            }
+        }
+    }
+
+    /// The protocol of a client connection, from its first write (None: not decided yet).
+    fn client_proto(&self, target: u32, conn: &ConnInfo, d: &crate::events::Data<'_>) -> Option<Proto> {
+        if d.dir != crate::events::Direction::Send {
+            return None;
+        }
+        let limits = self.settings.postgres;
+        let new_pg = |parser| Proto::Postgres(Box::new(PgConn { parser, user: None, database: None }));
+        if postgres::is_startup(d.bytes) {
+            return Some(new_pg(PgParser::new(limits)));
+        }
+        let t = self.targets.get(&target)?;
+        // Met in the middle (open before tracing started): whole frontend messages to a
+        // database the app uses.
+        if postgres::looks_like_frontend(d.bytes, d.total_len)
+            && conn.peer.as_ref().is_some_and(|p| t.aliases.by_address(p).is_some())
+        {
+            return Some(new_pg(PgParser::mid_stream(limits)));
+        }
+        // Until the app's databases are known, a connection may still turn out to be one.
+        match t.routes {
+            Routes::Ready => Some(Proto::Other),
+            _ => None,
         }
     }
 }
 
 /// One exchange into its target's families.
 fn observe(t: &mut Target, ex: &Exchange) {
-    let Some(http) = t.http.as_mut() else { return };
+    let Some(http) = t.families.as_mut().map(|f| &mut f.http) else { return };
     let (req, resp) = (&ex.request, &ex.response);
     let view = t.views.resolve(&req.path);
     let (label, resolved) = match &view {
@@ -472,34 +825,48 @@ impl Sink for Pipeline {
         match rec {
             Record::Data(d) => {
                 let Some(conn) = conn else { return };
-                if conn.role != Role::Server {
-                    return;
-                }
                 let Some(&target) = self.pid_target.get(&d.tgid) else {
                     self.stats.unattributed_records += 1;
                     return;
                 };
                 let Some(t) = self.targets.get(&target) else { return };
                 if !self.conns.contains_key(&d.conn_id) {
+                    let proto = match conn.role {
+                        Role::Server => Proto::Http(Box::new(Http1Parser::new(
+                            self.settings.http,
+                            t.parser_config.clone(),
+                        ))),
+                        Role::Client => match self.client_proto(target, conn, d) {
+                            Some(p) => p,
+                            None => return,
+                        },
+                    };
                     if self.conns.len() >= self.settings.max_parsers {
                         *self.stats.label_overflow.entry("parser_states").or_default() += 1;
                         return;
                     }
-                    let parser = Http1Parser::new(self.settings.http, t.parser_config.clone());
-                    let local = conn.local.clone();
+                    if matches!(proto, Proto::Other) {
+                        self.stats.not_db_connections += 1;
+                    }
                     self.conns.insert(
                         d.conn_id,
-                        ConnState { target, owner: d.tgid, local, parser, counted_other: false },
+                        ConnState {
+                            target,
+                            owner: d.tgid,
+                            local: conn.local.clone(),
+                            peer: conn.peer.clone(),
+                            proto,
+                            counted_other: false,
+                        },
                     );
                 }
                 let Some(state) = self.conns.get_mut(&d.conn_id) else { return };
+                let mut lost = false;
                 if let Some(seq) = d.seq {
                     let key = (d.tgid, d.fd);
                     if let Some(&expected) = self.fd_seq.get(&key) {
                         let ahead = seq.wrapping_sub(expected);
-                        if ahead > 0 && ahead < 1 << 31 {
-                            state.parser.lost(&mut self.events);
-                        }
+                        lost = ahead > 0 && ahead < 1 << 31;
                     }
                     self.fd_seq.insert(key, seq.wrapping_add(1));
                 }
@@ -510,13 +877,28 @@ impl Sink for Pipeline {
                     bytes: d.bytes,
                     total_len: d.total_len,
                 };
-                state.parser.feed(&chunk, &mut self.events);
-                if state.parser.mode() == Mode::Other && !state.counted_other {
-                    state.counted_other = true;
-                    self.stats.not_http_connections += 1;
+                match &mut state.proto {
+                    Proto::Http(parser) => {
+                        if lost {
+                            parser.lost(&mut self.events);
+                        }
+                        parser.feed(&chunk, &mut self.events);
+                        if parser.mode() == Mode::Other && !state.counted_other {
+                            state.counted_other = true;
+                            self.stats.not_http_connections += 1;
+                        }
+                        let local = state.local.clone();
+                        self.handle_events(target, local.as_ref());
+                    }
+                    Proto::Postgres(pg) => {
+                        if lost {
+                            pg.parser.lost(&mut self.pg_events);
+                        }
+                        pg.parser.feed(&chunk, &mut self.pg_events);
+                        self.handle_pg_events(target, d.conn_id);
+                    }
+                    Proto::Other => {}
                 }
-                let local = state.local.clone();
-                self.handle_events(target, local.as_ref());
             }
             Record::ConnOpen(o) => {
                 // A connection the kernel saw opening starts its record sequence at 0.
@@ -526,7 +908,30 @@ impl Sink for Pipeline {
                 self.fd_seq.remove(&(c.tgid, c.fd));
                 // The socket closes with its last fd.
                 if conn.is_none_or(|i| i.owners.len() <= 1) {
+                    // A client connection that never moved a byte: its connect failed
+                    // (a non-blocking connect reports that later, through SO_ERROR).
+                    if let Some(info) = conn
+                        && info.role == Role::Client
+                        && !info.preexisting
+                        && !self.conns.contains_key(&c.conn_id)
+                        && let Some(&target) = self.pid_target.get(&c.tgid)
+                    {
+                        let peer = info.peer.clone();
+                        self.db_event(
+                            target,
+                            DbEvent { peer, user: None, database: None, what: DbWhat::Refused },
+                        );
+                    }
                     self.close_conn(c.conn_id);
+                }
+            }
+            Record::ConnFailed(f) => {
+                if let Some(&target) = self.pid_target.get(&f.tgid) {
+                    let peer = f.peer.clone();
+                    self.db_event(
+                        target,
+                        DbEvent { peer, user: None, database: None, what: DbWhat::Refused },
+                    );
                 }
             }
             Record::ProcFork { pid, parent, .. } => {
@@ -544,12 +949,14 @@ impl Sink for Pipeline {
                 self.pid_target.remove(pid);
                 self.drop_target(*pid);
             }
-            Record::ConnDup(_) | Record::FdEpoch(_) | Record::ProcExec { .. } | Record::ConnFailed(_) => {}
+            Record::ConnDup(_) | Record::FdEpoch(_) | Record::ProcExec { .. } => {}
         }
     }
 
     fn flush(&mut self, conns: &ConnTable) {
+        self.discover_quiet_apps();
         self.poll_discoveries();
+        self.poll_migrations();
         if self.last_gc.elapsed() >= Duration::from_secs(5) {
             self.last_gc = Instant::now();
             // Parser state of connections the pump no longer knows (their close was lost).
@@ -570,9 +977,14 @@ impl Sink for Pipeline {
         // Overflow counts live in each target; add what each gained since the last
         // report, so the totals survive targets that go away.
         for (root, t) in &self.targets {
-            let o = t.http.as_ref().map(|h| h.overflows).unwrap_or_default();
-            for (label, now) in [("view", t.views.overflowed), ("method", o.methods), ("charset", o.charsets)]
-            {
+            let o = t.families.as_ref().map(|f| f.http.overflows).unwrap_or_default();
+            let models = t.families.as_ref().map_or(0, |f| f.models.overflowed);
+            for (label, now) in [
+                ("view", t.views.overflowed),
+                ("method", o.methods),
+                ("charset", o.charsets),
+                ("model", models),
+            ] {
                 let seen = self.overflow_seen.entry((*root, label)).or_default();
                 *self.stats.label_overflow.entry(label).or_default() += now.saturating_sub(*seen);
                 *seen = now;

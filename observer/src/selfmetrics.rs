@@ -29,6 +29,14 @@ pub struct SelfStats {
     pub route_discovery_failed: u64,
     /// label -> values dropped to `<other>`
     pub label_overflow: BTreeMap<&'static str, u64>,
+    /// Database statement units turned into django_db_* metrics.
+    pub db_statements: u64,
+    /// Database connections that switched to TLS/GSS encryption (counted, not parsed).
+    pub db_encrypted: u64,
+    /// Client connections recognised as not a database protocol (and ignored).
+    pub not_db_connections: u64,
+    pub migrations_ok: u64,
+    pub migrations_failed: u64,
 }
 
 fn pairs(labels: &[(&str, &str)]) -> Vec<LabelPair> {
@@ -162,8 +170,33 @@ impl SelfStats {
         ));
         out.push(counter(
             "observer_discovery_backlog_dropped_total",
-            "Exchanges dropped while their app's routes were being discovered.",
+            "Exchanges and database events dropped while their app was being discovered.",
             self.backlog_dropped,
+        ));
+        out.push(counter(
+            "observer_db_statements_total",
+            "Database statement units (an execute() or executemany()) turned into django_db_* metrics.",
+            self.db_statements,
+        ));
+        out.push(family(
+            "observer_db_encrypted_connections_total",
+            "Database connections that switched to TLS or GSS encryption: counted as connections, not parsed.",
+            MetricType::COUNTER,
+            vec![(vec![("vendor", "postgresql")], self.db_encrypted as f64)],
+        ));
+        out.push(counter(
+            "observer_not_db_connections_total",
+            "Client connections recognised as no database protocol and ignored.",
+            self.not_db_connections,
+        ));
+        out.push(family(
+            "observer_migrations_checks_total",
+            "Migration counts read from running apps (per app and database alias), by result.",
+            MetricType::COUNTER,
+            vec![
+                (vec![("result", "success")], self.migrations_ok as f64),
+                (vec![("result", "failure")], self.migrations_failed as f64),
+            ],
         ));
         out.push(counter(
             "observer_unattributed_records_total",
@@ -181,7 +214,7 @@ impl SelfStats {
         ));
         out.push(family(
             "observer_label_overflow_total",
-            "Label values replaced by <other> because a cardinality bound was reached, by label.",
+            "Label values replaced by <other> (or series not created) because a cardinality bound was reached, by label.",
             MetricType::COUNTER,
             self.label_overflow.iter().map(|(l, v)| (vec![("label", *l)], *v as f64)).collect(),
         ));

@@ -6,7 +6,8 @@ has no instrumentation at all.
 
 OBSERVER_TEST_PG (JSON: host, port, name, user, password, and optionally conn_max_age,
 server_side_binding, pool, closed_port) gives it a PostgreSQL database, with two extra
-aliases that cannot connect: "broken" (a closed port) and "wrongpw" (a wrong password).
+aliases that cannot connect: "broken" (a closed port) and "wrongpw" (a user with a wrong
+password).
 """
 import json
 import os
@@ -43,7 +44,8 @@ if _pg:
     DATABASES = {
         "default": _base,
         "broken": {**_base, "PORT": str(_pg.get("closed_port", 9)), "HOST": "127.0.0.1", "OPTIONS": {}},
-        "wrongpw": {**_base, "PASSWORD": "not-the-password", "OPTIONS": {}},
+        # Another user, so that its connections can be told from "default"'s.
+        "wrongpw": {**_base, "USER": _pg["user"] + "_wrongpw", "PASSWORD": "not-the-password", "OPTIONS": {}},
     }
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
