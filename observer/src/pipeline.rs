@@ -142,6 +142,9 @@ enum DbWhat {
 
 #[derive(Debug, Clone)]
 struct DbEvent {
+    /// Count it only if `peer` is one of the app's databases (a connection met in the
+    /// middle, recognised by its messages alone).
+    confirm: bool,
     peer: Option<SockAddr>,
     user: Option<Box<str>>,
     database: Option<Box<str>>,
@@ -178,6 +181,8 @@ struct Target {
 
 struct PgConn {
     parser: PgParser,
+    /// Met in the middle: its events count only if it goes to a database of the app.
+    mid_stream: bool,
     user: Option<Box<str>>,
     database: Option<Box<str>>,
 }
@@ -405,6 +410,9 @@ impl Pipeline {
             return;
         }
         let Some(t) = self.targets.get(&root) else { return };
+        if ev.confirm && ev.peer.as_ref().is_none_or(|p| t.aliases.by_address(p).is_none()) {
+            return;
+        }
         // A connect that failed before any byte is a database's only if it was to one.
         let alias = match (&ev.what, &ev.peer) {
             (DbWhat::Refused, Some(peer)) => match t.aliases.by_address(peer) {
@@ -668,15 +676,15 @@ impl Pipeline {
     fn handle_pg_events(&mut self, target: u32, conn_id: u64) {
         let events = std::mem::take(&mut self.pg_events);
         for ev in &events {
-            let (peer, user, database) = match self.conns.get_mut(&conn_id) {
+            let (confirm, peer, user, database) = match self.conns.get_mut(&conn_id) {
                 Some(ConnState { proto: Proto::Postgres(pg), peer, .. }) => {
                     if let postgres::Event::Attempt { user, database } = ev {
                         pg.user.clone_from(user);
                         pg.database.clone_from(database);
                     }
-                    (peer.clone(), pg.user.clone(), pg.database.clone())
+                    (pg.mid_stream, peer.clone(), pg.user.clone(), pg.database.clone())
                 }
-                _ => (None, None, None),
+                _ => (false, None, None, None),
             };
             let what = match ev {
                 postgres::Event::Attempt { .. } => DbWhat::Attempt,
@@ -692,7 +700,7 @@ impl Pipeline {
                     continue;
                 }
             };
-            self.db_event(target, DbEvent { peer, user, database, what });
+            self.db_event(target, DbEvent { confirm, peer, user, database, what });
         }
         self.pg_events = events;
         self.pg_events.clear();
@@ -720,24 +728,24 @@ impl Pipeline {
     }
 
     /// The protocol of a client connection, from its first write (None: not decided yet).
-    fn client_proto(&self, target: u32, conn: &ConnInfo, d: &crate::events::Data<'_>) -> Option<Proto> {
+    fn client_proto(&self, target: u32, d: &crate::events::Data<'_>) -> Option<Proto> {
         if d.dir != crate::events::Direction::Send {
             return None;
         }
         let limits = self.settings.postgres;
-        let new_pg = |parser| Proto::Postgres(Box::new(PgConn { parser, user: None, database: None }));
+        let new_pg = |parser, mid_stream| {
+            Proto::Postgres(Box::new(PgConn { parser, mid_stream, user: None, database: None }))
+        };
         if postgres::is_startup(d.bytes) {
-            return Some(new_pg(PgParser::new(limits)));
+            return Some(new_pg(PgParser::new(limits), false));
         }
-        let t = self.targets.get(&target)?;
-        // Met in the middle (open before tracing started): whole frontend messages to a
-        // database the app uses.
-        if postgres::looks_like_frontend(d.bytes, d.total_len)
-            && conn.peer.as_ref().is_some_and(|p| t.aliases.by_address(p).is_some())
-        {
-            return Some(new_pg(PgParser::mid_stream(limits)));
+        // Met in the middle (open before tracing started): whole frontend messages. Its
+        // events count once its peer proves to be a database of the app.
+        if postgres::looks_like_frontend(d.bytes, d.total_len) {
+            return Some(new_pg(PgParser::mid_stream(limits), true));
         }
         // Until the app's databases are known, a connection may still turn out to be one.
+        let t = self.targets.get(&target)?;
         match t.routes {
             Routes::Ready => Some(Proto::Other),
             _ => None,
@@ -836,7 +844,7 @@ impl Sink for Pipeline {
                             self.settings.http,
                             t.parser_config.clone(),
                         ))),
-                        Role::Client => match self.client_proto(target, conn, d) {
+                        Role::Client => match self.client_proto(target, d) {
                             Some(p) => p,
                             None => return,
                         },
@@ -919,7 +927,13 @@ impl Sink for Pipeline {
                         let peer = info.peer.clone();
                         self.db_event(
                             target,
-                            DbEvent { peer, user: None, database: None, what: DbWhat::Refused },
+                            DbEvent {
+                                confirm: false,
+                                peer,
+                                user: None,
+                                database: None,
+                                what: DbWhat::Refused,
+                            },
                         );
                     }
                     self.close_conn(c.conn_id);
@@ -930,7 +944,7 @@ impl Sink for Pipeline {
                     let peer = f.peer.clone();
                     self.db_event(
                         target,
-                        DbEvent { peer, user: None, database: None, what: DbWhat::Refused },
+                        DbEvent { confirm: false, peer, user: None, database: None, what: DbWhat::Refused },
                     );
                 }
             }

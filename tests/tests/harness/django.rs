@@ -48,6 +48,16 @@ pub struct Gunicorn {
 impl Gunicorn {
     /// `worker_class` is `sync` or `gthread`.
     pub fn start(worker_class: &str, workers: u32, django_prometheus: bool) -> Self {
+        Self::start_with(worker_class, workers, django_prometheus, &[])
+    }
+
+    /// With extra environment (e.g. OBSERVER_TEST_PG).
+    pub fn start_with(
+        worker_class: &str,
+        workers: u32,
+        django_prometheus: bool,
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let mut cmd = Command::new(venv_bin("python"));
         cmd.arg(venv_bin("gunicorn"))
@@ -61,6 +71,7 @@ impl Gunicorn {
         if django_prometheus {
             cmd.env("OBSERVER_TEST_DJANGO_PROMETHEUS", "1");
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("start gunicorn");
         wait_for_port(port, &mut child, "gunicorn");
         Self { child, port }

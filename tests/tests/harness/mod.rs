@@ -20,6 +20,7 @@ use serde_json::Value;
 
 pub mod django;
 pub mod mix;
+pub mod postgres;
 
 /// Whether eBPF tests can run here; panics instead of skipping when they must run.
 pub fn ebpf_available() -> bool {

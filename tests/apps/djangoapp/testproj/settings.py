@@ -4,10 +4,11 @@ OBSERVER_TEST_DJANGO_PROMETHEUS=1 installs django-prometheus (middlewares, the /
 view, its PostgreSQL engine and model mixin), for side-by-side runs; without it the app
 has no instrumentation at all.
 
-OBSERVER_TEST_PG (JSON: host, port, name, user, password, and optionally conn_max_age,
-server_side_binding, pool, closed_port) gives it a PostgreSQL database, with two extra
-aliases that cannot connect: "broken" (a closed port) and "wrongpw" (a user with a wrong
-password).
+OBSERVER_TEST_PG (JSON: host (an address, or a Unix socket directory), port, name, user,
+password, and optionally conn_max_age, server_side_binding, pool, closed_port,
+export_migrations, failing_aliases) gives it a PostgreSQL database, with two extra
+aliases that cannot connect (unless failing_aliases is false): "broken" (a closed port,
+or a missing Unix socket) and "wrongpw" (a user with a wrong password).
 """
 import json
 import os
@@ -41,12 +42,21 @@ if _pg:
         "CONN_MAX_AGE": _pg.get("conn_max_age", 0),
         "OPTIONS": _options,
     }
-    DATABASES = {
-        "default": _base,
-        "broken": {**_base, "PORT": str(_pg.get("closed_port", 9)), "HOST": "127.0.0.1", "OPTIONS": {}},
+    DATABASES = {"default": _base}
+    if _pg.get("failing_aliases", True):
+        if _pg["host"].startswith("/"):
+            _broken = {"HOST": _pg["host"] + "/missing"}
+        else:
+            _broken = {"HOST": "127.0.0.1", "PORT": str(_pg.get("closed_port", 9))}
+        DATABASES["broken"] = {**_base, **_broken, "OPTIONS": {}}
         # Another user, so that its connections can be told from "default"'s.
-        "wrongpw": {**_base, "USER": _pg["user"] + "_wrongpw", "PASSWORD": "not-the-password", "OPTIONS": {}},
-    }
+        DATABASES["wrongpw"] = {
+            **_base,
+            "USER": _pg["user"] + "_wrongpw",
+            "PASSWORD": "not-the-password",
+            "OPTIONS": {},
+        }
+    PROMETHEUS_EXPORT_MIGRATIONS = bool(_pg.get("export_migrations"))
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = ["django.contrib.contenttypes", "shop"]

@@ -1,0 +1,180 @@
+//! A private PostgreSQL for a test: a fresh cluster in a temp dir (initdb as the
+//! `postgres` system user), listening on a free loopback port and on a Unix socket in
+//! that dir, with a password user and an `app` database; stopped (exactly the PID we
+//! started) and removed on drop.
+
+use std::{
+    ffi::CString,
+    net::TcpStream,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use super::{
+    TempDir,
+    django::{free_port, root, venv_bin},
+};
+
+pub const USER: &str = "observer";
+pub const PASSWORD: &str = "observer-test-password";
+pub const DATABASE: &str = "app";
+
+pub struct Postgres {
+    child: Child,
+    pub port: u16,
+    /// The directory of its Unix socket (`.s.PGSQL.<port>`).
+    pub socket_dir: String,
+    dir: TempDir,
+}
+
+/// The newest installed PostgreSQL's binaries.
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (cargo xtask setup)")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    let v = versions.last().expect("a PostgreSQL version");
+    PathBuf::from(format!("/usr/lib/postgresql/{v}/bin"))
+}
+
+/// uid and gid of the `postgres` system user.
+fn postgres_ids() -> (u32, u32) {
+    let name = CString::new("postgres").unwrap();
+    // SAFETY: getpwnam returns a pointer to static storage or null; read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(!pw.is_null(), "no postgres system user (cargo xtask setup installs postgresql)");
+    // SAFETY: non-null, valid until the next getpw* call.
+    unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+}
+
+fn chown(path: &str, uid: u32, gid: u32) {
+    let p = CString::new(path).unwrap();
+    // SAFETY: a valid C string path.
+    assert_eq!(unsafe { libc::chown(p.as_ptr(), uid, gid) }, 0, "chown {path}");
+}
+
+fn as_postgres(cmd: &mut Command) -> &mut Command {
+    let (uid, gid) = postgres_ids();
+    cmd.uid(uid).gid(gid).env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8")
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let dir = TempDir::new("postgres");
+        let (uid, gid) = postgres_ids();
+        chown(dir.path(), uid, gid);
+        let data = format!("{}/data", dir.path());
+        let pwfile = format!("{}/pw", dir.path());
+        std::fs::write(&pwfile, PASSWORD).unwrap();
+        chown(&pwfile, uid, gid);
+        let bin = bin_dir();
+        let out = as_postgres(&mut Command::new(bin.join("initdb")))
+            .args(["-D", &data, "-U", USER, "-E", "UTF8", "--no-sync", "--auth=scram-sha-256"])
+            .arg(format!("--pwfile={pwfile}"))
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let log = std::fs::File::create(format!("{}/postgres.log", dir.path())).unwrap();
+        let mut child = as_postgres(&mut Command::new(bin.join("postgres")))
+            .args(["-D", &data, "-p", &port.to_string(), "-k", dir.path()])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args(["-c", "synchronous_commit=off", "-c", "max_connections=50", "-c", "log_connections=on"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!(
+                    "postgres exited with {s}: {}",
+                    std::fs::read_to_string(format!("{}/postgres.log", dir.path())).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "postgres did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pg = Self { child, port, socket_dir: dir.path().to_string(), dir };
+        let out = Command::new(bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER, DATABASE])
+            .env("PGPASSWORD", PASSWORD)
+            .output()
+            .expect("run createdb");
+        assert!(out.status.success(), "createdb: {}", String::from_utf8_lossy(&out.stderr));
+        pg
+    }
+
+    /// OBSERVER_TEST_PG for the test app: over TCP, with `extra` settings merged in.
+    pub fn settings(&self, extra: Value) -> String {
+        let mut v = json!({
+            "host": "127.0.0.1",
+            "port": self.port,
+            "name": DATABASE,
+            "user": USER,
+            "password": PASSWORD,
+            "closed_port": free_port(),
+        });
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+        v.to_string()
+    }
+
+    /// OBSERVER_TEST_PG over the Unix socket.
+    pub fn unix_settings(&self, extra: Value) -> String {
+        let mut v: Value = serde_json::from_str(&self.settings(extra)).unwrap();
+        v["host"] = json!(self.socket_dir);
+        v.to_string()
+    }
+
+    /// Sessions the server authorized for `user` so far (its log says so, one line each).
+    pub fn authorized(&self, user: &str) -> usize {
+        let log = std::fs::read_to_string(format!("{}/postgres.log", self.dir.path())).unwrap_or_default();
+        let needle = format!("connection authorized: user={user} ");
+        log.lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    /// Runs the test app's `manage.py migrate [args]` with these settings.
+    pub fn migrate(&self, settings: &str, args: &[&str]) {
+        let out = Command::new(venv_bin("python"))
+            .arg("manage.py")
+            .arg("migrate")
+            .args(args)
+            .current_dir(root().join("tests/apps/djangoapp"))
+            .env("OBSERVER_TEST_PG", settings)
+            .output()
+            .expect("run manage.py migrate");
+        assert!(
+            out.status.success(),
+            "migrate: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Fast shutdown of the postmaster we started; it stops its backends.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.dir;
+    }
+}
