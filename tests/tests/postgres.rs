@@ -272,3 +272,31 @@ fn migration_gauges_match_django_prometheus() {
     });
     assert_eq!(obs.metrics().sum("observer_migrations_checks_total", &[("result", "failure")]), 0.0);
 }
+
+/// The `type` label table equals what the installed psycopg raises, code by code, and
+/// for codes it does not know.
+#[test]
+fn sqlstate_classes_equal_installed_psycopg() {
+    use observer::protocol::postgres::sqlstate::{SqlState, table};
+    let script = r#"
+import json
+from psycopg import errors
+known = {k: v.__name__ for k, v in errors._sqlcodes.items() if getattr(v, "sqlstate", None) == k}
+probe = [c + "ZZZ" for c in ["08","0A","10","20","21","22","23","24","25","26","27","28","2B","2D","2F",
+         "34","38","39","3B","3D","3F","40","42","44","53","54","55","57","58","F0","HV","P0","XX","99","Q1"]]
+print(json.dumps({"known": known, "fallback": {p: errors._class_for_state(p).__name__ for p in probe}}))
+"#;
+    let out = std::process::Command::new(harness::django::venv_bin("python"))
+        .args(["-c", script])
+        .output()
+        .expect("run the venv's python");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let theirs: BTreeMap<String, String> = serde_json::from_value(v["known"].clone()).unwrap();
+    let ours: BTreeMap<String, String> =
+        table().into_iter().map(|(k, n)| (k.to_string(), n.to_string())).collect();
+    assert_eq!(ours, theirs);
+    for (code, name) in v["fallback"].as_object().unwrap() {
+        assert_eq!(SqlState::parse(code.as_bytes()).unwrap().class_name(), name.as_str().unwrap(), "{code}");
+    }
+}

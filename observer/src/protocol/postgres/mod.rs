@@ -351,6 +351,16 @@ impl PgParser {
         }
     }
 
+    /// Units sent and not yet answered (bounded by `max_pending`).
+    pub fn pending(&self) -> usize {
+        self.pending.len() + self.limbo.len()
+    }
+
+    /// Prepared statements and portals remembered (each bounded by `max_prepared`).
+    pub fn remembered(&self) -> (usize, usize) {
+        (self.statements.len(), self.portals.len())
+    }
+
     /// Records of the connection were lost: what was in flight is forgotten and both
     /// directions resynchronise.
     pub fn lost(&mut self, out: &mut Vec<Event>) {
