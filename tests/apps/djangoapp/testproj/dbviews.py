@@ -130,3 +130,9 @@ def raw(request):
         c.execute("SELECT count(*) FROM shop_item WHERE price >= %s", [0])
         (n,) = c.fetchone()
     return HttpResponse("%d\n" % n)
+
+
+def iterate(request):
+    # QuerySet.iterator() on PostgreSQL: a server-side cursor (DECLARE/FETCH/CLOSE).
+    n = sum(1 for _ in Item.objects.all().iterator(chunk_size=2))
+    return HttpResponse("%d\n" % n)

@@ -35,6 +35,7 @@ urlpatterns = [
     path("db/broken", dbviews.broken, name="db-broken"),
     path("db/wrongpw", dbviews.wrongpw, name="db-wrongpw"),
     path("db/raw", dbviews.raw, name="db-raw"),
+    path("db/iterate", dbviews.iterate, name="db-iterate"),
 ]
 
 from django.conf import settings  # noqa: E402
