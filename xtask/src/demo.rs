@@ -1,12 +1,16 @@
-//! `cargo xtask demo`: the test Django app (tests/apps/djangoapp) under gunicorn with two
-//! workers, `observer run` on it, some traffic, then where /metrics is and a summary of
-//! what it says. Every process started here is stopped by its PID.
+//! `cargo xtask demo`: a private PostgreSQL, the test Django app (tests/apps/djangoapp)
+//! on it under gunicorn with two workers, `observer run` on it, some traffic (pages and
+//! database views), then where /metrics is and a summary of what it says. Every process
+//! started here is stopped by its PID; the database's files are removed.
 
 use std::{
     collections::BTreeMap,
+    ffi::CString,
     fs,
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -48,6 +52,102 @@ fn wait_port(port: u16) -> Result<()> {
         thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// A throwaway PostgreSQL cluster (initdb as the `postgres` system user) on a free
+/// loopback port; its directory goes with it.
+struct Postgres {
+    server: Option<Guard>,
+    dir: PathBuf,
+    port: u16,
+}
+
+const PG_USER: &str = "observer";
+const PG_PASSWORD: &str = "observer-demo";
+
+impl Postgres {
+    fn start() -> Result<Self> {
+        let bin = fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL is not installed (cargo xtask setup)")?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
+            .context("no PostgreSQL version")?;
+        let name = CString::new("postgres")?;
+        // SAFETY: getpwnam returns static storage or null; read at once.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if pw.is_null() {
+            bail!("no postgres system user");
+        }
+        // SAFETY: non-null.
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        let dir = std::env::temp_dir().join(format!("observer-demo-pg-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let chown = |p: &Path| -> Result<()> {
+            let c = CString::new(p.as_os_str().as_encoded_bytes())?;
+            // SAFETY: a valid path.
+            if unsafe { libc::chown(c.as_ptr(), uid, gid) } != 0 {
+                bail!("chown {}", p.display());
+            }
+            Ok(())
+        };
+        chown(&dir)?;
+        let pwfile = dir.join("pw");
+        fs::write(&pwfile, PG_PASSWORD)?;
+        chown(&pwfile)?;
+        let mut pg = Self { server: None, dir: dir.clone(), port: free_port()? };
+        let as_postgres = |c: &mut Command| {
+            c.uid(uid).gid(gid).env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8");
+        };
+        let data = dir.join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        as_postgres(&mut initdb);
+        let out = initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", PG_USER, "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()?;
+        if !out.status.success() {
+            bail!("initdb: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut server = Command::new(bin.join("postgres"));
+        as_postgres(&mut server);
+        server
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &pg.port.to_string(), "-k"])
+            .arg(&dir)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("postgres.log"))?);
+        pg.server = Some(Guard(server.spawn().context("starting postgres")?));
+        wait_port(pg.port)?;
+        let out = Command::new(bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", PG_USER, "app"])
+            .env("PGPASSWORD", PG_PASSWORD)
+            .output()?;
+        if !out.status.success() {
+            bail!("createdb: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(pg)
+    }
+
+    /// OBSERVER_TEST_PG for the test app.
+    fn settings(&self) -> String {
+        format!(
+            r#"{{"host": "127.0.0.1", "port": {}, "name": "app", "user": "{PG_USER}", "password": "{PG_PASSWORD}", "conn_max_age": 60}}"#,
+            self.port
+        )
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGTERM is a smart shutdown: stops once the app's connections are gone.
+        drop(self.server.take());
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// One request on its own connection (`headers` end with CRLF each); returns (status, body).
@@ -98,20 +198,36 @@ pub fn demo(serve: bool) -> Result<()> {
         "observer",
     ]))?;
     let venv = root().join("target/venv/bin");
+    let pg = Postgres::start()?;
+    let app_dir = root().join("tests/apps/djangoapp");
+    let out = Command::new(venv.join("python"))
+        .args(["manage.py", "migrate", "--verbosity", "0"])
+        .current_dir(&app_dir)
+        .env("OBSERVER_TEST_PG", pg.settings())
+        .output()
+        .context("manage.py migrate (cargo xtask setup makes the venv)")?;
+    if !out.status.success() {
+        bail!("migrate: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    println!("demo: PostgreSQL on 127.0.0.1:{} (database app, migrated)", pg.port);
     let app_port = free_port()?;
     let app = Guard(
         Command::new(venv.join("python"))
             .arg(venv.join("gunicorn"))
-            .args(["--chdir", root().join("tests/apps/djangoapp").to_str().context("path")?])
+            .args(["--chdir", app_dir.to_str().context("path")?])
             .args(["--bind", &format!("127.0.0.1:{app_port}"), "--workers", "2", "--log-level", "warning"])
             .arg("testproj.wsgi:application")
+            .env("OBSERVER_TEST_PG", pg.settings())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting gunicorn (cargo xtask setup makes the venv)")?,
     );
     wait_port(app_port)?;
-    println!("demo: Django test app under gunicorn (pid {}, 2 workers) on 127.0.0.1:{app_port}", app.0.id());
+    println!(
+        "demo: Django test app under gunicorn (pid {}, 2 workers, CONN_MAX_AGE=60) on 127.0.0.1:{app_port}",
+        app.0.id()
+    );
 
     let metrics_port = free_port()?;
     let log_path = std::env::temp_dir().join(format!("observer-demo-{}.log", std::process::id()));
@@ -146,6 +262,13 @@ pub fn demo(serve: bool) -> Result<()> {
         ("GET", "/nope", "", ""),
         ("GET", "/boom", "", ""),
         ("POST", "/upload", "Content-Length: 11\r\n", "hello world"),
+        ("GET", "/db/create", "", ""),
+        ("GET", "/db/save", "", ""),
+        ("GET", "/db/list", "", ""),
+        ("GET", "/db/executemany", "", ""),
+        ("GET", "/db/unique-uncaught", "", ""),
+        ("GET", "/db/timeout", "", ""),
+        ("GET", "/db/broken", "", ""),
     ];
     let mut sent = 0;
     for round in 0..3 {
@@ -163,7 +286,8 @@ pub fn demo(serve: bool) -> Result<()> {
         let (_, m) = request(metrics_port, "GET", "/metrics", "", "")?;
         // The agent's own counters are published once a second.
         let done = scalar(&m, "django_http_responses_before_middlewares_total") >= f64::from(sent)
-            && scalar(&m, "observer_http_exchanges_total") >= f64::from(sent);
+            && scalar(&m, "observer_http_exchanges_total") >= f64::from(sent)
+            && scalar(&m, "django_migrations_applied_total") > 0.0;
         if done || Instant::now() > deadline {
             break m;
         }
@@ -188,10 +312,33 @@ pub fn demo(serve: bool) -> Result<()> {
         "django_http_responses_streaming_total",
         "django_http_requests_latency_including_middlewares_seconds_count",
         "observer_http_exchanges_total",
+        "observer_db_statements_total",
         "observer_records_lost_total",
         "observer_parse_errors_total",
     ] {
         println!("demo:   {name} {}", scalar(&metrics, name));
+    }
+    println!("demo: database families:");
+    for name in [
+        "django_db_new_connections_total",
+        "django_db_new_connection_errors_total",
+        "django_db_execute_total",
+        "django_db_execute_many_total",
+        "django_db_errors_total",
+        "django_db_query_duration_seconds_count",
+        "django_model_inserts_total",
+        "django_model_updates_total",
+        "django_migrations_applied_total",
+        "django_migrations_unapplied_total",
+    ] {
+        for (l, v) in family(&metrics, name) {
+            let shown: Vec<String> = l
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "job" | "instance"))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!("demo:   {name}{{{}}} {v}", shown.join(","));
+        }
     }
     if serve {
         println!(
@@ -201,6 +348,7 @@ pub fn demo(serve: bool) -> Result<()> {
     }
     drop(observer);
     drop(app);
+    drop(pg);
     let _ = fs::remove_file(&log_path);
     Ok(())
 }
