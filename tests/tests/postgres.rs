@@ -304,3 +304,45 @@ print(json.dumps({"known": known, "fallback": {p: errors._class_for_state(p).__n
         assert_eq!(SqlState::parse(code.as_bytes()).unwrap().class_name(), name.as_str().unwrap(), "{code}");
     }
 }
+
+/// Connections that switch to TLS are counted as connections, and not parsed: the
+/// wire shows no statement, error or user any more. A wrong password fails inside TLS,
+/// where it is not seen (that attempt counts for the alias its address matches first,
+/// `default`); libpq's `sslmode=prefer` then retries in plaintext, which is seen: one
+/// get_new_connection(), two connections on the wire.
+#[test]
+fn tls_connections_are_counted_and_not_parsed() {
+    if !ebpf_available() {
+        return;
+    }
+    let pg = Postgres::start_tls();
+    let settings = pg.settings(json!({}));
+    pg.migrate(&settings, &[]);
+    let app = Gunicorn::start_with("sync", 1, false, &[("OBSERVER_TEST_PG", &settings)]);
+    let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
+    let sessions = pg.authorized(harness::postgres::USER);
+    drive(app.port);
+    let tls = pg.authorized(harness::postgres::USER) - sessions;
+    assert_eq!(tls, 14, "one session per view on default");
+    let ours = obs.wait_until("the encrypted connections", |m| {
+        m.sum("observer_db_encrypted_connections_total", &[]) >= 15.0
+    });
+    assert_eq!(ours.sum("observer_db_encrypted_connections_total", &[("vendor", "postgresql")]), 15.0);
+    assert_eq!(
+        family(&ours, "django_db_new_connections_total"),
+        fam(&[
+            ("alias=broken,vendor=postgresql", 1.0),
+            ("alias=default,vendor=postgresql", 15.0),
+            ("alias=wrongpw,vendor=postgresql", 1.0)
+        ])
+    );
+    assert_eq!(
+        family(&ours, "django_db_new_connection_errors_total"),
+        fam(&[("alias=broken,vendor=postgresql", 1.0), ("alias=wrongpw,vendor=postgresql", 1.0)])
+    );
+    for name in
+        ["django_db_execute_total", "django_db_errors_total", "django_db_query_duration_seconds_count"]
+    {
+        assert!(family(&ours, name).is_empty(), "{name}");
+    }
+}

@@ -35,6 +35,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     "bpftool",
     "strace",
+    "openssl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -65,9 +65,35 @@ fn as_postgres(cmd: &mut Command) -> &mut Command {
 
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With TLS on (a self-signed certificate): libpq's default `sslmode=prefer` then
+    /// encrypts every connection.
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let dir = TempDir::new("postgres");
         let (uid, gid) = postgres_ids();
         chown(dir.path(), uid, gid);
+        let mut tls_args = Vec::new();
+        if tls {
+            let (crt, key) = (format!("{}/server.crt", dir.path()), format!("{}/server.key", dir.path()));
+            let out = Command::new("openssl")
+                .args(["req", "-new", "-x509", "-days", "1", "-nodes", "-subj", "/CN=localhost"])
+                .args(["-newkey", "rsa:2048", "-out", &crt, "-keyout", &key])
+                .output()
+                .expect("run openssl");
+            assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+            for f in [&crt, &key] {
+                chown(f, uid, gid);
+            }
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            tls_args = vec!["-c".to_string(), "ssl=on".into(), "-c".into(), format!("ssl_cert_file={crt}")];
+            tls_args.extend(["-c".to_string(), format!("ssl_key_file={key}")]);
+        }
         let data = format!("{}/data", dir.path());
         let pwfile = format!("{}/pw", dir.path());
         std::fs::write(&pwfile, PASSWORD).unwrap();
@@ -85,6 +111,7 @@ impl Postgres {
             .args(["-D", &data, "-p", &port.to_string(), "-k", dir.path()])
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "synchronous_commit=off", "-c", "max_connections=50", "-c", "log_connections=on"])
+            .args(&tls_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
