@@ -85,17 +85,7 @@ impl Gunicorn {
 impl Drop for Gunicorn {
     fn drop(&mut self) {
         // SIGTERM to the master we started: it stops its workers.
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::stop(&mut self.child, libc::SIGTERM);
     }
 }
 

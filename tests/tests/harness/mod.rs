@@ -86,6 +86,21 @@ impl Drop for TempDir {
     }
 }
 
+/// Stops a child we started: `signal`, then SIGKILL if it has not exited within 10 s.
+pub fn stop(child: &mut Child, signal: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Reads lines from a child's pipe on a thread.
 fn line_reader(pipe: impl std::io::Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = channel();

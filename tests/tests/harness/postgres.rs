@@ -190,18 +190,8 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // Fast shutdown of the postmaster we started; it stops its backends.
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = &self.dir;
+        // Fast shutdown of the postmaster we started; it stops its backends. Its
+        // directory goes when `dir` drops, after this.
+        super::stop(&mut self.child, libc::SIGINT);
     }
 }
