@@ -2,10 +2,41 @@
 //! no I/O, no clock, no globals; bounded memory; bad input is a counted error and a
 //! resynchronisation, never a panic.
 
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod http1;
+pub mod lines;
+pub mod memcached;
 pub mod postgres;
+pub mod redis;
 
 use crate::events::Direction;
+
+/// How a cache lookup of one key ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// A value came back.
+    Hit,
+    /// The key has no value.
+    Miss,
+    /// An error reply, or the connection ended (reset, timeout) before the answer.
+    Fail,
+    /// The answer could not be framed (it fell in a capture hole).
+    Unknown,
+}
+
+/// One cache lookup of one key (a Redis GET, a memcached `get`/`gets`/`mg`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGet {
+    /// The key's first bytes (enough to tell a Django cache key).
+    pub key: Box<[u8]>,
+    pub outcome: Outcome,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+/// Bytes of a cache key kept.
+pub const KEY_HEAD: usize = 256;
 
 /// The bytes of one data syscall as the parser sees them: the captured prefix and the
 /// true length. `total_len - bytes.len()` bytes at the end were moved but not captured

@@ -1,11 +1,11 @@
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use bytes::BytesMut;
 use postgres_protocol::{IsNull, message::frontend};
 use proptest::prelude::*;
 
 use super::{sql::WriteOp, *};
+use crate::protocol::fixtures::{self, Rec};
 
 use Direction::{Recv as R, Send as S};
 
@@ -160,33 +160,11 @@ fn server(code: &str) -> Option<Failure> {
 
 // ---- real captures ----------------------------------------------------------------
 
-/// One record of `testdata/django-views.jsonl`: the client side of every PostgreSQL
-/// connection of a gunicorn worker while the test app's /db/ views ran once each
-/// (psycopg 3.3.9, Django 5.2, CONN_MAX_AGE 0, recorded with `observer trace --json`).
-struct Rec {
-    conn: u32,
-    step: Option<(Direction, u64, u64, u64, Vec<u8>)>,
-}
-
+/// `testdata/postgres-django-views.jsonl`: every PostgreSQL connection of a gunicorn
+/// worker while the test app's /db/ views ran once each (psycopg 3.3.9, Django 5.2,
+/// CONN_MAX_AGE 0).
 fn fixture(name: &str) -> Vec<Rec> {
-    let text = std::fs::read_to_string(format!(
-        "{}/src/protocol/postgres/testdata/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    text.lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let conn = v["conn"].as_u64().unwrap() as u32;
-            if v.get("close").is_some() {
-                return Rec { conn, step: None };
-            }
-            let dir = if v["dir"] == "send" { S } else { R };
-            let data = base64::engine::general_purpose::STANDARD.decode(v["data"].as_str().unwrap()).unwrap();
-            let n = |k: &str| v[k].as_u64().unwrap();
-            Rec { conn, step: Some((dir, n("enter_ns"), n("exit_ns"), n("total_len"), data)) }
-        })
-        .collect()
+    fixtures::load(name)
 }
 
 /// Replays a fixture with at most `cap` bytes captured per syscall.
@@ -195,16 +173,12 @@ fn replay(recs: &[Rec], cap: usize) -> Vec<Event> {
     let mut out = Vec::new();
     for r in recs {
         match &r.step {
-            Some((dir, enter, exit, total, data)) => {
+            Some(step) => {
                 let p = parsers.entry(r.conn).or_insert_with(|| {
-                    assert!(is_startup(data), "connection {} starts with a startup message", r.conn);
+                    assert!(is_startup(&step.data), "connection {} starts with a startup message", r.conn);
                     PgParser::new(Limits::default())
                 });
-                let bytes = &data[..data.len().min(cap)];
-                p.feed(
-                    &Chunk { dir: *dir, enter_ns: *enter, exit_ns: *exit, bytes, total_len: *total },
-                    &mut out,
-                );
+                p.feed(&step.chunk(cap), &mut out);
             }
             None => {
                 if let Some(mut p) = parsers.remove(&r.conn) {
@@ -291,7 +265,7 @@ fn views_summary() -> Summary {
 
 #[test]
 fn real_capture_of_the_test_views_gives_django_prometheus_counts() {
-    let ev = replay(&fixture("django-views.jsonl"), usize::MAX);
+    let ev = replay(&fixture("postgres-django-views.jsonl"), usize::MAX);
     assert_eq!(summary(&ev), views_summary());
     // Durations run from the statement's write to the ReadyForQuery's read.
     for s in statements(&ev) {
@@ -303,7 +277,7 @@ fn real_capture_of_the_test_views_gives_django_prometheus_counts() {
 fn real_capture_cut_to_64_bytes_per_syscall_counts_the_same() {
     // Every head that matters fits in 64 bytes. Reads of many messages lose their
     // framing in the hole; their statements complete when the client sends again.
-    let ev = replay(&fixture("django-views.jsonl"), 64);
+    let ev = replay(&fixture("postgres-django-views.jsonl"), 64);
     let mut s = summary(&ev);
     assert!(s.errors > 0);
     s.errors = 0;
@@ -313,7 +287,7 @@ fn real_capture_cut_to_64_bytes_per_syscall_counts_the_same() {
 #[test]
 fn real_capture_cut_to_16_bytes_keeps_the_counts() {
     // Statement texts and SQLSTATEs are lost (short ones like BEGIN fit), counts are not.
-    let ev = replay(&fixture("django-views.jsonl"), 16);
+    let ev = replay(&fixture("postgres-django-views.jsonl"), 16);
     let s = summary(&ev);
     assert_eq!((s.attempts, s.units, s.executes, s.many), (14, 32, 35, 4));
     assert_eq!(s.attempt_failures, vec![None]);

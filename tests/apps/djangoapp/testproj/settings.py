@@ -59,6 +59,43 @@ if _pg:
     PROMETHEUS_EXPORT_MIGRATIONS = bool(_pg.get("export_migrations"))
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
+# OBSERVER_TEST_CACHE (JSON: kind = django_redis | native_redis | pymemcache, location,
+# down = a location nothing listens on, and optionally protocol (RESP 2 or 3),
+# ignore_exceptions, key_prefix) gives it a "default" cache and a "down" one.
+_cache = os.environ.get("OBSERVER_TEST_CACHE")
+if _cache:
+    _cache = json.loads(_cache)
+    _kind = _cache["kind"]
+    _backend = {
+        ("django_redis", False): "django_redis.cache.RedisCache",
+        ("django_redis", True): "django_prometheus.cache.backends.redis.RedisCache",
+        ("native_redis", False): "django.core.cache.backends.redis.RedisCache",
+        ("native_redis", True): "django_prometheus.cache.backends.redis.NativeRedisCache",
+        ("pymemcache", False): "django.core.cache.backends.memcached.PyMemcacheCache",
+        ("pymemcache", True): "django_prometheus.cache.backends.memcached.PyMemcacheCache",
+    }[(_kind, DJANGO_PROMETHEUS)]
+    if _kind == "django_redis":
+        _pool = {"protocol": _cache.get("protocol", 2)}
+        _options = {
+            "IGNORE_EXCEPTIONS": bool(_cache.get("ignore_exceptions")),
+            "CONNECTION_POOL_KWARGS": _pool,
+            "SOCKET_CONNECT_TIMEOUT": 2,
+            "SOCKET_TIMEOUT": 2,
+        }
+    elif _kind == "native_redis":
+        _options = {"protocol": _cache.get("protocol", 2), "socket_connect_timeout": 2, "socket_timeout": 2}
+    else:
+        _options = {"connect_timeout": 2, "timeout": 2}
+    CACHES = {
+        alias: {
+            "BACKEND": _backend,
+            "LOCATION": _cache[where],
+            "KEY_PREFIX": _cache.get("key_prefix", ""),
+            "OPTIONS": _options,
+        }
+        for alias, where in (("default", "location"), ("down", "down"))
+    }
+
 INSTALLED_APPS = ["django.contrib.contenttypes", "shop"]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

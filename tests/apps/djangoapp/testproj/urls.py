@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from . import dbviews, views
+from . import cacheviews, dbviews, views
 
 urlpatterns = [
     path("", views.index, name="index"),
@@ -36,6 +36,7 @@ urlpatterns = [
     path("db/wrongpw", dbviews.wrongpw, name="db-wrongpw"),
     path("db/raw", dbviews.raw, name="db-raw"),
     path("db/iterate", dbviews.iterate, name="db-iterate"),
+    path("cache/<str:op>", cacheviews.run, name="cache"),
 ]
 
 from django.conf import settings  # noqa: E402

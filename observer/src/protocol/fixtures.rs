@@ -1,0 +1,62 @@
+//! Real captures for the parsers' tests (`testdata/*.jsonl`): the client side of every
+//! connection of one kind while a test app ran, recorded with `observer trace --json`
+//! and reduced to (connection, direction, timestamps, true length, captured bytes) and
+//! closes.
+
+use base64::Engine as _;
+
+use crate::events::Direction;
+
+/// One data record of a connection, or its close (`step` is `None`).
+pub struct Rec {
+    pub conn: u32,
+    pub step: Option<Step>,
+}
+
+pub struct Step {
+    pub dir: Direction,
+    pub enter_ns: u64,
+    pub exit_ns: u64,
+    pub total_len: u64,
+    pub data: Vec<u8>,
+}
+
+impl Step {
+    /// As a chunk with at most `cap` bytes captured.
+    pub fn chunk(&self, cap: usize) -> super::Chunk<'_> {
+        super::Chunk {
+            dir: self.dir,
+            enter_ns: self.enter_ns,
+            exit_ns: self.exit_ns,
+            bytes: &self.data[..self.data.len().min(cap)],
+            total_len: self.total_len,
+        }
+    }
+}
+
+pub fn load(name: &str) -> Vec<Rec> {
+    let path = format!("{}/src/protocol/testdata/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let conn = v["conn"].as_u64().unwrap() as u32;
+            if v.get("close").is_some() {
+                return Rec { conn, step: None };
+            }
+            let dir = if v["dir"] == "send" { Direction::Send } else { Direction::Recv };
+            let data = base64::engine::general_purpose::STANDARD.decode(v["data"].as_str().unwrap()).unwrap();
+            let n = |k: &str| v[k].as_u64().unwrap();
+            Rec {
+                conn,
+                step: Some(Step {
+                    dir,
+                    enter_ns: n("enter_ns"),
+                    exit_ns: n("exit_ns"),
+                    total_len: n("total_len"),
+                    data,
+                }),
+            }
+        })
+        .collect()
+}
