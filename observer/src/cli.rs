@@ -93,6 +93,10 @@ struct RunArgs {
     /// [default: 4096].
     #[arg(long, value_name = "N")]
     max_pending_statements: Option<usize>,
+    /// Redis and memcached commands sent and not yet answered per connection
+    /// [default: 4096].
+    #[arg(long, value_name = "N")]
+    max_pending_cache_commands: Option<usize>,
     /// Longest HTTP head kept while incomplete [default: 32768].
     #[arg(long, value_name = "BYTES")]
     max_http_head_bytes: Option<usize>,
@@ -341,7 +345,12 @@ async fn run(args: RunArgs) -> Result<()> {
         },
         models: if args.models.is_empty() { file.models.clone() } else { Some(args.models.clone()) },
         max_models: args.max_models.or(file.max_models).unwrap_or(d.max_models),
+        cache_commands: args
+            .max_pending_cache_commands
+            .or(file.max_pending_cache_commands)
+            .unwrap_or(d.cache_commands),
         db_aliases: file.databases.clone(),
+        caches: file.caches.clone(),
         migrations: !args.no_migrations && file.migrations.unwrap_or(true),
         migrations_interval: args
             .migrations_interval

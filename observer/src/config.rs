@@ -18,13 +18,20 @@
 //! host = "10.0.0.12"
 //! port = 5432
 //! name = "shop"
+//!
+//! # Redis and memcached caches, for apps whose settings cannot be read or whose
+//! # KEY_FUNCTION makes keys of another shape (backend: redis, native_redis, memcached).
+//! [[caches]]
+//! backend = "redis"
+//! servers = ["redis://10.0.0.13:6379/0"]
+//! key_regex = "shop:[0-9]+:"
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::django::aliases::ConfigAlias;
+use crate::django::{aliases::ConfigAlias, cache::ConfigCache};
 
 /// Every key is optional.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -58,8 +65,11 @@ pub struct FileConfig {
     pub migrations: Option<bool>,
     pub migrations_interval: Option<u64>,
     pub max_pending_statements: Option<usize>,
+    pub max_pending_cache_commands: Option<usize>,
     #[serde(default)]
     pub databases: Vec<ConfigAlias>,
+    #[serde(default)]
+    pub caches: Vec<ConfigCache>,
 }
 
 impl FileConfig {
@@ -96,5 +106,11 @@ mod tests {
         assert_eq!(c.migrations, Some(false));
         assert_eq!(c.databases[0].alias, "replica");
         assert_eq!(c.databases[0].port, Some(5433));
+        let c = FileConfig::parse(
+            "max_pending_cache_commands = 64\n[[caches]]\nbackend = \"memcached\"\nservers = [\"10.0.0.3:11211\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_pending_cache_commands, Some(64));
+        assert_eq!(c.caches[0].backend, "memcached");
     }
 }

@@ -1,13 +1,15 @@
 //! `observer run`'s sink: records of server connections go through the HTTP/1 parser and
 //! become django_http_* samples; client connections that start (or go on) as PostgreSQL
-//! go through its parser and become django_db_* and django_model_* samples, all of the
-//! target (the Django app) the process belongs to.
+//! go through its parser and become django_db_* and django_model_* samples, Redis and
+//! memcached ones become django_cache_get_* samples, all of the target (the Django app)
+//! the process belongs to.
 //!
 //! A target is a root process (a gunicorn/uwsgi master, a runserver, a uvicorn) and all
 //! its descendants: every worker feeds one series set, so counters stay monotonic while
 //! workers come and go. Its routes, databases and models are discovered in the
 //! background; exchanges and database events wait in a bounded backlog meanwhile so that
-//! their labels are right from the first one. Its migrations are counted by its own
+//! their labels are right from the first one (and cache lookups are told from other
+//! users of the same server). Its migrations are counted by its own
 //! interpreter after discovery and on an interval.
 
 use std::{
@@ -27,15 +29,18 @@ use crate::{
     django::{
         TargetLabels,
         aliases::{AliasTable, ConfigAlias},
+        cache::{CacheMetrics, CacheTable, ConfigCache, Wire},
         db::{DbMetrics, DbObservation, MigrationMetrics, ModelMap, ModelMetrics, POSTGRESQL},
         http::{Body, HttpMetrics, HttpObservation, UNNAMED_VIEW},
     },
     events::{Record, Role, SockAddr},
     loss::LossReport,
     protocol::{
-        Chunk,
+        Chunk, KeyGet,
         http1::{self, Event, Exchange, Http1Parser, Mode},
+        memcached::{self, MemcachedParser},
         postgres::{self, Failure, PgParser, sqlstate},
+        redis::{self, RedisParser},
     },
     pump::{Live, Sink},
     selfmetrics::SelfStats,
@@ -65,8 +70,12 @@ pub struct Settings {
     pub models: Option<Vec<String>>,
     /// Distinct model labels per app.
     pub max_models: usize,
+    /// Redis/memcached commands sent and not yet answered, per connection.
+    pub cache_commands: usize,
     /// DATABASES aliases from the config file (for apps whose settings cannot be read).
     pub db_aliases: Vec<ConfigAlias>,
+    /// Caches from the config file.
+    pub caches: Vec<ConfigCache>,
     /// Count each app's migrations with its own interpreter.
     pub migrations: bool,
     pub migrations_interval: Duration,
@@ -91,7 +100,9 @@ impl Default for Settings {
             postgres: postgres::Limits::default(),
             models: None,
             max_models: 1000,
+            cache_commands: redis::Limits::default().max_pending,
             db_aliases: Vec::new(),
+            caches: Vec::new(),
             migrations: true,
             migrations_interval: Duration::from_secs(300),
             discovery_delay: Duration::from_secs(10),
@@ -111,8 +122,9 @@ pub struct Exposition {
 /// Exchanges and database events kept per target while it is being discovered.
 const BACKLOG: usize = 10_000;
 
-/// A discovery's result, with the alias table built (host names resolved) off the pump.
-type Discovered = Result<(discover::Discovery, AliasTable), String>;
+/// A discovery's result, with the alias and cache tables built (host names resolved) off
+/// the pump.
+type Discovered = Result<(discover::Discovery, AliasTable, CacheTable), String>;
 
 enum Routes {
     /// Discovery starts with the app's first exchange (by then it has loaded its
@@ -151,9 +163,20 @@ struct DbEvent {
     what: DbWhat,
 }
 
+/// A lookup on a Redis or memcached connection.
+#[derive(Debug, Clone)]
+struct CacheEvent {
+    wire: Wire,
+    peer: Option<SockAddr>,
+    get: KeyGet,
+}
+
 enum Backlogged {
     Http(Exchange, Option<SockAddr>),
     Db(DbEvent),
+    Cache(CacheEvent),
+    /// A connect that failed before any byte: to a database, a cache, or neither.
+    Refused(SockAddr),
 }
 
 /// The families of one app, created together when the first of them is needed.
@@ -162,6 +185,7 @@ struct Families {
     db: DbMetrics,
     models: ModelMetrics,
     migrations: MigrationMetrics,
+    cache: CacheMetrics,
 }
 
 struct Target {
@@ -174,6 +198,7 @@ struct Target {
     routes: Routes,
     backlog: VecDeque<Backlogged>,
     aliases: AliasTable,
+    caches: CacheTable,
     models: ModelMap,
     migrations: MigrationsCheck,
     appeared: Instant,
@@ -190,7 +215,9 @@ struct PgConn {
 enum Proto {
     Http(Box<Http1Parser>),
     Postgres(Box<PgConn>),
-    /// A client connection that is no database protocol we parse.
+    Redis(Box<RedisParser>),
+    Memcached(Box<MemcachedParser>),
+    /// A client connection that is no database or cache protocol we parse.
     Other,
 }
 
@@ -219,6 +246,8 @@ pub struct Pipeline {
     overflow_seen: HashMap<(u32, &'static str), u64>,
     events: Vec<Event>,
     pg_events: Vec<postgres::Event>,
+    redis_events: Vec<redis::Event>,
+    mc_events: Vec<memcached::Event>,
     last_gc: Instant,
 }
 
@@ -266,6 +295,8 @@ impl Pipeline {
             overflow_seen: HashMap::new(),
             events: Vec::new(),
             pg_events: Vec::new(),
+            redis_events: Vec::new(),
+            mc_events: Vec::new(),
             last_gc: Instant::now(),
         }
     }
@@ -307,6 +338,7 @@ impl Pipeline {
             backlog: VecDeque::new(),
             // Until discovery: the config file's aliases (addresses only, no DNS here).
             aliases: AliasTable::build(&[], &self.settings.db_aliases, false),
+            caches: CacheTable::build(&[], &self.settings.caches, false),
             models: ModelMap::by_rule(self.settings.models.as_deref()),
             migrations,
             appeared: Instant::now(),
@@ -325,10 +357,12 @@ impl Pipeline {
         let (tx, rx) = mpsc::channel();
         let timeout = self.settings.discovery_timeout;
         let config = self.settings.db_aliases.clone();
+        let config_caches = self.settings.caches.clone();
         let spawned = std::thread::Builder::new().name(format!("discover-{root}")).spawn(move || {
             let result = discover::discover(root, timeout).map(|d| {
                 let aliases = AliasTable::build(&d.databases, &config, true);
-                (d, aliases)
+                let caches = CacheTable::build(&d.caches, &config_caches, true);
+                (d, aliases, caches)
             });
             let _ = tx.send(result);
         });
@@ -357,6 +391,7 @@ impl Pipeline {
                 db: DbMetrics::new(&registry)?,
                 models: ModelMetrics::new(&registry, self.settings.max_models)?,
                 migrations: MigrationMetrics::new(&registry)?,
+                cache: CacheMetrics::new(&registry)?,
             })
         })();
         let Ok(mut families) = families else { return };
@@ -458,6 +493,53 @@ impl Pipeline {
         }
     }
 
+    /// A connect that failed before any byte: a database's or a cache's only if it was to
+    /// one of the app's.
+    fn refused(&mut self, root: u32, peer: SockAddr) {
+        if self.waits_for_discovery(root) {
+            self.backlog(root, Backlogged::Refused(peer));
+            return;
+        }
+        let Some(t) = self.targets.get(&root) else { return };
+        if t.aliases.by_address(&peer).is_some() {
+            let ev = DbEvent {
+                confirm: false,
+                peer: Some(peer),
+                user: None,
+                database: None,
+                what: DbWhat::Refused,
+            };
+            self.db_event(root, ev);
+        } else if let Some(backend) = t.caches.by_address(&peer) {
+            // The command never left: whatever it was, the cache call failed. Counted as
+            // a failed get (see the README on what this over-counts).
+            self.materialize(root, None);
+            if let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) {
+                f.cache.observe(backend, crate::protocol::Outcome::Fail);
+                self.stats.cache_gets += 1;
+            }
+        }
+    }
+
+    /// One lookup on a cache connection: wait for the app's caches, or count it.
+    fn cache_event(&mut self, root: u32, ev: CacheEvent) {
+        if self.waits_for_discovery(root) {
+            self.backlog(root, Backlogged::Cache(ev));
+            return;
+        }
+        let Some(t) = self.targets.get(&root) else { return };
+        let backend = ev.peer.as_ref().and_then(|p| t.caches.lookup(ev.wire, p, &ev.get.key));
+        let Some(backend) = backend else {
+            self.stats.cache_gets_ignored += 1;
+            return;
+        };
+        self.materialize(root, None);
+        if let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) {
+            f.cache.observe(backend, ev.get.outcome);
+            self.stats.cache_gets += 1;
+        }
+    }
+
     fn routes_file_table(&self) -> Option<RouteTable> {
         let text = self.settings.routes_file.as_ref()?;
         RouteTable::from_routes_file(text).ok()
@@ -535,7 +617,7 @@ impl Pipeline {
             let Some(t) = self.targets.get_mut(&root) else { continue };
             t.routes = Routes::Ready;
             match result {
-                Ok((d, aliases)) => {
+                Ok((d, aliases, caches)) => {
                     self.stats.route_discovery_ok += 1;
                     let table = RouteTable::new(&d.routes);
                     tracing::info!(
@@ -544,6 +626,7 @@ impl Pipeline {
                         routes = table.len(),
                         unsupported = table.unsupported,
                         databases = d.databases.len(),
+                        caches = caches.aliases().len(),
                         models = d.models.len(),
                         "routes discovered from the running app"
                     );
@@ -557,6 +640,16 @@ impl Pipeline {
                     };
                     t.settings = d.settings;
                     t.aliases = aliases;
+                    t.caches = caches;
+                    for c in
+                        d.caches.iter().filter(|c| matches!(c.kind.as_deref(), Some("locmem" | "filebased")))
+                    {
+                        tracing::info!(
+                            root,
+                            alias = %c.alias,
+                            "the cache lives in the process or on disk: its lookups cross no socket and are not counted"
+                        );
+                    }
                     t.models = ModelMap::new(
                         d.models.iter().map(|m| (m.table.as_str(), m.model.as_str(), m.mixin.as_deref())),
                         self.settings.models.as_deref(),
@@ -586,6 +679,8 @@ impl Pipeline {
                 match item {
                     Backlogged::Http(ex, local) => self.exchange(root, &ex, local.as_ref()),
                     Backlogged::Db(ev) => self.db_event(root, ev),
+                    Backlogged::Cache(ev) => self.cache_event(root, ev),
+                    Backlogged::Refused(peer) => self.refused(root, peer),
                 }
             }
         }
@@ -706,6 +801,30 @@ impl Pipeline {
         self.pg_events.clear();
     }
 
+    /// What a Redis or memcached connection's parser reported.
+    fn handle_cache_events(&mut self, target: u32, wire: Wire, peer: Option<&SockAddr>) {
+        let mut gets = Vec::new();
+        for ev in self.redis_events.drain(..) {
+            match ev {
+                redis::Event::Get(g) => gets.push(g),
+                redis::Event::Error(e) => {
+                    *self.stats.parse_errors.entry(("redis", e.as_str())).or_default() += 1
+                }
+            }
+        }
+        for ev in self.mc_events.drain(..) {
+            match ev {
+                memcached::Event::Get(g) => gets.push(g),
+                memcached::Event::Error(e) => {
+                    *self.stats.parse_errors.entry(("memcached", e.as_str())).or_default() += 1
+                }
+            }
+        }
+        for get in gets {
+            self.cache_event(target, CacheEvent { wire, peer: peer.cloned(), get });
+        }
+    }
+
     fn close_conn(&mut self, conn_id: u64) {
         let Some(c) = self.conns.get_mut(&conn_id) else { return };
         let target = c.target;
@@ -721,6 +840,18 @@ impl Pipeline {
                 self.handle_pg_events(target, conn_id);
                 self.conns.remove(&conn_id);
             }
+            Proto::Redis(p) => {
+                p.close(&mut self.redis_events);
+                let peer = c.peer.clone();
+                self.conns.remove(&conn_id);
+                self.handle_cache_events(target, Wire::Redis, peer.as_ref());
+            }
+            Proto::Memcached(p) => {
+                p.close(&mut self.mc_events);
+                let peer = c.peer.clone();
+                self.conns.remove(&conn_id);
+                self.handle_cache_events(target, Wire::Memcached, peer.as_ref());
+            }
             Proto::Other => {
                 self.conns.remove(&conn_id);
             }
@@ -728,7 +859,12 @@ impl Pipeline {
     }
 
     /// The protocol of a client connection, from its first write (None: not decided yet).
-    fn client_proto(&self, target: u32, d: &crate::events::Data<'_>) -> Option<Proto> {
+    fn client_proto(
+        &self,
+        target: u32,
+        d: &crate::events::Data<'_>,
+        peer: Option<&SockAddr>,
+    ) -> Option<Proto> {
         if d.dir != crate::events::Direction::Send {
             return None;
         }
@@ -744,8 +880,30 @@ impl Pipeline {
         if postgres::looks_like_frontend(d.bytes, d.total_len) {
             return Some(new_pg(PgParser::mid_stream(limits), true));
         }
-        // Until the app's databases are known, a connection may still turn out to be one.
         let t = self.targets.get(&target)?;
+        // A cache's commands; once the app's caches are known, only those of its servers
+        // are followed (a Celery broker on Redis is not parsed).
+        let wire = if redis::is_command(d.bytes) {
+            Some(Wire::Redis)
+        } else if memcached::is_command(d.bytes) {
+            Some(Wire::Memcached)
+        } else {
+            None
+        };
+        if let Some(wire) = wire {
+            let known = matches!(t.routes, Routes::Ready);
+            if known && peer.is_none_or(|p| t.caches.by_address(p).is_none()) {
+                return Some(Proto::Other);
+            }
+            let max_pending = self.settings.cache_commands;
+            return Some(match wire {
+                Wire::Redis => Proto::Redis(Box::new(RedisParser::new(redis::Limits { max_pending }))),
+                Wire::Memcached => {
+                    Proto::Memcached(Box::new(MemcachedParser::new(memcached::Limits { max_pending })))
+                }
+            });
+        }
+        // Until the app's databases are known, a connection may still turn out to be one.
         match t.routes {
             Routes::Ready => Some(Proto::Other),
             _ => None,
@@ -844,7 +1002,7 @@ impl Sink for Pipeline {
                             self.settings.http,
                             t.parser_config.clone(),
                         ))),
-                        Role::Client => match self.client_proto(target, d) {
+                        Role::Client => match self.client_proto(target, d, conn.peer.as_ref()) {
                             Some(p) => p,
                             None => return,
                         },
@@ -905,6 +1063,22 @@ impl Sink for Pipeline {
                         pg.parser.feed(&chunk, &mut self.pg_events);
                         self.handle_pg_events(target, d.conn_id);
                     }
+                    Proto::Redis(p) => {
+                        if lost {
+                            p.lost(&mut self.redis_events);
+                        }
+                        p.feed(&chunk, &mut self.redis_events);
+                        let peer = state.peer.clone();
+                        self.handle_cache_events(target, Wire::Redis, peer.as_ref());
+                    }
+                    Proto::Memcached(p) => {
+                        if lost {
+                            p.lost(&mut self.mc_events);
+                        }
+                        p.feed(&chunk, &mut self.mc_events);
+                        let peer = state.peer.clone();
+                        self.handle_cache_events(target, Wire::Memcached, peer.as_ref());
+                    }
                     Proto::Other => {}
                 }
             }
@@ -923,29 +1097,18 @@ impl Sink for Pipeline {
                         && !info.preexisting
                         && !self.conns.contains_key(&c.conn_id)
                         && let Some(&target) = self.pid_target.get(&c.tgid)
+                        && let Some(peer) = info.peer.clone()
                     {
-                        let peer = info.peer.clone();
-                        self.db_event(
-                            target,
-                            DbEvent {
-                                confirm: false,
-                                peer,
-                                user: None,
-                                database: None,
-                                what: DbWhat::Refused,
-                            },
-                        );
+                        self.refused(target, peer);
                     }
                     self.close_conn(c.conn_id);
                 }
             }
             Record::ConnFailed(f) => {
-                if let Some(&target) = self.pid_target.get(&f.tgid) {
-                    let peer = f.peer.clone();
-                    self.db_event(
-                        target,
-                        DbEvent { confirm: false, peer, user: None, database: None, what: DbWhat::Refused },
-                    );
+                if let Some(&target) = self.pid_target.get(&f.tgid)
+                    && let Some(peer) = f.peer.clone()
+                {
+                    self.refused(target, peer);
                 }
             }
             Record::ProcFork { pid, parent, .. } => {

@@ -33,8 +33,13 @@ pub struct SelfStats {
     pub db_statements: u64,
     /// Database connections that switched to TLS/GSS encryption (counted, not parsed).
     pub db_encrypted: u64,
-    /// Client connections recognised as not a database protocol (and ignored).
+    /// Client connections recognised as no database or cache protocol (and ignored).
     pub not_db_connections: u64,
+    /// Cache lookups turned into django_cache_get_* samples.
+    pub cache_gets: u64,
+    /// One-key lookups on Redis/memcached connections that are no lookup of the app's
+    /// caches (another server, another key shape: Celery, sessions of another app).
+    pub cache_gets_ignored: u64,
     pub migrations_ok: u64,
     pub migrations_failed: u64,
 }
@@ -170,7 +175,7 @@ impl SelfStats {
         ));
         out.push(counter(
             "observer_discovery_backlog_dropped_total",
-            "Exchanges and database events dropped while their app was being discovered.",
+            "Exchanges, database and cache events dropped while their app was being discovered.",
             self.backlog_dropped,
         ));
         out.push(counter(
@@ -186,8 +191,18 @@ impl SelfStats {
         ));
         out.push(counter(
             "observer_not_db_connections_total",
-            "Client connections recognised as no database protocol and ignored.",
+            "Client connections recognised as no database or cache protocol and ignored.",
             self.not_db_connections,
+        ));
+        out.push(counter(
+            "observer_cache_gets_total",
+            "Cache lookups (a Redis GET, a memcached get of one key) turned into django_cache_get_* metrics.",
+            self.cache_gets,
+        ));
+        out.push(counter(
+            "observer_cache_gets_ignored_total",
+            "One-key lookups that are not of the app's caches (another server or key shape) and were not counted.",
+            self.cache_gets_ignored,
         ));
         out.push(family(
             "observer_migrations_checks_total",

@@ -1,5 +1,5 @@
 # Discovery: the app's URL resolver, the settings that change what django-prometheus
-# reports, its databases and its models' tables. Follows common.py.
+# reports, its databases, its caches and its models' tables. Follows common.py.
 
 
 def main():
@@ -48,6 +48,7 @@ def main():
         },
         "routes": routes,
         "databases": databases(settings),
+        "caches": caches(settings),
         "models": models(),
     }
 
@@ -73,6 +74,73 @@ def databases(settings):
                 "host": s.get("HOST") or options.get("host"),
                 "port": str(s.get("PORT") or options.get("port") or ""),
                 "pool": bool(options.get("pool")),
+            }
+        )
+    return out
+
+
+# The backend classes django-prometheus wraps, by the `backend` label it gives them.
+CACHE_KINDS = (
+    ("django_redis.cache.RedisCache", "redis"),
+    ("django.core.cache.backends.redis.RedisCache", "native_redis"),
+    ("django.core.cache.backends.memcached.BaseMemcachedCache", "memcached"),
+    ("django.core.cache.backends.locmem.LocMemCache", "locmem"),
+    ("django.core.cache.backends.filebased.FileBasedCache", "filebased"),
+)
+MARK = "OBSERVERKEY"
+
+
+def server(location):
+    """A LOCATION entry without credentials or options (only a Redis URL's db)."""
+    from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+    location = location.strip()
+    if "://" not in location:
+        return location
+    u = urlsplit(location)
+    host = u.hostname or ""
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    netloc = ("[%s]" % host if ":" in host else host) + (":%d" % port if port else "")
+    db = parse_qs(u.query).get("db")
+    return urlunsplit((u.scheme, netloc, u.path, "db=%s" % db[0] if db else "", ""))
+
+
+def caches(settings):
+    """Each CACHES alias: the backend kind, its servers (never credentials), and the
+    shape of its keys, read from its own make_key (the key function may be custom)."""
+    from django.core.cache import caches as handler
+
+    out = []
+    for alias, c in getattr(settings, "CACHES", {}).items():
+        kind = None
+        try:
+            cache = handler[alias]
+            mro = ["%s.%s" % (k.__module__, k.__qualname__) for k in type(cache).__mro__]
+            kind = next((label for name, label in CACHE_KINDS if name in mro), None)
+        except Exception:
+            cache = None
+        location = c.get("LOCATION") or ""
+        if isinstance(location, str):
+            location = re.split("[;,]", location)
+        # A key is <head><version><tail><key> for Django's default key function.
+        head = tail = None
+        try:
+            a, b = cache.make_key(MARK, version=424242), cache.make_key(MARK, version=535353)
+            if a.endswith(MARK) and a.count("424242") == 1 and a.replace("424242", "535353") == b:
+                head, tail = a[: -len(MARK)].split("424242")
+        except Exception:
+            pass
+        out.append(
+            {
+                "alias": alias,
+                "backend": c.get("BACKEND"),
+                "kind": kind,
+                "servers": [server(x) for x in location if isinstance(x, str) and x.strip()],
+                "key_head": head,
+                "key_tail": tail,
             }
         )
     return out

@@ -1,5 +1,5 @@
 //! Discovery: the app's URL resolver, the settings that change what django-prometheus
-//! reports, where its databases are and which tables its models use.
+//! reports, where its databases and caches are and which tables its models use.
 
 use std::time::Duration;
 
@@ -29,6 +29,25 @@ pub struct Database {
     pub pool: bool,
 }
 
+/// One CACHES entry (never its credentials).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Cache {
+    pub alias: String,
+    /// The BACKEND class path.
+    pub backend: Option<String>,
+    /// The `backend` label django-prometheus gives its class ("redis", "native_redis",
+    /// "memcached", "locmem", "filebased"), from the class's ancestry.
+    pub kind: Option<String>,
+    /// LOCATION entries: Redis URLs (credentials and options dropped), `host:port`,
+    /// `unix:/path` or a socket path.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Keys are `<key_head><version><key_tail><key>` (read from the cache's own
+    /// `make_key`); unset when its key function makes another shape.
+    pub key_head: Option<String>,
+    pub key_tail: Option<String>,
+}
+
 /// One model's table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ModelTable {
@@ -47,6 +66,8 @@ pub struct Discovery {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub databases: Vec<Database>,
+    #[serde(default)]
+    pub caches: Vec<Cache>,
     #[serde(default)]
     pub models: Vec<ModelTable>,
 }
@@ -84,7 +105,7 @@ mod tests {
 
     #[test]
     fn output_is_found_after_app_prints() {
-        let out = "hello from settings\n\nOBSERVER-DISCOVERY {\"django\":\"5.2.19\",\"settings\":{\"APPEND_SLASH\":true,\"DEFAULT_CHARSET\":\"utf-8\",\"SECURE_PROXY_SSL_HEADER\":[\"HTTP_X_FORWARDED_PROTO\",\"https\"]},\"routes\":[{\"view\":\"index\",\"segments\":[{\"kind\":\"route\",\"regex\":\"^\\\\Z\",\"endpoint\":true}]}],\"databases\":[{\"alias\":\"default\",\"vendor\":\"postgresql\",\"engine\":\"django.db.backends.postgresql\",\"name\":\"app\",\"user\":\"u\",\"host\":\"\",\"port\":\"\",\"pool\":false}],\"models\":[{\"table\":\"shop_item\",\"model\":\"item\",\"mixin\":null}]}\n";
+        let out = "hello from settings\n\nOBSERVER-DISCOVERY {\"django\":\"5.2.19\",\"settings\":{\"APPEND_SLASH\":true,\"DEFAULT_CHARSET\":\"utf-8\",\"SECURE_PROXY_SSL_HEADER\":[\"HTTP_X_FORWARDED_PROTO\",\"https\"]},\"routes\":[{\"view\":\"index\",\"segments\":[{\"kind\":\"route\",\"regex\":\"^\\\\Z\",\"endpoint\":true}]}],\"databases\":[{\"alias\":\"default\",\"vendor\":\"postgresql\",\"engine\":\"django.db.backends.postgresql\",\"name\":\"app\",\"user\":\"u\",\"host\":\"\",\"port\":\"\",\"pool\":false}],\"caches\":[{\"alias\":\"default\",\"backend\":\"django_redis.cache.RedisCache\",\"kind\":\"redis\",\"servers\":[\"redis://127.0.0.1:6379/0\"],\"key_head\":\":\",\"key_tail\":\":\"}],\"models\":[{\"table\":\"shop_item\",\"model\":\"item\",\"mixin\":null}]}\n";
         let d = parse_output(out).unwrap();
         assert_eq!(d.django, "5.2.19");
         assert_eq!(d.routes.len(), 1);
@@ -93,6 +114,8 @@ mod tests {
         assert_eq!(t.resolve("/").as_deref(), Some("index"));
         assert_eq!(d.databases[0].vendor.as_deref(), Some("postgresql"));
         assert_eq!(d.models[0].model, "item");
+        assert_eq!(d.caches[0].kind.as_deref(), Some("redis"));
+        assert_eq!(d.caches[0].key_tail.as_deref(), Some(":"));
     }
 
     #[test]

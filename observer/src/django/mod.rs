@@ -3,6 +3,7 @@
 //! wire shows. Every name, label and bucket of the contract lives here and nowhere else.
 
 pub mod aliases;
+pub mod cache;
 pub mod db;
 pub mod expo;
 pub mod http;
