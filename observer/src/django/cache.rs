@@ -109,7 +109,8 @@ fn endpoints(wire: Wire, server: &str, resolve: bool) -> Vec<Endpoint> {
     let server = server.trim();
     match wire {
         Wire::Redis => {
-            if let Some(rest) = server.strip_prefix("unix://") {
+            // `unix:///path` (Python's urlunsplit writes it `unix:/path`).
+            if let Some(rest) = server.strip_prefix("unix://").or_else(|| server.strip_prefix("unix:")) {
                 return unix(rest.split('?').next().unwrap_or_default());
             }
             let rest = server
@@ -297,7 +298,12 @@ mod tests {
             &[
                 cache(
                     "redis",
-                    &["redis://10.0.0.1:6380/1", "rediss://10.0.0.2", "unix:///run/redis.sock?db=2"],
+                    &[
+                        "redis://10.0.0.1:6380/1",
+                        "rediss://10.0.0.2",
+                        "unix:///run/redis.sock?db=2",
+                        "unix:/run/r2.sock?db=0",
+                    ],
                     Some(":"),
                 ),
                 cache("memcached", &["10.0.0.3:11212", "[::1]", "unix:/run/mc.sock"], Some(":")),
@@ -313,6 +319,7 @@ mod tests {
             t.lookup(Wire::Redis, &SockAddr::UnixPath(b"/run/redis.sock".to_vec()), b":1:k"),
             Some(REDIS)
         );
+        assert_eq!(t.by_address(&SockAddr::UnixPath(b"/run/r2.sock".to_vec())), Some(REDIS));
         assert_eq!(t.lookup(Wire::Memcached, &tcp("10.0.0.3:11212"), b":1:k"), Some(MEMCACHED));
         assert_eq!(t.lookup(Wire::Memcached, &tcp("[::1]:11211"), b":1:k"), Some(MEMCACHED));
         assert_eq!(

@@ -18,6 +18,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod caches;
 pub mod django;
 pub mod mix;
 pub mod postgres;

@@ -76,6 +76,29 @@ def main_down(_):
         return type(e).__name__
 
 
+def foreign(_):
+    # Another user of the same server (Celery results, a raw client): no Django cache get.
+    from django.conf import settings
+
+    default = settings.CACHES["default"]
+    if "memcache" in default["BACKEND"].lower():
+        from pymemcache.client.base import Client
+
+        host, port = default["LOCATION"].rsplit(":", 1)
+        client = Client((host, int(port)))
+        try:
+            return client.get("celery-task-meta-1")
+        finally:
+            client.close()
+    import redis
+
+    client = redis.Redis.from_url(default["LOCATION"])
+    try:
+        return client.get("celery-task-meta-1")
+    finally:
+        client.close()
+
+
 OPS = {
     "hit": hit,
     "miss": miss,
@@ -88,6 +111,7 @@ OPS = {
     "big": big,
     "down": down,
     "main_down": main_down,
+    "foreign": foreign,
 }
 
 

@@ -1,0 +1,218 @@
+//! Redis and memcached end to end: a private Redis and memcached started here, the test
+//! app's /cache/ views (a hit, a miss, get_or_set, get_many, has_key, set then delete, an
+//! integer, a stored None, a 200 KB value, a cache whose server is down, and another
+//! client's GET on the same server) with django-prometheus's cache backends inside the
+//! app and observer outside, for each backend, protocol and socket kind.
+
+mod harness;
+
+use std::collections::BTreeMap;
+
+use harness::{
+    caches::{Memcached, Redis},
+    django::{Gunicorn, Metrics, ObserverRun, free_port, http_get},
+    ebpf_available,
+};
+use serde_json::{Value, json};
+
+/// Target labels only observer adds.
+const OURS_ONLY: [&str; 2] = ["job", "instance"];
+
+const FAMILIES: [&str; 4] = [
+    "django_cache_get_total",
+    "django_cache_get_hits_total",
+    "django_cache_get_misses_total",
+    "django_cache_get_fail_total",
+];
+
+/// The views, in order.
+const OPS: [&str; 11] = [
+    "hit",
+    "miss",
+    "get_or_set",
+    "get_many",
+    "has_key",
+    "set_delete",
+    "integer",
+    "none",
+    "big",
+    "down",
+    "foreign",
+];
+
+type Family = BTreeMap<String, f64>;
+
+fn family(m: &Metrics, name: &str) -> Family {
+    m.family(name, &OURS_ONLY).into_iter().filter(|(_, v)| *v != 0.0).collect()
+}
+
+fn delta(after: &Metrics, before: &Metrics, name: &str) -> Family {
+    let b = family(before, name);
+    family(after, name)
+        .into_iter()
+        .map(|(k, v)| {
+            let d = v - b.get(&k).copied().unwrap_or(0.0);
+            (k, d)
+        })
+        .filter(|(_, v)| *v != 0.0)
+        .collect()
+}
+
+fn fam(backend: &str, v: f64) -> Family {
+    if v == 0.0 { Family::new() } else { [(format!("backend={backend}"), v)].into_iter().collect() }
+}
+
+/// Runs `ops` on a fresh app with `cache` settings, observer tracing it; returns
+/// django-prometheus's gains, observer's scrape, and what each view answered.
+struct Pass {
+    theirs: BTreeMap<&'static str, Family>,
+    ours: Metrics,
+    answers: Vec<String>,
+}
+
+fn pass(
+    app: &Gunicorn,
+    obs: &ObserverRun,
+    ops: &[&str],
+    expect: impl Fn(&BTreeMap<&str, Family>) -> bool,
+) -> Pass {
+    let before_theirs = Metrics::parse(&http_get(app.port, "/metrics"));
+    let answers: Vec<String> =
+        ops.iter().map(|op| http_get(app.port, &format!("/cache/{op}")).trim().to_string()).collect();
+    let after_theirs = Metrics::parse(&http_get(app.port, "/metrics"));
+    let theirs: BTreeMap<&str, Family> =
+        FAMILIES.iter().map(|n| (*n, delta(&after_theirs, &before_theirs, n))).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut ours = obs.metrics();
+    while !expect(&FAMILIES.iter().map(|n| (*n, family(&ours, n))).collect())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        ours = obs.metrics();
+    }
+    Pass { theirs, ours, answers }
+}
+
+fn start(cache: &Value) -> (Gunicorn, ObserverRun) {
+    let app = Gunicorn::start_with("sync", 1, true, &[("OBSERVER_TEST_CACHE", &cache.to_string())]);
+    let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
+    (app, obs)
+}
+
+fn ours_of(m: &Metrics) -> BTreeMap<&'static str, Family> {
+    FAMILIES.iter().map(|n| (*n, family(m, n))).collect()
+}
+
+#[test]
+fn redis_backends_match_django_prometheus() {
+    if !ebpf_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let down = format!("redis://127.0.0.1:{}/0", free_port());
+    let setups = [
+        (
+            "django-redis, RESP2, TCP, KEY_PREFIX",
+            json!({"kind": "django_redis", "location": redis.url(), "key_prefix": "shop"}),
+            "redis",
+        ),
+        (
+            "django-redis, RESP3, Unix socket, IGNORE_EXCEPTIONS",
+            json!({"kind": "django_redis", "location": redis.unix_url(), "protocol": 3, "ignore_exceptions": true}),
+            "redis",
+        ),
+        (
+            "Django's Redis backend, RESP3, TCP",
+            json!({"kind": "native_redis", "location": redis.url(), "protocol": 3}),
+            "native_redis",
+        ),
+        (
+            "Django's Redis backend, RESP2, Unix socket",
+            json!({"kind": "native_redis", "location": redis.unix_url()}),
+            "native_redis",
+        ),
+    ];
+    for (name, mut cache, backend) in setups {
+        cache["down"] = json!(down);
+        let (app, obs) = start(&cache);
+        let p = pass(&app, &obs, &OPS, |ours| ours["django_cache_get_total"] == fam(backend, 9.0));
+        eprintln!("[{name}] django-prometheus gained {:#?}\nanswers {:?}", p.theirs, p.answers);
+        // What the app saw: hit, miss, get_or_set, ..., then the down cache.
+        assert_eq!(p.answers[0], "'value'", "[{name}]");
+        assert_eq!(p.answers[7], "'default'", "[{name}] a stored None");
+        assert_eq!(p.answers[8], "200000", "[{name}]");
+        let ignore = cache["ignore_exceptions"] == json!(true);
+        assert_eq!(p.answers[9], if ignore { "None" } else { "'ConnectionError'" }, "[{name}] down");
+        // django-prometheus: 9 gets (get_or_set's miss makes 2; get_many's MGET and
+        // has_key's EXISTS are no gets), 4 hits, 4 misses, the down cache's get failed.
+        let want: BTreeMap<&str, Family> = [
+            ("django_cache_get_total", fam(backend, 9.0)),
+            ("django_cache_get_hits_total", fam(backend, 4.0)),
+            ("django_cache_get_misses_total", fam(backend, 4.0)),
+            ("django_cache_get_fail_total", fam(backend, 1.0)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(p.theirs, want, "[{name}] django-prometheus");
+        assert_eq!(ours_of(&p.ours), want, "[{name}] observer");
+        // The other client's GET on the same server was seen, and left out.
+        obs.wait_until("the other client's GET", |m| m.sum("observer_cache_gets_ignored_total", &[]) >= 1.0);
+        assert_eq!(p.ours.sum("observer_parse_errors_total", &[("protocol", "redis")]), 0.0, "[{name}]");
+    }
+}
+
+#[test]
+fn memcached_matches_django_prometheus_except_failures() {
+    if !ebpf_available() {
+        return;
+    }
+    let mc = Memcached::start();
+    let cache = json!({"kind": "pymemcache", "location": mc.location(), "down": format!("127.0.0.1:{}", free_port())});
+    let (app, obs) = start(&cache);
+    let p = pass(&app, &obs, &OPS, |ours| ours["django_cache_get_total"] == fam("memcached", 11.0));
+    eprintln!("[pymemcache] django-prometheus gained {:#?}\nanswers {:?}", p.theirs, p.answers);
+    assert_eq!(p.answers[0], "'value'");
+    assert_eq!(p.answers[4], "(True, False)", "has_key");
+    assert_eq!(p.answers[7], "'default'", "a stored None");
+    assert_eq!(p.answers[8], "200000");
+    // 10 lookups (has_key is a get on memcached), 5 hits, 5 misses; the down server's get.
+    let ours = ours_of(&p.ours);
+    for name in ["django_cache_get_total", "django_cache_get_hits_total", "django_cache_get_misses_total"] {
+        assert_eq!(ours[name], p.theirs[name], "{name}");
+    }
+    assert_eq!(p.theirs["django_cache_get_total"], fam("memcached", 11.0));
+    assert_eq!(p.theirs["django_cache_get_hits_total"], fam("memcached", 5.0));
+    assert_eq!(p.theirs["django_cache_get_misses_total"], fam("memcached", 5.0));
+    // django-prometheus never counts a memcached failure (the client's exception goes
+    // through uncounted); observer does, so that total = hits + misses + failures.
+    assert_eq!(p.theirs["django_cache_get_fail_total"], Family::new());
+    assert_eq!(ours["django_cache_get_fail_total"], fam("memcached", 1.0));
+    obs.wait_until("the other client's get", |m| m.sum("observer_cache_gets_ignored_total", &[]) >= 1.0);
+    assert_eq!(p.ours.sum("observer_parse_errors_total", &[("protocol", "memcached")]), 0.0);
+}
+
+#[test]
+fn a_redis_that_goes_away_counts_failures_not_misses() {
+    if !ebpf_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let cache = json!({"kind": "django_redis", "location": redis.url(), "down": format!("redis://127.0.0.1:{}/0", free_port())});
+    let (app, obs) = start(&cache);
+    // A pooled connection is open and has served a hit.
+    let p = pass(&app, &obs, &["hit"], |ours| ours["django_cache_get_total"] == fam("redis", 1.0));
+    assert_eq!(ours_of(&p.ours)["django_cache_get_hits_total"], fam("redis", 1.0));
+    // Then the server is killed: the next gets fail, on the pooled connection first.
+    redis.stop();
+    let p = pass(&app, &obs, &["main_down", "main_down"], |ours| {
+        ours["django_cache_get_fail_total"] == fam("redis", 2.0)
+    });
+    eprintln!("[stopped] django-prometheus gained {:#?}\nanswers {:?}", p.theirs, p.answers);
+    assert_eq!(p.answers, vec!["'ConnectionError'"; 2]);
+    assert_eq!(p.theirs["django_cache_get_fail_total"], fam("redis", 2.0));
+    assert_eq!(p.theirs["django_cache_get_misses_total"], Family::new());
+    let ours = ours_of(&p.ours);
+    assert_eq!(ours["django_cache_get_fail_total"], fam("redis", 2.0));
+    assert_eq!(ours["django_cache_get_total"], fam("redis", 3.0));
+    assert_eq!(ours["django_cache_get_misses_total"], Family::new());
+}

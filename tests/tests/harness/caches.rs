@@ -1,0 +1,101 @@
+//! A private Redis or memcached for a test: Debian's server on a free loopback port (and
+//! a Unix socket in a temp dir for Redis), nothing persisted; stopped (exactly the PID we
+//! started) on drop or when the test says so.
+
+use std::{
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{TempDir, django::free_port};
+
+fn wait_listening(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("{what} exited with {s}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    /// Its Unix socket.
+    pub socket: String,
+    _dir: TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let dir = TempDir::new("redis");
+        let port = free_port();
+        let socket = format!("{}/redis.sock", dir.path());
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.path(), "--unixsocket", &socket, "--unixsocketperm", "700"])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (cargo xtask setup installs it)");
+        wait_listening(port, &mut child, "redis-server");
+        Self { child: Some(child), port, socket, _dir: dir }
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `unix://<socket>?db=0`.
+    pub fn unix_url(&self) -> String {
+        format!("unix://{}?db=0", self.socket)
+    }
+
+    /// Stops the server now (its clients see their connections end).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            super::stop(&mut c, libc::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct Memcached {
+    child: Child,
+    pub port: u16,
+}
+
+impl Memcached {
+    pub fn start() -> Self {
+        let port = free_port();
+        let mut child = Command::new("memcached")
+            .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-m", "64", "-u", "root"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start memcached (cargo xtask setup installs it)");
+        wait_listening(port, &mut child, "memcached");
+        Self { child, port }
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn location(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Memcached {
+    fn drop(&mut self) {
+        super::stop(&mut self.child, libc::SIGTERM);
+    }
+}
