@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: a private PostgreSQL, the test Django app (tests/apps/djangoapp)
-//! on it under gunicorn with two workers, `observer run` on it, some traffic (pages and
-//! database views), then where /metrics is and a summary of what it says. Every process
+//! `cargo xtask demo`: a private PostgreSQL and Redis, the test Django app
+//! (tests/apps/djangoapp) on them under gunicorn with two workers, `observer run` on it,
+//! some traffic (pages, database and cache views), then where /metrics is and a summary
+//! of what it says. Every process
 //! started here is stopped by its PID; the database's files are removed.
 
 use std::{
@@ -190,6 +191,21 @@ fn scalar(metrics: &str, name: &str) -> f64 {
         + 0.0
 }
 
+/// A throwaway Redis (nothing persisted) on a free loopback port.
+fn start_redis(dir: &Path) -> Result<(Guard, u16)> {
+    let port = free_port()?;
+    let server = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--dir", dir.to_str().context("path")?, "--daemonize", "no", "--loglevel", "warning"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting redis-server (cargo xtask setup installs it)")?;
+    let guard = Guard(server);
+    wait_port(port)?;
+    Ok((guard, port))
+}
+
 pub fn demo(serve: bool) -> Result<()> {
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
         "build",
@@ -210,6 +226,13 @@ pub fn demo(serve: bool) -> Result<()> {
         bail!("migrate: {}", String::from_utf8_lossy(&out.stderr));
     }
     println!("demo: PostgreSQL on 127.0.0.1:{} (database app, migrated)", pg.port);
+    let (redis, redis_port) = start_redis(&pg.dir)?;
+    // The test app's "default" cache on it (django-redis), and a "down" one on a closed port.
+    let cache = format!(
+        r#"{{"kind": "django_redis", "location": "redis://127.0.0.1:{redis_port}/0", "down": "redis://127.0.0.1:{}/0"}}"#,
+        free_port()?
+    );
+    println!("demo: Redis on 127.0.0.1:{redis_port} (the app's django-redis cache)");
     let app_port = free_port()?;
     let app = Guard(
         Command::new(venv.join("python"))
@@ -218,6 +241,7 @@ pub fn demo(serve: bool) -> Result<()> {
             .args(["--bind", &format!("127.0.0.1:{app_port}"), "--workers", "2", "--log-level", "warning"])
             .arg("testproj.wsgi:application")
             .env("OBSERVER_TEST_PG", pg.settings())
+            .env("OBSERVER_TEST_CACHE", &cache)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -269,6 +293,11 @@ pub fn demo(serve: bool) -> Result<()> {
         ("GET", "/db/unique-uncaught", "", ""),
         ("GET", "/db/timeout", "", ""),
         ("GET", "/db/broken", "", ""),
+        ("GET", "/cache/hit", "", ""),
+        ("GET", "/cache/miss", "", ""),
+        ("GET", "/cache/get_or_set", "", ""),
+        ("GET", "/cache/get_many", "", ""),
+        ("GET", "/cache/down", "", ""),
     ];
     let mut sent = 0;
     for round in 0..3 {
@@ -287,7 +316,9 @@ pub fn demo(serve: bool) -> Result<()> {
         // The agent's own counters are published once a second.
         let done = scalar(&m, "django_http_responses_before_middlewares_total") >= f64::from(sent)
             && scalar(&m, "observer_http_exchanges_total") >= f64::from(sent)
-            && scalar(&m, "django_migrations_applied_total") > 0.0;
+            && scalar(&m, "django_migrations_applied_total") > 0.0
+            // Per round: hit 1, miss 1, get_or_set 2 (a miss, then a hit), down 1 (failed).
+            && scalar(&m, "django_cache_get_total") >= 15.0;
         if done || Instant::now() > deadline {
             break m;
         }
@@ -313,12 +344,13 @@ pub fn demo(serve: bool) -> Result<()> {
         "django_http_requests_latency_including_middlewares_seconds_count",
         "observer_http_exchanges_total",
         "observer_db_statements_total",
+        "observer_cache_gets_total",
         "observer_records_lost_total",
         "observer_parse_errors_total",
     ] {
         println!("demo:   {name} {}", scalar(&metrics, name));
     }
-    println!("demo: database families:");
+    println!("demo: database and cache families:");
     for name in [
         "django_db_new_connections_total",
         "django_db_new_connection_errors_total",
@@ -330,6 +362,10 @@ pub fn demo(serve: bool) -> Result<()> {
         "django_model_updates_total",
         "django_migrations_applied_total",
         "django_migrations_unapplied_total",
+        "django_cache_get_total",
+        "django_cache_get_hits_total",
+        "django_cache_get_misses_total",
+        "django_cache_get_fail_total",
     ] {
         for (l, v) in family(&metrics, name) {
             let shown: Vec<String> = l
@@ -348,6 +384,7 @@ pub fn demo(serve: bool) -> Result<()> {
     }
     drop(observer);
     drop(app);
+    drop(redis);
     drop(pg);
     let _ = fs::remove_file(&log_path);
     Ok(())
