@@ -67,6 +67,10 @@ pub struct Pump {
     own_pid: u32,
     /// Processes selected by userspace (children the kernel adds are not listed here).
     selected: BTreeSet<u32>,
+    /// Processes the kernel follows from their fork (their connections come as records):
+    /// the rescan must not enter them again from /proc, which runs ahead of the ring and
+    /// would release connections whose last records are still queued.
+    followed: BTreeSet<u32>,
     pub user: UserCounters,
     /// Look up local addresses of new connections in /proc (for `trace`).
     resolve_addresses: bool,
@@ -89,6 +93,7 @@ impl Pump {
             selector,
             own_pid: std::process::id(),
             selected: BTreeSet::new(),
+            followed: BTreeSet::new(),
             user: UserCounters::default(),
             resolve_addresses,
             listeners: HashMap::new(),
@@ -106,7 +111,7 @@ impl Pump {
     fn rescan<S: Sink>(&mut self, sink: &mut S) {
         let procs = targets::list_processes();
         for (pid, why) in self.selector.select(&procs, self.own_pid) {
-            if !self.selected.contains(&pid) {
+            if !self.selected.contains(&pid) && !self.followed.contains(&pid) {
                 self.track(pid, &why, sink);
             }
         }
@@ -204,6 +209,12 @@ impl Pump {
                 let conn = self.conns.get(d.conn_id);
                 if conn.is_none() {
                     self.user.unknown_connection_records += 1;
+                    tracing::debug!(
+                        tgid = d.tgid,
+                        fd = d.fd,
+                        conn_id = d.conn_id,
+                        "record of an unknown connection"
+                    );
                 }
                 sink.record(&rec, conn);
             }
@@ -241,6 +252,7 @@ impl Pump {
             }
             Record::ProcFork { pid, parent, .. } => {
                 sink.record(&rec, None);
+                self.followed.insert(*pid);
                 // The child inherited the parent's fds: same sockets, same connection ids.
                 for (fd, conn_id, role) in self.conns.fds_of(*parent) {
                     self.conns.alias(conn_id, *pid, fd);
@@ -283,6 +295,7 @@ impl Pump {
 
     fn forget_process(&mut self, pid: u32) {
         self.selected.remove(&pid);
+        self.followed.remove(&pid);
         self.listeners.retain(|&(t, _), _| t != pid);
         self.conns.drop_process(pid);
         for key in self.probe.socket_keys() {

@@ -192,27 +192,52 @@ fn memcached_matches_django_prometheus_except_failures() {
 }
 
 #[test]
-fn a_redis_that_goes_away_counts_failures_not_misses() {
+fn a_redis_that_stops_answering_or_goes_away_counts_failures_not_misses() {
     if !ebpf_available() {
         return;
     }
-    let mut redis = Redis::start();
-    let cache = json!({"kind": "django_redis", "location": redis.url(), "down": format!("redis://127.0.0.1:{}/0", free_port())});
-    let (app, obs) = start(&cache);
-    // A pooled connection is open and has served a hit.
-    let p = pass(&app, &obs, &["hit"], |ours| ours["django_cache_get_total"] == fam("redis", 1.0));
-    assert_eq!(ours_of(&p.ours)["django_cache_get_hits_total"], fam("redis", 1.0));
-    // Then the server is killed: the next gets fail, on the pooled connection first.
-    redis.stop();
-    let p = pass(&app, &obs, &["main_down", "main_down"], |ours| {
-        ours["django_cache_get_fail_total"] == fam("redis", 2.0)
-    });
-    eprintln!("[stopped] django-prometheus gained {:#?}\nanswers {:?}", p.theirs, p.answers);
-    assert_eq!(p.answers, vec!["'ConnectionError'"; 2]);
-    assert_eq!(p.theirs["django_cache_get_fail_total"], fam("redis", 2.0));
-    assert_eq!(p.theirs["django_cache_get_misses_total"], Family::new());
-    let ours = ours_of(&p.ours);
-    assert_eq!(ours["django_cache_get_fail_total"], fam("redis", 2.0));
-    assert_eq!(ours["django_cache_get_total"], fam("redis", 3.0));
-    assert_eq!(ours["django_cache_get_misses_total"], Family::new());
+    for (kind, ignore, backend) in [
+        ("django_redis", false, "redis"),
+        ("django_redis", true, "redis"),
+        ("native_redis", false, "native_redis"),
+    ] {
+        let name = format!("{kind}, IGNORE_EXCEPTIONS={ignore}");
+        let mut redis = Redis::start();
+        let cache = json!({
+            "kind": kind, "location": redis.url(), "ignore_exceptions": ignore,
+            "down": format!("redis://127.0.0.1:{}/0", free_port()),
+        });
+        let (app, obs) = start(&cache);
+        // A pooled connection is open and has served a hit.
+        let p = pass(&app, &obs, &["hit"], |ours| ours["django_cache_get_total"] == fam(backend, 1.0));
+        assert_eq!(ours_of(&p.ours)["django_cache_get_hits_total"], fam(backend, 1.0), "[{name}]");
+        let failed = |n: f64| {
+            let want = fam(backend, n);
+            move |ours: &BTreeMap<&str, Family>| ours["django_cache_get_fail_total"] == want
+        };
+        // The server freezes: the get times out (SOCKET_TIMEOUT 2 s) and the client drops
+        // the connection.
+        redis.pause();
+        let p = pass(&app, &obs, &["main_down"], failed(1.0));
+        redis.resume();
+        // Then it is killed: the next gets fail on connects that are refused.
+        redis.stop();
+        let q = pass(&app, &obs, &["main_down", "main_down"], failed(3.0));
+        eprintln!(
+            "[{name}] django-prometheus gained {:#?} then {:#?}\nanswers {:?} {:?}",
+            p.theirs, q.theirs, p.answers, q.answers
+        );
+        for a in p.answers.iter().chain(&q.answers) {
+            assert_eq!(a == "None", ignore, "[{name}] the app saw {a}");
+        }
+        for (pass, n) in [(&p, 1.0), (&q, 2.0)] {
+            assert_eq!(pass.theirs["django_cache_get_fail_total"], fam(backend, n), "[{name}]");
+            assert_eq!(pass.theirs["django_cache_get_total"], fam(backend, n), "[{name}]");
+            assert_eq!(pass.theirs["django_cache_get_misses_total"], Family::new(), "[{name}]");
+        }
+        let ours = ours_of(&q.ours);
+        assert_eq!(ours["django_cache_get_fail_total"], fam(backend, 3.0), "[{name}]");
+        assert_eq!(ours["django_cache_get_total"], fam(backend, 4.0), "[{name}]");
+        assert_eq!(ours["django_cache_get_misses_total"], Family::new(), "[{name}]");
+    }
 }

@@ -56,6 +56,22 @@ impl Redis {
         format!("unix://{}?db=0", self.socket)
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     /// Stops the server now (its clients see their connections end).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -107,7 +107,7 @@ impl ObserverRun {
             .arg("run")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("OBSERVER_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -140,7 +140,18 @@ impl ObserverRun {
             if f(&m) {
                 return m;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            if Instant::now() >= deadline {
+                let shown: Vec<String> = m
+                    .samples
+                    .iter()
+                    .filter(|s| {
+                        s.name.starts_with("observer_") && s.value != 0.0
+                            || s.name == "django_http_responses_before_middlewares_total"
+                    })
+                    .map(|s| format!("{} {:?} {}", s.name, s.labels, s.value))
+                    .collect();
+                panic!("timed out waiting for {what}; last scrape:\n{}", shown.join("\n"));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
