@@ -22,6 +22,7 @@ pub mod caches;
 pub mod django;
 pub mod mix;
 pub mod postgres;
+pub mod prometheus;
 
 /// Whether eBPF tests can run here; panics instead of skipping when they must run.
 pub fn ebpf_available() -> bool {
