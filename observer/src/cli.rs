@@ -70,6 +70,14 @@ struct RunArgs {
     /// `instance` label of every series [default: HOST:PORT of each app's listener].
     #[arg(long, value_name = "NAME")]
     instance: Option<String>,
+    /// In a Kubernetes cluster: watch this node's pods and label each app with its pod's
+    /// namespace, pod and container, and its job from the pod's `observer/job`
+    /// annotation or label.
+    #[arg(long)]
+    kubernetes: bool,
+    /// This node's name (the pods watched are those scheduled on it).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Settings file (TOML, the same keys as these flags); flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -324,12 +332,13 @@ async fn run(args: RunArgs) -> Result<()> {
             .unwrap_or(d.http.max_head_bytes),
         max_pending: args.max_pending_requests.or(file.max_pending_requests).unwrap_or(d.http.max_pending),
     };
-    let settings = pipeline::Settings {
+    let mut settings = pipeline::Settings {
         job: pick(&args.job, &file.job).unwrap_or(d.job),
         namespace: pick(&args.namespace, &file.namespace).unwrap_or_default(),
         pod: pick(&args.pod, &file.pod).unwrap_or_default(),
         container: pick(&args.container, &file.container).unwrap_or_default(),
         instance: pick(&args.instance, &file.instance),
+        kubernetes: None,
         routes_file,
         discover_routes: !args.no_route_discovery && file.route_discovery.unwrap_or(true),
         discovery_timeout: d.discovery_timeout,
@@ -358,6 +367,21 @@ async fn run(args: RunArgs) -> Result<()> {
             .map_or(d.migrations_interval, Duration::from_secs),
         discovery_delay: d.discovery_delay,
     };
+    if args.kubernetes || file.kubernetes.unwrap_or(false) {
+        let node = pick(&args.node_name, &file.node_name).context(
+            "--kubernetes needs the node's name: --node-name or NODE_NAME (the downward API's spec.nodeName)",
+        )?;
+        match crate::k8s::spawn(&node).await {
+            Ok(store) => {
+                tracing::info!(
+                    node,
+                    "watching this node's pods for the apps' namespace, pod and container labels"
+                );
+                settings.kubernetes = Some(store);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot reach the Kubernetes API: apps get no pod labels"),
+        }
+    }
     let shutdown = Shutdown::install()?;
     let opts = args.probe.options(&file);
     let probe = Probe::load(&opts)?;

@@ -51,6 +51,8 @@ pub struct FileConfig {
     pub pod: Option<String>,
     pub container: Option<String>,
     pub instance: Option<String>,
+    pub kubernetes: Option<bool>,
+    pub node_name: Option<String>,
     pub max_views: Option<usize>,
     pub max_http_head_bytes: Option<usize>,
     pub max_pending_requests: Option<usize>,

@@ -12,6 +12,7 @@ pub mod conns;
 pub mod django;
 pub mod ebpf;
 pub mod events;
+pub mod k8s;
 pub mod loss;
 pub mod pipeline;
 pub mod protocol;

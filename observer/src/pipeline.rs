@@ -57,6 +57,9 @@ pub struct Settings {
     pub container: String,
     /// Fixed `instance` label; by default `<host>:<port>` of the app's listener.
     pub instance: Option<String>,
+    /// This node's pods (`--kubernetes`): an app in a pod gets its namespace, pod,
+    /// container and job.
+    pub kubernetes: Option<crate::k8s::PodStore>,
     /// Routes to use when discovery fails (or is off).
     pub routes_file: Option<Arc<str>>,
     pub discover_routes: bool,
@@ -91,6 +94,7 @@ impl Default for Settings {
             pod: String::new(),
             container: String::new(),
             instance: None,
+            kubernetes: None,
             routes_file: None,
             discover_routes: true,
             discovery_timeout: Duration::from_secs(30),
@@ -308,17 +312,32 @@ impl Pipeline {
             SockAddr::UnixAbstract(p) => Some(format!("@{}", String::from_utf8_lossy(p))),
             SockAddr::UnixUnnamed => None,
         });
+        let pod = self.settings.kubernetes.as_ref().and_then(|k| k.labels_for_pid(root));
+        if self.settings.kubernetes.is_some() && pod.is_none() {
+            tracing::info!(root, "the app runs in no pod of this node that the API listed: no pod labels");
+        }
+        // In a pod, the instance is named after it, as a scrape of the pod would be.
+        let host = pod.as_ref().map_or(self.hostname.as_str(), |p| p.pod.as_str());
         let instance =
             self.settings.instance.clone().unwrap_or_else(|| match served_on.or_else(|| listen_addr(root)) {
-                Some(addr) => format!("{}:{addr}", self.hostname),
-                None => format!("{}:pid{root}", self.hostname),
+                Some(addr) => format!("{host}:{addr}"),
+                None => format!("{host}:pid{root}"),
             });
-        TargetLabels {
-            job: self.settings.job.clone(),
-            namespace: self.settings.namespace.clone(),
-            pod: self.settings.pod.clone(),
-            container: self.settings.container.clone(),
-            instance,
+        match pod {
+            Some(p) => TargetLabels {
+                job: p.job.unwrap_or_else(|| self.settings.job.clone()),
+                namespace: p.namespace,
+                pod: p.pod,
+                container: p.container,
+                instance,
+            },
+            None => TargetLabels {
+                job: self.settings.job.clone(),
+                namespace: self.settings.namespace.clone(),
+                pod: self.settings.pod.clone(),
+                container: self.settings.container.clone(),
+                instance,
+            },
         }
     }
 
@@ -1150,6 +1169,7 @@ impl Sink for Pipeline {
         self.stats.connections = live.connections;
         self.stats.processes = live.processes;
         self.stats.targets = self.targets.len();
+        self.stats.kubernetes_pods = self.settings.kubernetes.as_ref().map_or(0, |k| k.len());
         self.stats.parser_states = self.conns.len();
         // Overflow counts live in each target; add what each gained since the last
         // report, so the totals survive targets that go away.

@@ -35,6 +35,8 @@ pub struct SelfStats {
     pub db_encrypted: u64,
     /// Client connections recognised as no database or cache protocol (and ignored).
     pub not_db_connections: u64,
+    /// Pods of this node known from the Kubernetes API (`--kubernetes`).
+    pub kubernetes_pods: usize,
     /// Cache lookups turned into django_cache_get_* samples.
     pub cache_gets: u64,
     /// One-key lookups on Redis/memcached connections that are no lookup of the app's
@@ -241,6 +243,11 @@ impl SelfStats {
         ));
         out.push(gauge("observer_processes", "Processes traced now.", self.processes as f64));
         out.push(gauge("observer_targets", "Django apps (targets) traced now.", self.targets as f64));
+        out.push(gauge(
+            "observer_kubernetes_pods",
+            "Pods of this node known from the Kubernetes API (--kubernetes; 0 otherwise).",
+            self.kubernetes_pods as f64,
+        ));
         let (cpu, rss) = own_usage();
         out.push(family(
             "observer_process_cpu_seconds_total",

@@ -98,6 +98,11 @@ pub struct ObserverRun {
 
 impl ObserverRun {
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// With extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         // Its log goes to a file, printed if the test fails.
         let log_dir = root().join("target/test-logs");
@@ -108,6 +113,7 @@ impl ObserverRun {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(args)
             .env("RUST_LOG", std::env::var("OBSERVER_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
