@@ -58,8 +58,27 @@ impl Gunicorn {
         django_prometheus: bool,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_prefixed(&[], worker_class, workers, django_prometheus, env)
+    }
+
+    /// Run through `prefix` (commands that exec the rest: unshare, setpriv).
+    pub fn start_prefixed(
+        prefix: &[&str],
+        worker_class: &str,
+        workers: u32,
+        django_prometheus: bool,
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
-        let mut cmd = Command::new(venv_bin("python"));
+        let python = venv_bin("python");
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg(&python);
+                c
+            }
+            None => Command::new(&python),
+        };
         cmd.arg(venv_bin("gunicorn"))
             .args(["--chdir", root().join("tests/apps/djangoapp").to_str().unwrap()])
             .args(["--bind", &format!("127.0.0.1:{port}")])
@@ -103,12 +122,26 @@ impl ObserverRun {
 
     /// With extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(&[], args, env)
+    }
+
+    /// Run through `wrapper` (a command that execs its arguments, e.g. setpriv).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         // Its log goes to a file, printed if the test fails.
         let log_dir = root().join("target/test-logs");
         std::fs::create_dir_all(&log_dir).unwrap();
         let log = log_dir.join(format!("observer-run-{port}.log"));
-        let mut child = Command::new(super::observer_bin())
+        let (program, pre): (&str, &[&str]) = match wrapper.split_first() {
+            Some((w, rest)) => (w, rest),
+            None => (super::observer_bin(), &[]),
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(pre);
+        if !wrapper.is_empty() {
+            cmd.arg(super::observer_bin());
+        }
+        let mut child = cmd
             .arg("run")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(args)
@@ -127,6 +160,10 @@ impl ObserverRun {
             std::thread::sleep(Duration::from_millis(50));
         }
         obs
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// What it logged so far.
