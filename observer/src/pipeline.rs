@@ -36,7 +36,7 @@ use crate::{
     events::{Record, Role, SockAddr},
     loss::LossReport,
     protocol::{
-        Chunk, KeyGet,
+        self, CacheParser, Chunk, KeyGet,
         http1::{self, Event, Exchange, Http1Parser, Mode},
         memcached::{self, MemcachedParser},
         postgres::{self, Failure, PgParser, sqlstate},
@@ -169,7 +169,7 @@ struct DbEvent {
 
 /// A lookup on a Redis or memcached connection.
 #[derive(Debug, Clone)]
-struct CacheEvent {
+struct CacheLookup {
     wire: Wire,
     peer: Option<SockAddr>,
     get: KeyGet,
@@ -178,7 +178,7 @@ struct CacheEvent {
 enum Backlogged {
     Http(Exchange, Option<SockAddr>),
     Db(DbEvent),
-    Cache(CacheEvent),
+    Cache(CacheLookup),
     /// A connect that failed before any byte: to a database, a cache, or neither.
     Refused(SockAddr),
 }
@@ -219,8 +219,8 @@ struct PgConn {
 enum Proto {
     Http(Box<Http1Parser>),
     Postgres(Box<PgConn>),
-    Redis(Box<RedisParser>),
-    Memcached(Box<MemcachedParser>),
+    /// Redis or memcached.
+    Cache(Wire, Box<dyn CacheParser>),
     /// A client connection that is no database or cache protocol we parse.
     Other,
 }
@@ -250,8 +250,7 @@ pub struct Pipeline {
     overflow_seen: HashMap<(u32, &'static str), u64>,
     events: Vec<Event>,
     pg_events: Vec<postgres::Event>,
-    redis_events: Vec<redis::Event>,
-    mc_events: Vec<memcached::Event>,
+    cache_events: Vec<protocol::CacheEvent>,
     last_gc: Instant,
 }
 
@@ -299,8 +298,7 @@ impl Pipeline {
             overflow_seen: HashMap::new(),
             events: Vec::new(),
             pg_events: Vec::new(),
-            redis_events: Vec::new(),
-            mc_events: Vec::new(),
+            cache_events: Vec::new(),
             last_gc: Instant::now(),
         }
     }
@@ -541,7 +539,7 @@ impl Pipeline {
     }
 
     /// One lookup on a cache connection: wait for the app's caches, or count it.
-    fn cache_event(&mut self, root: u32, ev: CacheEvent) {
+    fn cache_event(&mut self, root: u32, ev: CacheLookup) {
         if self.waits_for_discovery(root) {
             self.backlog(root, Backlogged::Cache(ev));
             return;
@@ -822,26 +820,23 @@ impl Pipeline {
 
     /// What a Redis or memcached connection's parser reported.
     fn handle_cache_events(&mut self, target: u32, wire: Wire, peer: Option<&SockAddr>) {
-        let mut gets = Vec::new();
-        for ev in self.redis_events.drain(..) {
+        let protocol = match wire {
+            Wire::Redis => "redis",
+            Wire::Memcached => "memcached",
+        };
+        let events = std::mem::take(&mut self.cache_events);
+        for ev in &events {
             match ev {
-                redis::Event::Get(g) => gets.push(g),
-                redis::Event::Error(e) => {
-                    *self.stats.parse_errors.entry(("redis", e.as_str())).or_default() += 1
+                protocol::CacheEvent::Get(get) => {
+                    self.cache_event(target, CacheLookup { wire, peer: peer.cloned(), get: get.clone() })
+                }
+                protocol::CacheEvent::Error(e) => {
+                    *self.stats.parse_errors.entry((protocol, e.as_str())).or_default() += 1
                 }
             }
         }
-        for ev in self.mc_events.drain(..) {
-            match ev {
-                memcached::Event::Get(g) => gets.push(g),
-                memcached::Event::Error(e) => {
-                    *self.stats.parse_errors.entry(("memcached", e.as_str())).or_default() += 1
-                }
-            }
-        }
-        for get in gets {
-            self.cache_event(target, CacheEvent { wire, peer: peer.cloned(), get });
-        }
+        self.cache_events = events;
+        self.cache_events.clear();
     }
 
     fn close_conn(&mut self, conn_id: u64) {
@@ -859,17 +854,12 @@ impl Pipeline {
                 self.handle_pg_events(target, conn_id);
                 self.conns.remove(&conn_id);
             }
-            Proto::Redis(p) => {
-                p.close(&mut self.redis_events);
+            Proto::Cache(wire, p) => {
+                let wire = *wire;
+                p.close(&mut self.cache_events);
                 let peer = c.peer.clone();
                 self.conns.remove(&conn_id);
-                self.handle_cache_events(target, Wire::Redis, peer.as_ref());
-            }
-            Proto::Memcached(p) => {
-                p.close(&mut self.mc_events);
-                let peer = c.peer.clone();
-                self.conns.remove(&conn_id);
-                self.handle_cache_events(target, Wire::Memcached, peer.as_ref());
+                self.handle_cache_events(target, wire, peer.as_ref());
             }
             Proto::Other => {
                 self.conns.remove(&conn_id);
@@ -915,12 +905,12 @@ impl Pipeline {
                 return Some(Proto::Other);
             }
             let max_pending = self.settings.cache_commands;
-            return Some(match wire {
-                Wire::Redis => Proto::Redis(Box::new(RedisParser::new(redis::Limits { max_pending }))),
-                Wire::Memcached => {
-                    Proto::Memcached(Box::new(MemcachedParser::new(memcached::Limits { max_pending })))
-                }
-            });
+            let limits = protocol::CacheLimits { max_pending };
+            let parser: Box<dyn CacheParser> = match wire {
+                Wire::Redis => Box::new(RedisParser::new(limits)),
+                Wire::Memcached => Box::new(MemcachedParser::new(limits)),
+            };
+            return Some(Proto::Cache(wire, parser));
         }
         // Until the app's databases are known, a connection may still turn out to be one.
         match t.routes {
@@ -1082,21 +1072,14 @@ impl Sink for Pipeline {
                         pg.parser.feed(&chunk, &mut self.pg_events);
                         self.handle_pg_events(target, d.conn_id);
                     }
-                    Proto::Redis(p) => {
+                    Proto::Cache(wire, p) => {
+                        let wire = *wire;
                         if lost {
-                            p.lost(&mut self.redis_events);
+                            p.lost(&mut self.cache_events);
                         }
-                        p.feed(&chunk, &mut self.redis_events);
+                        p.feed(&chunk, &mut self.cache_events);
                         let peer = state.peer.clone();
-                        self.handle_cache_events(target, Wire::Redis, peer.as_ref());
-                    }
-                    Proto::Memcached(p) => {
-                        if lost {
-                            p.lost(&mut self.mc_events);
-                        }
-                        p.feed(&chunk, &mut self.mc_events);
-                        let peer = state.peer.clone();
-                        self.handle_cache_events(target, Wire::Memcached, peer.as_ref());
+                        self.handle_cache_events(target, wire, peer.as_ref());
                     }
                     Proto::Other => {}
                 }

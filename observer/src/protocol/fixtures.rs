@@ -5,6 +5,9 @@
 
 use base64::Engine as _;
 
+use std::collections::BTreeMap;
+
+use super::{CacheEvent, CacheParseError, Outcome};
 use crate::events::Direction;
 
 /// One data record of a connection, or its close (`step` is `None`).
@@ -59,4 +62,39 @@ pub fn load(name: &str) -> Vec<Rec> {
             }
         })
         .collect()
+}
+
+/// The lookups of a cache parser's events: (key, outcome).
+pub fn gets(ev: &[CacheEvent]) -> Vec<(String, Outcome)> {
+    ev.iter()
+        .filter_map(|e| match e {
+            CacheEvent::Get(g) => Some((String::from_utf8_lossy(&g.key).into_owned(), g.outcome)),
+            CacheEvent::Error(_) => None,
+        })
+        .collect()
+}
+
+/// The errors of a cache parser's events.
+pub fn errors(ev: &[CacheEvent]) -> Vec<CacheParseError> {
+    ev.iter()
+        .filter_map(|e| match e {
+            CacheEvent::Error(x) => Some(*x),
+            CacheEvent::Get(_) => None,
+        })
+        .collect()
+}
+
+/// Lookups by outcome.
+pub fn tally(ev: &[CacheEvent]) -> BTreeMap<&'static str, usize> {
+    let mut t = BTreeMap::new();
+    for (_, o) in gets(ev) {
+        let k = match o {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Fail => "fail",
+            Outcome::Unknown => "unknown",
+        };
+        *t.entry(k).or_default() += 1;
+    }
+    t
 }

@@ -38,6 +38,62 @@ pub struct KeyGet {
 /// Bytes of a cache key kept.
 pub const KEY_HEAD: usize = 256;
 
+/// A cache protocol's parser (Redis, memcached): one connection's lookups.
+pub trait CacheParser {
+    fn feed(&mut self, c: &Chunk<'_>, out: &mut Vec<CacheEvent>);
+    /// Records of the connection were lost: what was in flight ends unknown.
+    fn lost(&mut self, out: &mut Vec<CacheEvent>);
+    /// The connection closed: lookups still waiting failed.
+    fn close(&mut self, out: &mut Vec<CacheEvent>);
+    /// Commands waiting for an answer.
+    fn pending(&self) -> usize;
+}
+
+/// Bounds of a cache protocol parser (Redis, memcached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// Commands sent and not yet answered (a pipeline's depth).
+    pub max_pending: usize,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        Self { max_pending: 4096 }
+    }
+}
+
+/// What a cache protocol parser reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheEvent {
+    Get(KeyGet),
+    Error(CacheParseError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheParseError {
+    /// A line fell outside the capture: framing was lost.
+    Desync,
+    /// Not the protocol.
+    BadMessage,
+    RecordsLost,
+    /// More commands in flight than `max_pending`: the oldest was dropped.
+    PendingOverflow,
+    /// An answer with no command waiting for it.
+    UnexpectedReply,
+}
+
+impl CacheParseError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Desync => "desync",
+            Self::BadMessage => "bad_message",
+            Self::RecordsLost => "records_lost",
+            Self::PendingOverflow => "pending_overflow",
+            Self::UnexpectedReply => "unexpected_reply",
+        }
+    }
+}
+
 /// The bytes of one data syscall as the parser sees them: the captured prefix and the
 /// true length. `total_len - bytes.len()` bytes at the end were moved but not captured
 /// (a hole of known size that length-delimited framing can step over).

@@ -17,44 +17,7 @@ use super::{
 };
 use crate::events::Direction;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Commands sent and not yet answered.
-    pub max_pending: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self { max_pending: 4096 }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Get(KeyGet),
-    Error(ParseError),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ParseError {
-    Desync,
-    BadMessage,
-    RecordsLost,
-    PendingOverflow,
-    UnexpectedReply,
-}
-
-impl ParseError {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Desync => "desync",
-            Self::BadMessage => "bad_message",
-            Self::RecordsLost => "records_lost",
-            Self::PendingOverflow => "pending_overflow",
-            Self::UnexpectedReply => "unexpected_reply",
-        }
-    }
-}
+pub use super::{CacheEvent as Event, CacheLimits as Limits, CacheParseError as ParseError};
 
 const STORAGE: [&[u8]; 6] = [b"set", b"add", b"replace", b"append", b"prepend", b"cas"];
 const COMMANDS: [&[u8]; 22] = [
@@ -448,6 +411,24 @@ impl MemcachedParser {
             };
             out.push(Event::Get(KeyGet { key, outcome, start_ns: p.start_ns, end_ns }));
         }
+    }
+}
+
+impl super::CacheParser for MemcachedParser {
+    fn feed(&mut self, c: &Chunk<'_>, out: &mut Vec<Event>) {
+        MemcachedParser::feed(self, c, out);
+    }
+
+    fn lost(&mut self, out: &mut Vec<Event>) {
+        MemcachedParser::lost(self, out);
+    }
+
+    fn close(&mut self, out: &mut Vec<Event>) {
+        MemcachedParser::close(self, out);
+    }
+
+    fn pending(&self) -> usize {
+        MemcachedParser::pending(self)
     }
 }
 

@@ -18,53 +18,12 @@ use super::{
 };
 use crate::events::Direction;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Commands sent and not yet answered (a pipeline's depth).
-    pub max_pending: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self { max_pending: 4096 }
-    }
-}
+pub use super::{CacheEvent as Event, CacheLimits as Limits, CacheParseError as ParseError};
 
 /// Nesting of aggregate replies followed.
 const MAX_DEPTH: usize = 64;
 /// Commands remembered inside one MULTI.
 const MAX_TXN: usize = 1024;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Get(KeyGet),
-    Error(ParseError),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ParseError {
-    /// A line fell outside the capture: framing was lost.
-    Desync,
-    /// Not RESP.
-    BadMessage,
-    RecordsLost,
-    /// More commands in flight than `max_pending`: the oldest was dropped.
-    PendingOverflow,
-    /// A reply with no command waiting for it.
-    UnexpectedReply,
-}
-
-impl ParseError {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Desync => "desync",
-            Self::BadMessage => "bad_message",
-            Self::RecordsLost => "records_lost",
-            Self::PendingOverflow => "pending_overflow",
-            Self::UnexpectedReply => "unexpected_reply",
-        }
-    }
-}
 
 /// Whether a client's write is RESP commands: `*<n>\r\n$<len>\r\n` and a command name.
 pub fn is_command(first: &[u8]) -> bool {
@@ -592,6 +551,24 @@ impl RedisParser {
         if let Want::Get(key) = p.want {
             out.push(Event::Get(KeyGet { key, outcome: kind.outcome(), start_ns: p.start_ns, end_ns }));
         }
+    }
+}
+
+impl super::CacheParser for RedisParser {
+    fn feed(&mut self, c: &Chunk<'_>, out: &mut Vec<Event>) {
+        RedisParser::feed(self, c, out);
+    }
+
+    fn lost(&mut self, out: &mut Vec<Event>) {
+        RedisParser::lost(self, out);
+    }
+
+    fn close(&mut self, out: &mut Vec<Event>) {
+        RedisParser::close(self, out);
+    }
+
+    fn pending(&self) -> usize {
+        RedisParser::pending(self)
     }
 }
 

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::protocol::fixtures;
+use crate::protocol::fixtures::{self, errors, gets, tally};
 
 use Direction::{Recv as R, Send as S};
 
@@ -36,38 +36,6 @@ fn bulk(v: &[u8]) -> Vec<u8> {
     out.extend_from_slice(v);
     out.extend_from_slice(b"\r\n");
     out
-}
-
-fn gets(ev: &[Event]) -> Vec<(String, Outcome)> {
-    ev.iter()
-        .filter_map(|e| match e {
-            Event::Get(g) => Some((String::from_utf8_lossy(&g.key).into_owned(), g.outcome)),
-            Event::Error(_) => None,
-        })
-        .collect()
-}
-
-fn errors(ev: &[Event]) -> Vec<ParseError> {
-    ev.iter()
-        .filter_map(|e| match e {
-            Event::Error(x) => Some(*x),
-            Event::Get(_) => None,
-        })
-        .collect()
-}
-
-fn tally(ev: &[Event]) -> BTreeMap<&'static str, usize> {
-    let mut t = BTreeMap::new();
-    for (_, o) in gets(ev) {
-        let k = match o {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Fail => "fail",
-            Outcome::Unknown => "unknown",
-        };
-        *t.entry(k).or_default() += 1;
-    }
-    t
 }
 
 fn replay(name: &str, cap: usize) -> Vec<Event> {
