@@ -10,13 +10,10 @@ use std::collections::BTreeMap;
 
 use harness::{
     caches::{Memcached, Redis},
-    django::{Gunicorn, Metrics, ObserverRun, free_port, http_get},
+    django::{Gunicorn, Metrics, ObserverRun, delta, family, free_port, http_get},
     ebpf_available,
 };
 use serde_json::{Value, json};
-
-/// Target labels only observer adds.
-const OURS_ONLY: [&str; 2] = ["job", "instance"];
 
 const FAMILIES: [&str; 4] = [
     "django_cache_get_total",
@@ -41,22 +38,6 @@ const OPS: [&str; 11] = [
 ];
 
 type Family = BTreeMap<String, f64>;
-
-fn family(m: &Metrics, name: &str) -> Family {
-    m.family(name, &OURS_ONLY).into_iter().filter(|(_, v)| *v != 0.0).collect()
-}
-
-fn delta(after: &Metrics, before: &Metrics, name: &str) -> Family {
-    let b = family(before, name);
-    family(after, name)
-        .into_iter()
-        .map(|(k, v)| {
-            let d = v - b.get(&k).copied().unwrap_or(0.0);
-            (k, d)
-        })
-        .filter(|(_, v)| *v != 0.0)
-        .collect()
-}
 
 fn fam(backend: &str, v: f64) -> Family {
     if v == 0.0 { Family::new() } else { [(format!("backend={backend}"), v)].into_iter().collect() }

@@ -12,14 +12,11 @@ mod harness;
 use std::collections::BTreeMap;
 
 use harness::{
-    django::{Gunicorn, Metrics, ObserverRun, http_get, http_status},
+    django::{Gunicorn, Metrics, OURS_ONLY, ObserverRun, delta, family, http_get, http_status},
     ebpf_available,
     postgres::Postgres,
 };
 use serde_json::json;
-
-/// Target labels only observer adds.
-const OURS_ONLY: [&str; 2] = ["job", "instance"];
 
 /// The views, in order, and the status each answers.
 const VIEWS: [(&str, u16); 16] = [
@@ -57,23 +54,6 @@ fn drive(port: u16) {
     for (view, status) in VIEWS {
         assert_eq!(http_status(port, &format!("/db/{view}")), Some(status), "/db/{view}");
     }
-}
-
-fn family(m: &Metrics, name: &str) -> Family {
-    m.family(name, &OURS_ONLY).into_iter().filter(|(_, v)| *v != 0.0).collect()
-}
-
-/// What a family gained between two scrapes (series that did not move left out).
-fn delta(after: &Metrics, before: &Metrics, name: &str) -> Family {
-    let b = family(before, name);
-    family(after, name)
-        .into_iter()
-        .map(|(k, v)| {
-            let d = v - b.get(&k).copied().unwrap_or(0.0);
-            (k, d)
-        })
-        .filter(|(_, v)| *v != 0.0)
-        .collect()
 }
 
 fn fam(pairs: &[(&str, f64)]) -> Family {

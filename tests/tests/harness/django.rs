@@ -250,6 +250,28 @@ impl Metrics {
     }
 }
 
+/// Labels only observer adds (its target labels), left out when comparing with
+/// django-prometheus.
+pub const OURS_ONLY: [&str; 2] = ["job", "instance"];
+
+/// A family's series with a non-zero value, keyed by their labels minus [`OURS_ONLY`].
+pub fn family(m: &Metrics, name: &str) -> BTreeMap<String, f64> {
+    m.family(name, &OURS_ONLY).into_iter().filter(|(_, v)| *v != 0.0).collect()
+}
+
+/// What a family gained between two scrapes (series that did not move left out).
+pub fn delta(after: &Metrics, before: &Metrics, name: &str) -> BTreeMap<String, f64> {
+    let b = family(before, name);
+    family(after, name)
+        .into_iter()
+        .map(|(k, v)| {
+            let d = v - b.get(&k).copied().unwrap_or(0.0);
+            (k, d)
+        })
+        .filter(|(_, v)| *v != 0.0)
+        .collect()
+}
+
 /// A response as the client read it.
 #[derive(Debug, Clone)]
 pub struct Response {
