@@ -71,6 +71,12 @@ fn pass(
         std::thread::sleep(std::time::Duration::from_millis(200));
         ours = obs.metrics();
     }
+    if !expect(&FAMILIES.iter().map(|n| (*n, family(&ours, n))).collect()) {
+        // What the agent saw, for the failure that follows.
+        for s in ours.samples.iter().filter(|s| s.name.starts_with("observer_") && s.value != 0.0) {
+            eprintln!("  {} {:?} {}", s.name, s.labels, s.value);
+        }
+    }
     Pass { theirs, ours, answers }
 }
 
@@ -177,10 +183,13 @@ fn a_redis_that_stops_answering_or_goes_away_counts_failures_not_misses() {
     if !ebpf_available() {
         return;
     }
-    for (kind, ignore, backend) in [
-        ("django_redis", false, "redis"),
-        ("django_redis", true, "redis"),
-        ("native_redis", false, "native_redis"),
+    // (kind, IGNORE_EXCEPTIONS, backend label, freeze the server before killing it). Not
+    // frozen for Django's backend: after its client times out, redis-py 8 sometimes keeps
+    // the socket open past the test (a GET in flight counts when its connection ends).
+    for (kind, ignore, backend, freeze) in [
+        ("django_redis", false, "redis", true),
+        ("django_redis", true, "redis", true),
+        ("native_redis", false, "native_redis", false),
     ] {
         let name = format!("{kind}, IGNORE_EXCEPTIONS={ignore}");
         let mut redis = Redis::start();
@@ -198,12 +207,18 @@ fn a_redis_that_stops_answering_or_goes_away_counts_failures_not_misses() {
         };
         // The server freezes: the get times out (SOCKET_TIMEOUT 2 s) and the client drops
         // the connection.
-        redis.pause();
-        let p = pass(&app, &obs, &["main_down"], failed(1.0));
-        redis.resume();
+        let frozen = if freeze { 1.0 } else { 0.0 };
+        let p = if freeze {
+            redis.pause();
+            let p = pass(&app, &obs, &["main_down"], failed(1.0));
+            redis.resume();
+            p
+        } else {
+            pass(&app, &obs, &[], failed(0.0))
+        };
         // Then it is killed: the next gets fail on connects that are refused.
         redis.stop();
-        let q = pass(&app, &obs, &["main_down", "main_down"], failed(3.0));
+        let q = pass(&app, &obs, &["main_down", "main_down"], failed(frozen + 2.0));
         eprintln!(
             "[{name}] django-prometheus gained {:#?} then {:#?}\nanswers {:?} {:?}",
             p.theirs, q.theirs, p.answers, q.answers
@@ -211,14 +226,14 @@ fn a_redis_that_stops_answering_or_goes_away_counts_failures_not_misses() {
         for a in p.answers.iter().chain(&q.answers) {
             assert_eq!(a == "None", ignore, "[{name}] the app saw {a}");
         }
-        for (pass, n) in [(&p, 1.0), (&q, 2.0)] {
+        for (pass, n) in [(&p, frozen), (&q, 2.0)] {
             assert_eq!(pass.theirs["django_cache_get_fail_total"], fam(backend, n), "[{name}]");
             assert_eq!(pass.theirs["django_cache_get_total"], fam(backend, n), "[{name}]");
             assert_eq!(pass.theirs["django_cache_get_misses_total"], Family::new(), "[{name}]");
         }
         let ours = ours_of(&q.ours);
-        assert_eq!(ours["django_cache_get_fail_total"], fam(backend, 3.0), "[{name}]");
-        assert_eq!(ours["django_cache_get_total"], fam(backend, 4.0), "[{name}]");
+        assert_eq!(ours["django_cache_get_fail_total"], fam(backend, frozen + 2.0), "[{name}]");
+        assert_eq!(ours["django_cache_get_total"], fam(backend, frozen + 3.0), "[{name}]");
         assert_eq!(ours["django_cache_get_misses_total"], Family::new(), "[{name}]");
     }
 }
