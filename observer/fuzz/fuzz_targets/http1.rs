@@ -2,32 +2,18 @@
 //! pending requests, whatever the bytes, holes, losses and closes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use observer::{
-    events::Direction,
-    protocol::{
-        Chunk,
-        http1::{Config, Http1Parser, Limits},
-    },
-};
+use observer::protocol::http1::{Config, Http1Parser, Limits};
+
+#[path = "common/steps.rs"]
+mod steps;
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits { max_head_bytes: 2048, max_pending: 16 };
     let mut p = Http1Parser::new(limits, Config::default());
     let mut out = Vec::new();
-    // Each step: a control byte (direction, hole size, loss), a length byte, the bytes.
-    let mut rest = data;
-    let mut ts = 0;
-    while rest.len() >= 2 {
-        let (ctl, len) = (rest[0], rest[1] as usize);
-        rest = &rest[2..];
-        let n = len.min(rest.len());
-        let (bytes, tail) = rest.split_at(n);
-        rest = tail;
-        ts += 1;
-        let dir = if ctl & 1 == 0 { Direction::Recv } else { Direction::Send };
-        let hole = u64::from(ctl >> 4) * 997;
-        p.feed(&Chunk { dir, enter_ns: ts, exit_ns: ts, bytes, total_len: bytes.len() as u64 + hole }, &mut out);
-        if ctl & 2 != 0 {
+    for s in steps::steps(data) {
+        p.feed(&s.chunk, &mut out);
+        if s.lost {
             p.lost(&mut out);
         }
         assert!(p.pending() <= 16);

@@ -9,6 +9,8 @@ use observer::protocol::{
 
 #[path = "common/cache.rs"]
 mod cache;
+#[path = "common/steps.rs"]
+mod steps;
 
 fuzz_target!(|data: &[u8]| {
     let mut p = MemcachedParser::new(CacheLimits { max_pending: 16 });
