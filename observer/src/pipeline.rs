@@ -530,11 +530,16 @@ impl Pipeline {
         } else if let Some(backend) = t.caches.by_address(&peer) {
             // The command never left: whatever it was, the cache call failed. Counted as
             // a failed get (see the README on what this over-counts).
-            self.materialize(root, None);
-            if let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) {
-                f.cache.observe(backend, crate::protocol::Outcome::Fail);
-                self.stats.cache_gets += 1;
-            }
+            self.count_cache_get(root, backend, protocol::Outcome::Fail);
+        }
+    }
+
+    /// One `cache.get()` of an app, into its django_cache_get_* families.
+    fn count_cache_get(&mut self, root: u32, backend: &str, outcome: protocol::Outcome) {
+        self.materialize(root, None);
+        if let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) {
+            f.cache.observe(backend, outcome);
+            self.stats.cache_gets += 1;
         }
     }
 
@@ -550,11 +555,7 @@ impl Pipeline {
             self.stats.cache_gets_ignored += 1;
             return;
         };
-        self.materialize(root, None);
-        if let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) {
-            f.cache.observe(backend, ev.get.outcome);
-            self.stats.cache_gets += 1;
-        }
+        self.count_cache_get(root, backend, ev.get.outcome);
     }
 
     fn routes_file_table(&self) -> Option<RouteTable> {
@@ -824,19 +825,19 @@ impl Pipeline {
             Wire::Redis => "redis",
             Wire::Memcached => "memcached",
         };
-        let events = std::mem::take(&mut self.cache_events);
-        for ev in &events {
+        let mut events = std::mem::take(&mut self.cache_events);
+        for ev in events.drain(..) {
             match ev {
                 protocol::CacheEvent::Get(get) => {
-                    self.cache_event(target, CacheLookup { wire, peer: peer.cloned(), get: get.clone() })
+                    self.cache_event(target, CacheLookup { wire, peer: peer.cloned(), get })
                 }
                 protocol::CacheEvent::Error(e) => {
                     *self.stats.parse_errors.entry((protocol, e.as_str())).or_default() += 1
                 }
             }
         }
+        // Keep the buffer's allocation for the next chunk.
         self.cache_events = events;
-        self.cache_events.clear();
     }
 
     fn close_conn(&mut self, conn_id: u64) {

@@ -2,24 +2,12 @@
 //! a Unix socket in a temp dir for Redis), nothing persisted; stopped (exactly the PID we
 //! started) on drop or when the test says so.
 
-use std::{
-    net::TcpStream,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+use std::process::{Child, Command, Stdio};
+
+use super::{
+    TempDir,
+    django::{free_port, wait_for_port},
 };
-
-use super::{TempDir, django::free_port};
-
-fn wait_listening(port: u16, child: &mut Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("{what} exited with {s}");
-        }
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 pub struct Redis {
     child: Option<Child>,
@@ -42,7 +30,7 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server (cargo xtask setup installs it)");
-        wait_listening(port, &mut child, "redis-server");
+        wait_for_port(port, &mut child, "redis-server");
         Self { child: Some(child), port, socket, _dir: dir }
     }
 
@@ -100,7 +88,7 @@ impl Memcached {
             .stderr(Stdio::null())
             .spawn()
             .expect("start memcached (cargo xtask setup installs it)");
-        wait_listening(port, &mut child, "memcached");
+        wait_for_port(port, &mut child, "memcached");
         Self { child, port }
     }
 
