@@ -36,6 +36,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "strace",
     "openssl",
+    // deploy checks: systemd-analyze verify; setpriv and unshare for the capability test.
+    "systemd",
+    "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
