@@ -40,7 +40,21 @@ pub struct ConnTable {
     pub full: u64,
 }
 
+/// Gives back the memory of a map that grew for a burst (a flood of connections) and is
+/// mostly empty again: a HashMap keeps its capacity after removals.
+pub fn shrink_idle<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>) {
+    if m.capacity() > 1024 && m.capacity() > 4 * m.len() {
+        m.shrink_to(2 * m.len());
+    }
+}
+
 impl ConnTable {
+    /// Returns the memory of a burst that is over (see [`shrink_idle`]).
+    pub fn shrink_idle(&mut self) {
+        shrink_idle(&mut self.conns);
+        shrink_idle(&mut self.by_fd);
+    }
+
     pub fn new(max: usize) -> Self {
         Self { conns: HashMap::new(), by_fd: HashMap::new(), max, next_user_id: 1, full: 0 }
     }
@@ -161,6 +175,17 @@ impl ConnTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_map_that_emptied_after_a_burst_gives_its_memory_back() {
+        let mut m: HashMap<u64, [u8; 64]> = (0..100_000).map(|i| (i, [0; 64])).collect();
+        shrink_idle(&mut m);
+        assert!(m.capacity() >= 100_000, "a full map keeps its room");
+        m.retain(|k, _| *k < 10);
+        shrink_idle(&mut m);
+        assert!(m.capacity() < 1024, "capacity {}", m.capacity());
+        assert_eq!(m.len(), 10);
+    }
 
     fn open(conn_id: u64, tgid: u32, fd: u32) -> Open {
         Open {

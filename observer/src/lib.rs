@@ -17,6 +17,7 @@ pub mod loss;
 pub mod pipeline;
 pub mod protocol;
 pub mod pump;
+pub mod replay;
 pub mod selfmetrics;
 pub mod server;
 pub mod targets;

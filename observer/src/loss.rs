@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use observer_ebpf::counter;
 
-use crate::ebpf::Probe;
+use crate::ebpf::{Probe, ProgramStats};
 
 /// Counters kept by userspace.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -54,13 +54,17 @@ impl Counter {
 #[derive(Debug, Clone, Default)]
 pub struct LossReport {
     pub counters: Vec<Counter>,
+    /// Each kernel program's run count and run time, by name (they move only while the
+    /// kernel's BPF statistics are on: `--bpf-stats` or kernel.bpf_stats_enabled=1).
+    pub programs: BTreeMap<String, ProgramStats>,
 }
 
 impl LossReport {
     pub fn collect(probe: &Probe, user: UserCounters) -> Self {
         let k = probe.counters();
-        let misses: u64 = probe.program_stats().values().map(|s| s.recursion_misses).sum();
-        Self::from_parts(&k, misses, &user)
+        let programs = probe.program_stats();
+        let misses: u64 = programs.values().map(|s| s.recursion_misses).sum();
+        Self { programs, ..Self::from_parts(&k, misses, &user) }
     }
 
     /// Builds the report from the kernel counters (indexed by `observer_ebpf::counter`),
@@ -112,6 +116,7 @@ impl LossReport {
                 c("observer_connections_opened_total", &[], u.connections_opened),
                 c("observer_peek_skipped_total", &[], kc(counter::PEEK_SKIPPED)),
             ],
+            programs: BTreeMap::new(),
         }
     }
 

@@ -1145,6 +1145,9 @@ impl Sink for Pipeline {
                 self.close_conn(id);
             }
             self.sweep_targets();
+            crate::conns::shrink_idle(&mut self.conns);
+            crate::conns::shrink_idle(&mut self.fd_seq);
+            crate::conns::shrink_idle(&mut self.pid_target);
         }
     }
 

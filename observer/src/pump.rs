@@ -370,6 +370,7 @@ impl Pump {
                 _ = rescan.tick() => self.rescan(sink),
                 _ = gc.tick() => self.gc(afd.get_mut(), sink),
                 _ = report.tick() => {
+                    self.conns.shrink_idle();
                     let live = Live { connections: self.conns.len(), processes: self.probe.tracked().len() };
                     sink.report(&self.loss(), live);
                 }

@@ -156,6 +156,24 @@ impl SelfStats {
         for (name, samples) in by_name {
             out.push(family(name, loss_help(name), MetricType::COUNTER, samples));
         }
+        // Only programs that ran while statistics were on: nothing to show otherwise.
+        let ran: Vec<_> = self.loss.programs.iter().filter(|(_, p)| p.run_cnt > 0).collect();
+        if !ran.is_empty() {
+            out.push(family(
+                "observer_bpf_program_runs_total",
+                "Runs of each kernel program while BPF statistics were on (--bpf-stats or kernel.bpf_stats_enabled=1).",
+                MetricType::COUNTER,
+                ran.iter().map(|(n, p)| (vec![("program", n.as_str())], p.run_cnt as f64)).collect(),
+            ));
+            out.push(family(
+                "observer_bpf_program_run_seconds_total",
+                "Kernel time spent in each kernel program while BPF statistics were on.",
+                MetricType::COUNTER,
+                ran.iter()
+                    .map(|(n, p)| (vec![("program", n.as_str())], p.run_time_ns as f64 / 1e9))
+                    .collect(),
+            ));
+        }
         out.push(family(
             "observer_parse_errors_total",
             "Bytes a protocol parser could not follow, by protocol and reason (each followed by a resync).",
@@ -269,7 +287,7 @@ impl SelfStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{django::expo, loss::UserCounters};
+    use crate::{django::expo, ebpf::ProgramStats, loss::UserCounters};
 
     #[test]
     fn every_family_is_exposed_with_its_labels() {
@@ -278,6 +296,11 @@ mod tests {
             ..Default::default()
         };
         s.parse_errors.insert(("http", "invalid_head"), 2);
+        s.loss.programs.insert(
+            "sys_exit_read".into(),
+            ProgramStats { run_cnt: 4, run_time_ns: 2_000, recursion_misses: 0 },
+        );
+        s.loss.programs.insert("sys_enter_read".into(), ProgramStats::default());
         s.label_overflow.insert("view", 5);
         let t = expo::encode_text(&s.families());
         let v: BTreeMap<String, f64> =
@@ -287,5 +310,9 @@ mod tests {
         assert_eq!(v[r#"observer_records_lost_total{reason="ring_buffer_full"}"#], 0.0);
         assert!(v["observer_process_resident_memory_bytes"] > 0.0);
         assert!(t.contains("# TYPE observer_table_full_total counter"));
+        assert_eq!(v[r#"observer_bpf_program_runs_total{program="sys_exit_read"}"#], 4.0);
+        assert_eq!(v[r#"observer_bpf_program_run_seconds_total{program="sys_exit_read"}"#], 2e-6);
+        // A program that never ran with statistics on is not listed.
+        assert!(!t.contains(r#"program="sys_enter_read""#));
     }
 }

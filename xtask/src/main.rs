@@ -1,9 +1,11 @@
-//! `cargo xtask setup | test | demo`: the project's build and test driver.
+//! `cargo xtask setup | test | demo | bench | fuzz`: the project's build and test driver.
 //!
 //! `setup` installs everything the project needs on a fresh Debian 12 machine and is
 //! idempotent (a second run only checks, in seconds). `test` and `demo` run it first.
 
+mod bench;
 mod demo;
+mod services;
 mod setup;
 
 use std::{
@@ -38,6 +40,22 @@ enum Cmd {
         #[arg(long)]
         serve: bool,
     },
+    /// Measure what the observer costs a Django app and itself, side by side with
+    /// django-prometheus; results in target/bench/ and a markdown table on stdout.
+    Bench {
+        /// A short run (about 5 minutes): fewer rounds, shorter loads, a smaller churn.
+        #[arg(long)]
+        quick: bool,
+        /// Only these parts: arms, flood, capacity, memory, replay (default: all).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// The benchmark's connection helper (a traced server, an untraced client).
+    #[command(hide = true)]
+    BenchConns {
+        #[command(subcommand)]
+        cmd: bench::scale::Conns,
+    },
     /// Run every fuzz target (observer/fuzz) for a time budget each.
     Fuzz {
         /// Seconds per target.
@@ -56,6 +74,11 @@ fn main() -> Result<()> {
             setup::all()?;
             demo::demo(serve)
         }
+        Cmd::Bench { quick, only } => {
+            setup::all()?;
+            bench::bench(quick, &only)
+        }
+        Cmd::BenchConns { cmd } => bench::scale::helper(cmd),
         Cmd::Fuzz { seconds, targets } => fuzz(seconds, &targets),
     }
 }

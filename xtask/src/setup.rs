@@ -39,6 +39,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // deploy checks: systemd-analyze verify; setpriv and unshare for the capability test.
     "systemd",
     "util-linux",
+    // cargo xtask bench: the load generator, and perf for its profile.
+    "wrk",
+    "linux-perf",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

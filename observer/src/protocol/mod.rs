@@ -2,8 +2,9 @@
 //! no I/O, no clock, no globals; bounded memory; bad input is a counted error and a
 //! resynchronisation, never a panic.
 
-#[cfg(test)]
-pub(crate) mod fixtures;
+/// Recorded captures for tests and the replay benchmarks.
+#[doc(hidden)]
+pub mod fixtures;
 pub mod http1;
 pub mod lines;
 pub mod memcached;

@@ -1,0 +1,190 @@
+//! Userspace replay benchmarks: recorded record streams through each protocol parser and
+//! through the whole metrics pipeline, reported as records per second on one core.
+//! `cargo xtask bench` runs them and puts the figures in its results; alone:
+//! `cargo bench -p observer --bench replay`.
+//!
+//! Streams: `benches/data/django-gunicorn.jsonl` is `observer trace --json` of the test
+//! app under gunicorn (2 sync workers) serving pages, database views (PostgreSQL,
+//! persistent connections) and cache views (django-redis); the per-protocol client
+//! streams are the parsers' test captures (src/protocol/testdata).
+
+use std::{
+    collections::HashMap,
+    hint::black_box,
+    sync::{Arc, Mutex},
+};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use observer::{
+    django::{aliases::ConfigAlias, cache::ConfigCache},
+    events::Role,
+    pipeline::{Exposition, Pipeline, Settings},
+    protocol::{CacheLimits, Chunk, fixtures, http1, memcached, postgres, redis},
+    replay::{Item, Recording},
+};
+
+fn recording() -> Recording {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/django-gunicorn.jsonl");
+    Recording::parse(&std::fs::read_to_string(path).expect("recording")).expect("valid recording")
+}
+
+/// The HTTP server side of the recording, per connection, as the pipeline feeds it.
+fn http1(c: &mut Criterion, rec: &Recording) {
+    let chunks: Vec<(u64, Chunk<'_>)> = rec
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Data { d, conn, .. } if conn.role == Role::Server => Some((
+                conn.conn_id,
+                Chunk {
+                    dir: d.dir,
+                    enter_ns: d.enter_ns,
+                    exit_ns: d.exit_ns,
+                    bytes: &d.bytes,
+                    total_len: d.total_len,
+                },
+            )),
+            _ => None,
+        })
+        .collect();
+    let mut g = c.benchmark_group("replay");
+    g.throughput(Throughput::Elements(chunks.len() as u64));
+    g.bench_function("http1", |b| {
+        b.iter(|| {
+            let mut parsers: HashMap<u64, http1::Http1Parser> = HashMap::new();
+            let mut out = Vec::new();
+            for (id, ch) in &chunks {
+                let p = parsers.entry(*id).or_insert_with(|| {
+                    http1::Http1Parser::new(http1::Limits::default(), http1::Config::default())
+                });
+                p.feed(ch, &mut out);
+                black_box(out.len());
+                out.clear();
+            }
+        })
+    });
+    g.finish();
+}
+
+/// A client-side capture through one parser kind (a parser per connection, dropped at
+/// its close).
+fn client<P>(
+    c: &mut Criterion,
+    name: &str,
+    file: &str,
+    new: impl Fn() -> P,
+    feed: impl Fn(&mut P, &Chunk<'_>) -> usize,
+) {
+    let recs = fixtures::load(file);
+    let n = recs.iter().filter(|r| r.step.is_some()).count();
+    let mut g = c.benchmark_group("replay");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            let mut parsers: HashMap<u32, P> = HashMap::new();
+            for r in &recs {
+                match &r.step {
+                    Some(s) => {
+                        let p = parsers.entry(r.conn).or_insert_with(&new);
+                        black_box(feed(p, &s.chunk(usize::MAX)));
+                    }
+                    None => {
+                        parsers.remove(&r.conn);
+                    }
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+/// The whole recording through the pipeline: connection routing, the parsers, view
+/// resolution, the django_* families.
+fn pipeline(c: &mut Criterion, rec: &Recording) {
+    let settings = || Settings {
+        discover_routes: false,
+        migrations: false,
+        db_aliases: vec![ConfigAlias {
+            alias: "default".into(),
+            host: Some("127.0.0.1".into()),
+            port: Some(46015),
+            name: None,
+            user: None,
+        }],
+        caches: vec![ConfigCache {
+            alias: Some("default".into()),
+            backend: "redis".into(),
+            servers: vec!["redis://127.0.0.1:43653/0".into()],
+            key_regex: None,
+        }],
+        ..Settings::default()
+    };
+    let mut g = c.benchmark_group("replay");
+    g.throughput(Throughput::Elements(rec.data_records() as u64));
+    g.bench_function("pipeline", |b| {
+        b.iter_batched(
+            || Pipeline::new(settings(), Arc::new(Mutex::new(Exposition::default()))),
+            |mut p| {
+                rec.replay(&mut p);
+                p
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    let rec = recording();
+    http1(c, &rec);
+    let pg = postgres::Limits::default();
+    client(
+        c,
+        "postgres",
+        "postgres-django-views.jsonl",
+        || postgres::PgParser::new(pg),
+        |p, ch| {
+            let mut out = Vec::new();
+            p.feed(ch, &mut out);
+            out.len()
+        },
+    );
+    let cl = CacheLimits::default();
+    client(
+        c,
+        "redis",
+        "redis-django-redis.jsonl",
+        || redis::RedisParser::new(cl),
+        |p, ch| {
+            let mut out = Vec::new();
+            p.feed(ch, &mut out);
+            out.len()
+        },
+    );
+    client(
+        c,
+        "redis-resp3",
+        "redis-native-resp3.jsonl",
+        || redis::RedisParser::new(cl),
+        |p, ch| {
+            let mut out = Vec::new();
+            p.feed(ch, &mut out);
+            out.len()
+        },
+    );
+    client(
+        c,
+        "memcached",
+        "memcached-pymemcache.jsonl",
+        || memcached::MemcachedParser::new(cl),
+        |p, ch| {
+            let mut out = Vec::new();
+            p.feed(ch, &mut out);
+            out.len()
+        },
+    );
+    pipeline(c, &rec);
+}
+
+criterion_group!(replay, benches);
+criterion_main!(replay);
