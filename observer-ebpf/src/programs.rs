@@ -88,7 +88,8 @@ static TRACKED: HashMap<u32, ProcVal> = HashMap::with_max_entries(8192, 0);
 #[map]
 static SOCKS: HashMap<SockKey, SockVal> = HashMap::with_max_entries(65536, 0);
 
-/// Arguments of syscalls in flight, by pid_tgid (one syscall per thread at a time).
+/// Arguments of syscalls in flight, by pid_tgid (one syscall per thread at a time): a slot
+/// per thread of a traced process, reused by each syscall, removed when the thread exits.
 #[map]
 static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
 
@@ -203,21 +204,37 @@ fn socket(tgid: u32, fd: u32, proc_: &ProcVal) -> Option<SockVal> {
     Some(s)
 }
 
+/// No syscall in flight on the thread (its slot is kept for the next one).
+const OP_NONE: u8 = 0;
+
+/// Stashes a syscall's arguments in the thread's slot. The slot is written in place when
+/// the thread has one: a hash-map insert allocates an element and frees the old one,
+/// which the profile showed as the costliest part of the enter programs.
 #[inline(always)]
 fn stash(pid_tgid: u64, op: u8, fd: u32, ptr: u64, arg: u64, conn_id: u64) {
     let v = Inflight { enter_ns: now(), ptr, arg, conn_id, fd, op, _pad: [0; 3] };
+    if let Some(p) = INFLIGHT.get_ptr_mut(pid_tgid) {
+        // SAFETY: the thread's own slot: only this thread's programs touch it.
+        unsafe { *p = v };
+        return;
+    }
     if INFLIGHT.insert(pid_tgid, v, 0).is_err() {
         count(counter::INFLIGHT_TABLE_FULL, 1);
     }
 }
 
-/// Takes the caller's stash back if it is for `op`.
+/// Takes the caller's stash back if it is for `op`, leaving the slot empty (the slot
+/// itself goes when the thread exits).
 #[inline(always)]
 fn unstash(pid_tgid: u64, op: u8) -> Option<Inflight> {
-    // SAFETY: the value is copied out before the entry is removed.
-    let v = unsafe { INFLIGHT.get(pid_tgid).copied() }?;
-    let _ = INFLIGHT.remove(pid_tgid);
-    if v.op != op {
+    let p = INFLIGHT.get_ptr_mut(pid_tgid)?;
+    // SAFETY: the thread's own slot, copied out before it is marked empty.
+    let v = unsafe {
+        let v = *p;
+        (*p).op = OP_NONE;
+        v
+    };
+    if v.op != op || op == OP_NONE {
         return None;
     }
     Some(v)
@@ -1177,10 +1194,12 @@ pub fn sched_process_exec(_c: TracePointContext) -> u32 {
 pub fn sched_process_exit(c: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
+    // Slots stay with their thread: drop this one's whether or not its process is still
+    // tracked (it may have been untracked since).
+    let _ = INFLIGHT.remove(pid_tgid);
     if tracked(tgid).is_none() {
         return 0;
     }
-    let _ = INFLIGHT.remove(pid_tgid);
     // sched_process_exit: group_dead (bool) at offset 32.
     // SAFETY: offset 32 is inside this tracepoint's record.
     let group_dead = unsafe { *(c.as_ptr() as *const u8).add(32) } != 0;

@@ -25,7 +25,6 @@ pub struct Step {
     pub records_per_s: f64,
     pub lost: f64,
     pub observer_cpu_percent: f64,
-    pub kernel_ns_per_request: f64,
     /// No record lost and every request counted as an exchange.
     pub followed: bool,
 }
@@ -72,6 +71,7 @@ pub fn ramp(plan: &Plan, scratch: &Path) -> Result<Capacity> {
     let observer = Observer::start(
         &["--pid", &server.0.id().to_string(), "--no-route-discovery", "--no-migrations"],
         scratch,
+        false,
     )?;
     let mut steps = Vec::new();
     for (mode, path) in [("keepalive", "/k"), ("close", "/c")] {
@@ -94,7 +94,6 @@ pub fn ramp(plan: &Plan, scratch: &Path) -> Result<Capacity> {
             let secs = load.duration_us as f64 / 1e6;
             let exchanges = after.exchanges - before.exchanges;
             let lost = after.lost - before.lost;
-            let (_, kernel_s) = after.kernel_since(&before);
             // wrk abandons the requests in flight when its time is up; the server may
             // still answer them.
             let followed = lost == 0.0
@@ -112,15 +111,13 @@ pub fn ramp(plan: &Plan, scratch: &Path) -> Result<Capacity> {
                 records_per_s: (after.records - before.records) / secs,
                 lost,
                 observer_cpu_percent: 100.0 * (cpu1 - cpu0) / secs,
-                kernel_ns_per_request: 1e9 * kernel_s / load.requests.max(1) as f64,
                 followed,
             };
             eprintln!(
-                "bench:   {mode:9} c={connections:<3} {:>8.0} req/s  {:>8.0} records/s  observer {:>5.1}% CPU  kernel {:>5.0} ns/req  lost {}  {}",
+                "bench:   {mode:9} c={connections:<3} {:>8.0} req/s  {:>8.0} records/s  observer {:>5.1}% CPU  lost {}  {}",
                 step.rps,
                 step.records_per_s,
                 step.observer_cpu_percent,
-                step.kernel_ns_per_request,
                 step.lost,
                 if followed { "followed" } else { "NOT followed" }
             );

@@ -85,6 +85,10 @@ pub enum Arm {
     B,
     /// The plain app, traced by the observer.
     C,
+    /// C with the kernel's BPF statistics on (`--bpf-stats`), run once after the rounds
+    /// for the per-program kernel time only: the statistics themselves cost about a
+    /// clock read per program run, so C runs without them.
+    K,
 }
 
 impl Arm {
@@ -93,6 +97,7 @@ impl Arm {
             Arm::A => "plain app",
             Arm::B => "django-prometheus",
             Arm::C => "plain app + observer",
+            Arm::K => "observer, BPF statistics on",
         }
     }
 }
@@ -169,6 +174,10 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
                 eprintln!("bench: round {}/{}, arm {arm:?} ({})", round + 1, plan.rounds, arm.describe());
                 runs.extend(run_arm(&plan, round, arm, &env, &scratch.0)?);
             }
+        }
+        if on("arms") {
+            eprintln!("bench: arm K ({}), once", Arm::K.describe());
+            runs.extend(run_arm(&plan, 0, Arm::K, &env, &scratch.0)?);
         }
         if on("flood") {
             eprintln!("bench: URL flood (routes unknown: the templated-view bound)");
@@ -274,11 +283,12 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn start(args: &[&str], scratch: &Path) -> Result<Self> {
+    pub fn start(args: &[&str], scratch: &Path, bpf_stats: bool) -> Result<Self> {
         let port = free_port()?;
         let log = scratch.join(format!("observer-{port}.log"));
         let child = Command::new(root().join("target/release/observer"))
-            .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--bpf-stats"])
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(if bpf_stats { &["--bpf-stats"][..] } else { &[] })
             .args(args)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)
@@ -325,7 +335,7 @@ fn run_arm(plan: &Plan, round: usize, arm: Arm, env: &AppEnv, scratch: &Path) ->
     let app = start_app(plan, arm, env, port)?;
     let app_pid = app.0.id();
     let observer = match arm {
-        Arm::C => Some(Observer::start(&["--pid", &app_pid.to_string()], scratch)?),
+        Arm::C | Arm::K => Some(Observer::start(&["--pid", &app_pid.to_string()], scratch, arm == Arm::K)?),
         _ => None,
     };
     // Warm up every endpoint (imports, connections; in C the app's discovery).
@@ -407,9 +417,13 @@ fn run_arm(plan: &Plan, round: usize, arm: Arm, env: &AppEnv, scratch: &Path) ->
             load.p50_us,
             load.p99_us,
             cost.as_ref().map_or(String::new(), |c| format!(
-                "  observer {:.1}% CPU, kernel {:.0} ns/req, {:.0} records/s, {} lost",
+                "  observer {:.1}% CPU,{} {:.0} records/s, {} lost",
                 100.0 * c.cpu_s / (load.duration_us as f64 / 1e6),
-                1e9 * c.kernel_s / load.requests.max(1) as f64,
+                if c.kernel_runs > 0.0 {
+                    format!(" kernel {:.0} ns/req,", 1e9 * c.kernel_s / load.requests.max(1) as f64)
+                } else {
+                    String::new()
+                },
                 c.records / (load.duration_us as f64 / 1e6),
                 c.lost
             ))
@@ -445,7 +459,8 @@ pub struct Flood {
 fn flood(plan: &Plan, env: &AppEnv, scratch: &Path) -> Result<Flood> {
     let port = free_port()?;
     let app = start_app(plan, Arm::A, env, port)?;
-    let observer = Observer::start(&["--pid", &app.0.id().to_string(), "--no-route-discovery"], scratch)?;
+    let observer =
+        Observer::start(&["--pid", &app.0.id().to_string(), "--no-route-discovery"], scratch, false)?;
     request(port, "GET", "/", "", "")?;
     let before = observer.settled()?;
     let rss_before = probe::rss(observer.pid()).0;

@@ -159,12 +159,12 @@ impl Results {
         let mut summary = Vec::new();
         let mut ratios = Vec::new();
         for (endpoint, _) in ENDPOINTS {
-            for arm in [Arm::A, Arm::B, Arm::C] {
+            for arm in [Arm::A, Arm::B, Arm::C, Arm::K] {
                 let rs: Vec<&Run> = runs.iter().filter(|r| r.arm == arm && r.endpoint == *endpoint).collect();
                 let f = |g: &dyn Fn(&Run) -> f64| Spread::of(rs.iter().map(|r| g(r)).collect());
                 let per_req = |r: &Run, x: f64| x / r.load.requests.max(1) as f64;
                 let secs = |r: &Run| r.load.duration_us as f64 / 1e6;
-                let observer = (arm == Arm::C).then(|| {
+                let observer = matches!(arm, Arm::C | Arm::K).then(|| {
                     let o = |g: &dyn Fn(&Run, &super::ObserverCost) -> f64| {
                         Spread::of(rs.iter().filter_map(|r| Some(g(r, r.observer.as_ref()?))).collect())
                     };
@@ -323,7 +323,11 @@ impl Results {
             let (ocpu, kns, rec, lost) = match &a.observer {
                 Some(o) => (
                     sp(o.cpu_us_per_request, 1.0, 0),
-                    sp(o.kernel_ns_per_request, 1.0, 0),
+                    if o.kernel_ns_per_request.max > 0.0 {
+                        sp(o.kernel_ns_per_request, 1.0, 0)
+                    } else {
+                        "–".into()
+                    },
                     sp(o.records_per_s, 1.0, 0),
                     format!("{}", o.lost),
                 ),
@@ -412,13 +416,12 @@ impl Capacity {
         for st in &c.steps {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.0} | {:.1} | {:.0} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {:.1} | {} | {} |",
                 st.mode,
                 st.connections,
                 st.rps,
                 st.records_per_s,
                 st.observer_cpu_percent,
-                st.kernel_ns_per_request,
                 st.lost,
                 if st.followed { "yes" } else { "no" }
             );

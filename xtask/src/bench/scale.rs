@@ -272,7 +272,8 @@ pub fn memory(plan: &Plan, scratch: &Path) -> Result<Memory> {
     let quiet = ["--no-route-discovery", "--no-migrations"];
     // Idle connections.
     let (server, port) = serve(Mode::Hold)?;
-    let observer = Observer::start(&[&quiet[..], &["--pid", &server.0.id().to_string()]].concat(), scratch)?;
+    let observer =
+        Observer::start(&[&quiet[..], &["--pid", &server.0.id().to_string()]].concat(), scratch, false)?;
     let baseline = {
         let _ = observer.settled()?;
         probe::rss(observer.pid()).0
@@ -312,7 +313,8 @@ pub fn memory(plan: &Plan, scratch: &Path) -> Result<Memory> {
 
     // Churn.
     let (server, port) = serve(Mode::Churn)?;
-    let observer = Observer::start(&[&quiet[..], &["--pid", &server.0.id().to_string()]].concat(), scratch)?;
+    let observer =
+        Observer::start(&[&quiet[..], &["--pid", &server.0.id().to_string()]].concat(), scratch, false)?;
     let before = observer.settled()?;
     let rss_start = probe::rss(observer.pid()).0;
     let started = Instant::now();
