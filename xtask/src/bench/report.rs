@@ -348,7 +348,7 @@ impl Results {
         if let Some(o) = self
             .summary
             .iter()
-            .find(|a| a.arm == Arm::C && a.endpoint == "db")
+            .find(|a| a.arm == Arm::K && a.endpoint == "db")
             .and_then(|a| a.observer.as_ref())
         {
             let _ = writeln!(
@@ -411,7 +411,7 @@ impl Capacity {
         );
         let _ = writeln!(
             s,
-            "| mode | connections | req/s | records/s | observer CPU % | kernel ns/req | lost | followed |\n|---|---|---|---|---|---|---|---|"
+            "| mode | connections | req/s | records/s | observer CPU % | lost | followed |\n|---|---|---|---|---|---|---|"
         );
         for st in &c.steps {
             let _ = writeln!(
