@@ -16,16 +16,24 @@ use std::{
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use observer::{
-    django::{aliases::ConfigAlias, cache::ConfigCache},
     events::Role,
-    pipeline::{Exposition, Pipeline, Settings},
-    protocol::{CacheLimits, Chunk, fixtures, http1, memcached, postgres, redis},
-    replay::{Item, Recording},
+    pipeline::{Exposition, Pipeline},
+    protocol::{CacheLimits, CacheParser, Chunk, fixtures, http1, memcached, postgres, redis},
+    replay::{self, Item, Recording},
 };
 
-fn recording() -> Recording {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/django-gunicorn.jsonl");
-    Recording::parse(&std::fs::read_to_string(path).expect("recording")).expect("valid recording")
+/// Feeds one chunk to a PostgreSQL parser; returns how many events it gave.
+fn pg_feed(p: &mut postgres::PgParser, c: &Chunk<'_>) -> usize {
+    let mut ev = Vec::new();
+    p.feed(c, &mut ev);
+    ev.len()
+}
+
+/// Feeds one chunk to a Redis or memcached parser; returns how many events it gave.
+fn cache_feed<P: CacheParser>(p: &mut P, c: &Chunk<'_>) -> usize {
+    let mut ev = Vec::new();
+    p.feed(c, &mut ev);
+    ev.len()
 }
 
 /// The HTTP server side of the recording, per connection, as the pipeline feeds it.
@@ -101,29 +109,11 @@ fn client<P>(
 /// The whole recording through the pipeline: connection routing, the parsers, view
 /// resolution, the django_* families.
 fn pipeline(c: &mut Criterion, rec: &Recording) {
-    let settings = || Settings {
-        discover_routes: false,
-        migrations: false,
-        db_aliases: vec![ConfigAlias {
-            alias: "default".into(),
-            host: Some("127.0.0.1".into()),
-            port: Some(46015),
-            name: None,
-            user: None,
-        }],
-        caches: vec![ConfigCache {
-            alias: Some("default".into()),
-            backend: "redis".into(),
-            servers: vec!["redis://127.0.0.1:43653/0".into()],
-            key_regex: None,
-        }],
-        ..Settings::default()
-    };
     let mut g = c.benchmark_group("replay");
     g.throughput(Throughput::Elements(rec.data_records() as u64));
     g.bench_function("pipeline", |b| {
         b.iter_batched(
-            || Pipeline::new(settings(), Arc::new(Mutex::new(Exposition::default()))),
+            || Pipeline::new(replay::django_gunicorn_settings(), Arc::new(Mutex::new(Exposition::default()))),
             |mut p| {
                 rec.replay(&mut p);
                 p
@@ -135,56 +125,16 @@ fn pipeline(c: &mut Criterion, rec: &Recording) {
 }
 
 fn benches(c: &mut Criterion) {
-    let rec = recording();
+    let rec = replay::django_gunicorn();
     http1(c, &rec);
     let pg = postgres::Limits::default();
-    client(
-        c,
-        "postgres",
-        "postgres-django-views.jsonl",
-        || postgres::PgParser::new(pg),
-        |p, ch| {
-            let mut out = Vec::new();
-            p.feed(ch, &mut out);
-            out.len()
-        },
-    );
+    client(c, "postgres", "postgres-django-views.jsonl", || postgres::PgParser::new(pg), pg_feed);
     let cl = CacheLimits::default();
-    client(
-        c,
-        "redis",
-        "redis-django-redis.jsonl",
-        || redis::RedisParser::new(cl),
-        |p, ch| {
-            let mut out = Vec::new();
-            p.feed(ch, &mut out);
-            out.len()
-        },
-    );
-    client(
-        c,
-        "redis-resp3",
-        "redis-native-resp3.jsonl",
-        || redis::RedisParser::new(cl),
-        |p, ch| {
-            let mut out = Vec::new();
-            p.feed(ch, &mut out);
-            out.len()
-        },
-    );
-    client(
-        c,
-        "memcached",
-        "memcached-pymemcache.jsonl",
-        || memcached::MemcachedParser::new(cl),
-        |p, ch| {
-            let mut out = Vec::new();
-            p.feed(ch, &mut out);
-            out.len()
-        },
-    );
+    client(c, "redis", "redis-django-redis.jsonl", || redis::RedisParser::new(cl), cache_feed);
+    client(c, "redis-resp3", "redis-native-resp3.jsonl", || redis::RedisParser::new(cl), cache_feed);
+    client(c, "memcached", "memcached-pymemcache.jsonl", || memcached::MemcachedParser::new(cl), cache_feed);
     pipeline(c, &rec);
 }
 
-criterion_group!(replay, benches);
-criterion_main!(replay);
+criterion_group!(replay_benches, benches);
+criterion_main!(replay_benches);

@@ -12,12 +12,46 @@ use observer_ebpf::Syscall;
 
 use crate::{
     conns::ConnInfo,
+    django::{aliases::ConfigAlias, cache::ConfigCache},
     events::{Data, Direction, FdEvent, Open, Record, Role, SockAddr},
+    pipeline::Settings,
     pump::Sink,
 };
 
 /// The fake root process every replayed process is forked from.
 pub const ROOT_PID: u32 = 0x3fff_0000;
+
+/// `benches/data/django-gunicorn.jsonl`: the test app under gunicorn (2 sync workers)
+/// serving pages, database views (PostgreSQL) and cache views (django-redis), recorded
+/// with `observer trace --json`. The replay benchmark and its test read it.
+pub fn django_gunicorn() -> Recording {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/django-gunicorn.jsonl");
+    Recording::parse(&std::fs::read_to_string(path).expect("the recording is in the repository"))
+        .expect("the recording parses")
+}
+
+/// Pipeline settings for [`django_gunicorn`]: no discovery (no app to ask), and its
+/// database and cache servers where they listened while it was recorded.
+pub fn django_gunicorn_settings() -> Settings {
+    Settings {
+        discover_routes: false,
+        migrations: false,
+        db_aliases: vec![ConfigAlias {
+            alias: "default".into(),
+            host: Some("127.0.0.1".into()),
+            port: Some(46015),
+            name: None,
+            user: None,
+        }],
+        caches: vec![ConfigCache {
+            alias: Some("default".into()),
+            backend: "redis".into(),
+            servers: vec!["redis://127.0.0.1:43653/0".into()],
+            key_regex: None,
+        }],
+        ..Settings::default()
+    }
+}
 
 /// One recorded record, owned.
 #[derive(Debug, Clone)]
@@ -250,29 +284,11 @@ mod tests {
         use std::sync::{Arc, Mutex};
 
         use crate::{
-            django::{aliases::ConfigAlias, cache::ConfigCache, expo},
-            pipeline::{Exposition, Pipeline, Settings},
+            django::expo,
+            pipeline::{Exposition, Pipeline},
         };
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/django-gunicorn.jsonl");
-        let rec = Recording::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let settings = Settings {
-            discover_routes: false,
-            migrations: false,
-            db_aliases: vec![ConfigAlias {
-                alias: "default".into(),
-                host: Some("127.0.0.1".into()),
-                port: Some(46015),
-                name: None,
-                user: None,
-            }],
-            caches: vec![ConfigCache {
-                alias: None,
-                backend: "redis".into(),
-                servers: vec!["redis://127.0.0.1:43653/0".into()],
-                key_regex: None,
-            }],
-            ..Settings::default()
-        };
+        let rec = django_gunicorn();
+        let settings = django_gunicorn_settings();
         let shared = Arc::new(Mutex::new(Exposition::default()));
         let mut p = Pipeline::new(settings, shared.clone());
         rec.replay(&mut p);

@@ -386,17 +386,10 @@ fn run_arm(plan: &Plan, round: usize, arm: Arm, env: &AppEnv, scratch: &Path) ->
         let cost = match (&observer, before) {
             (Some(o), Some(before)) => {
                 let after = o.settled()?;
-                let (kernel_runs, kernel_s) = after.kernel_since(&before);
+                let programs = after.programs_since(&before);
+                let (kernel_runs, kernel_s) =
+                    programs.iter().fold((0.0, 0.0), |(r, t), p| (r + p.1, t + p.2));
                 let (rss_bytes, peak_rss_bytes) = probe::rss(o.pid());
-                let programs = after
-                    .programs
-                    .iter()
-                    .map(|(n, (r, s))| {
-                        let (r0, s0) = before.programs.get(n).copied().unwrap_or_default();
-                        (n.clone(), r - r0, s - s0)
-                    })
-                    .filter(|p| p.1 > 0.0)
-                    .collect();
                 Some(ObserverCost {
                     cpu_s: obs_cpu1 - obs_cpu0,
                     rss_bytes,

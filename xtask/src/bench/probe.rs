@@ -124,12 +124,16 @@ impl ObserverCounters {
         c
     }
 
-    /// Kernel seconds in our programs, and their runs, since `before`.
-    pub fn kernel_since(&self, before: &Self) -> (f64, f64) {
-        self.programs.iter().fold((0.0, 0.0), |(runs, secs), (name, (r, s))| {
-            let (r0, s0) = before.programs.get(name).copied().unwrap_or_default();
-            (runs + r - r0, secs + s - s0)
-        })
+    /// Per program that ran since `before`: (name, runs, kernel seconds).
+    pub fn programs_since(&self, before: &Self) -> Vec<(String, f64, f64)> {
+        self.programs
+            .iter()
+            .map(|(name, (r, s))| {
+                let (r0, s0) = before.programs.get(name).copied().unwrap_or_default();
+                (name.clone(), r - r0, s - s0)
+            })
+            .filter(|p| p.1 > 0.0)
+            .collect()
     }
 }
 
@@ -147,7 +151,11 @@ mod tests {
         assert_eq!(c.records, 10.0);
         assert_eq!(c.lost, 6.0);
         assert_eq!(c.programs["sys_exit_read"], (7.0, 0.5));
-        assert_eq!(c.kernel_since(&ObserverCounters::default()), (7.0, 0.5));
+        assert_eq!(
+            c.programs_since(&ObserverCounters::default()),
+            vec![("sys_exit_read".to_string(), 7.0, 0.5)]
+        );
+        assert!(c.programs_since(&c).is_empty(), "nothing ran since itself");
     }
 
     #[test]
