@@ -856,7 +856,19 @@ fn enter_accept(c: &TracePointContext) {
 #[inline(always)]
 fn exit_accept(c: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inf) = unstash(pid_tgid, OP_ACCEPT) else { return };
+    // No stash: the thread was already blocked in accept() when the programs attached (or
+    // its process was not traced yet). The new socket is still a connection of a traced
+    // process: taken without the listener and the user's sockaddr (addresses come from
+    // the socket itself).
+    let inf = unstash(pid_tgid, OP_ACCEPT).unwrap_or(Inflight {
+        enter_ns: 0,
+        ptr: 0,
+        arg: 0,
+        conn_id: 0,
+        fd: u32::MAX,
+        op: OP_ACCEPT,
+        _pad: [0; 3],
+    });
     let fd = arg(c, 0) as i64;
     if fd < 0 {
         return;

@@ -1,6 +1,6 @@
 //! Command line: `observer trace` (and, from the HTTP issue on, `observer run`).
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -10,6 +10,7 @@ use crate::{
     ebpf::{Options, Probe},
     pipeline::{self, Pipeline},
     pump::Pump,
+    server::{Listen, TlsFiles},
     targets::Selector,
     trace::Printer,
 };
@@ -43,9 +44,16 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Address of the /metrics and /healthz endpoint [default: 0.0.0.0:9807].
-    #[arg(long, value_name = "ADDR:PORT")]
+    /// Where /metrics and /healthz are served: ADDR:PORT, or unix:PATH for a Unix socket
+    /// [default: 0.0.0.0:9807].
+    #[arg(long, value_name = "ADDR:PORT|unix:PATH")]
     listen: Option<String>,
+    /// Serve /metrics over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM); needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// With no --pid, --comm or --port, Django processes are found automatically.
     #[command(flatten)]
     select: SelectArgs,
@@ -207,7 +215,14 @@ struct TraceArgs {
 
 /// Entry point of the `observer` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("observer: {} (see observer --help)", usage_error(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -229,6 +244,17 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's message without its `error: ` prefix, usage and tips: one line, like every
+/// other failure of the agent.
+fn usage_error(rendered: &str) -> String {
+    // The message is the first paragraph ("...not provided:" lists the flags under it).
+    let message: Vec<&str> =
+        rendered.lines().map(str::trim).skip_while(|l| l.is_empty()).take_while(|l| !l.is_empty()).collect();
+    let message = message.join(" ");
+    let message = message.trim_start_matches("error: ");
+    if message.is_empty() { "bad arguments".into() } else { message.to_string() }
 }
 
 fn run_async(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
@@ -271,17 +297,24 @@ impl Shutdown {
     }
 }
 
+/// A --pid that names no process is a typo, not a process to wait for (PIDs are not
+/// reused on purpose).
+fn check_pids(selector: &Selector) -> Result<()> {
+    for &pid in &selector.pids {
+        if crate::targets::read_process(pid).is_none() {
+            bail!("no process with pid {pid}");
+        }
+    }
+    Ok(())
+}
+
 async fn trace(args: TraceArgs) -> Result<()> {
     // trace has no detection: it needs an explicit selector.
     let selector = args.select.selector(&FileConfig::default());
     if selector.detect_django {
         bail!("say what to trace: --pid PID, --comm NAME or --port PORT");
     }
-    for &pid in &selector.pids {
-        if crate::targets::read_process(pid).is_none() {
-            bail!("no process with pid {pid}");
-        }
-    }
+    check_pids(&selector)?;
     let duration = args.duration.map(Duration::from_secs_f64);
     let shutdown = Shutdown::install()?;
     let opts = args.probe.options(&FileConfig::default());
@@ -314,10 +347,19 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let pick = |a: &Option<String>, f: &Option<String>| a.clone().or_else(|| f.clone());
     let selector = args.select.selector(&file);
-    let listen: SocketAddr = pick(&args.listen, &file.listen)
+    check_pids(&selector)?;
+    let listen: Listen = pick(&args.listen, &file.listen)
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
         .parse()
-        .context("--listen must be ADDR:PORT")?;
+        .map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
+    let tls = match (
+        args.tls_cert.as_ref().or(file.tls_cert.as_ref()),
+        args.tls_key.as_ref().or(file.tls_key.as_ref()),
+    ) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.clone(), key: key.clone() }),
+        (None, None) => None,
+        _ => bail!("TLS needs both a certificate and a key (tls_cert and tls_key)"),
+    };
     let routes_file = match args.routes.as_ref().or(file.routes.as_ref()) {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -388,6 +430,11 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     }
     let shutdown = Shutdown::install()?;
+    // Bound before the programs load: a port in use or a bad certificate stops the agent
+    // before it touches the kernel. /healthz says 503 until the pump reports.
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(pipeline::Exposition::default()));
+    let bound = crate::server::serve(&listen, tls.as_ref(), shared.clone()).await?;
+    tracing::info!(address = %bound, tls = tls.is_some(), "serving /metrics and /healthz");
     let opts = args.probe.options(&file);
     let probe = Probe::load(&opts)?;
     // Statistics stay on while this fd is open (kernel.bpf_stats_enabled is reference counted).
@@ -396,11 +443,6 @@ async fn run(args: RunArgs) -> Result<()> {
     } else {
         None
     };
-    let shared = std::sync::Arc::new(std::sync::Mutex::new(pipeline::Exposition::default()));
-    let bound = crate::server::serve(listen, shared.clone())
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    tracing::info!(address = %bound, "serving /metrics and /healthz");
     if selector.detect_django {
         tracing::info!("no --pid, --comm or --port: tracing the Django processes found on this host");
     }

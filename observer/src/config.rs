@@ -2,7 +2,9 @@
 //! line wins over the file.
 //!
 //! ```toml
-//! listen = "0.0.0.0:9807"
+//! listen = "0.0.0.0:9807"          # or "unix:/run/observer/metrics.sock"
+//! tls_cert = "/etc/observer/tls.crt" # with tls_key: /metrics over HTTPS
+//! tls_key = "/etc/observer/tls.key"
 //! job = "django"
 //! namespace = "shop"
 //! port = [8000]
@@ -38,6 +40,8 @@ use crate::django::{aliases::ConfigAlias, cache::ConfigCache};
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub pid: Vec<u32>,
     #[serde(default)]
@@ -81,7 +85,11 @@ impl FileConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.message().to_string())
+        toml::from_str(text).map_err(|e| match e.span() {
+            // One line with where it is (toml's own rendering quotes the file over several).
+            Some(span) => format!("line {}: {}", text[..span.start].matches('\n').count() + 1, e.message()),
+            None => e.message().to_string(),
+        })
     }
 }
 
@@ -100,6 +108,8 @@ mod tests {
         assert_eq!(c.max_views, Some(10));
         assert_eq!(c.route_discovery, Some(false));
         assert!(FileConfig::parse("lisen = \"x\"").unwrap_err().contains("unknown field"));
+        let e = FileConfig::parse("job = \"a\"\nmax_views = \"many\"\n").unwrap_err();
+        assert!(e.starts_with("line 2: ") && !e.contains('\n'), "{e}");
         let c = FileConfig::parse(
             "models = [\"item\"]\nmigrations = false\n[[databases]]\nalias = \"replica\"\nhost = \"10.0.0.2\"\nport = 5433\n",
         )

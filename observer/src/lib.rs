@@ -12,6 +12,8 @@ pub mod conns;
 pub mod django;
 pub mod ebpf;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k8s;
 pub mod loss;
 pub mod pipeline;

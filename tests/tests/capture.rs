@@ -160,6 +160,32 @@ fn connection_opened_before_start_is_traced_over_unix_sockets() {
     preexisting("unix");
 }
 
+/// A worker blocked in accept() when the agent attaches (prefork servers, the bench's
+/// connection helper): its entry to accept was never seen, its connection still is.
+fn blocked_accept(family: &str) {
+    if !ebpf_available() {
+        return;
+    }
+    let (pid, _, result, trace) = traced("blocked-accept", family, &[]);
+    let matched = trace.assert_exact(pid, &ops(&result), usize::MAX);
+    assert_endpoint(&matched, &result["client"], "client");
+    assert_endpoint(&matched, &result["server"], "server");
+    let opens = trace.of("open", pid);
+    assert_eq!(opens.len(), 2, "the connect and the accept: {opens:?}");
+    assert!(opens.iter().any(|o| o["role"] == "server" && o["fd"] == result["server"]["fd"]), "{opens:?}");
+    assert_eq!(trace.counter("observer_unknown_connection_records_total"), 0);
+}
+
+#[test]
+fn a_thread_blocked_in_accept_at_attach_gets_its_connection_traced_over_tcp() {
+    blocked_accept("inet");
+}
+
+#[test]
+fn a_thread_blocked_in_accept_at_attach_gets_its_connection_traced_over_unix_sockets() {
+    blocked_accept("unix");
+}
+
 #[test]
 fn forked_child_is_traced_and_untracked_process_is_not() {
     if !ebpf_available() {

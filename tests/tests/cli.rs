@@ -64,3 +64,65 @@ fn invalid_bounds_are_refused_with_the_flag_name() {
         assert_one_line(&err, expected);
     }
 }
+
+/// `observer run` with `args`, expected to fail at once with one line containing `expected`.
+fn run_fails(args: &[&str], expected: &str) {
+    let (code, err) = run(Command::new("timeout").arg("20").arg(observer_bin()).args(args));
+    assert_ne!(code, 124, "{args:?} ran instead of failing");
+    assert!(code == 1 || code == 2, "{args:?} exited {code}");
+    assert_one_line(&err, expected);
+}
+
+#[test]
+fn bad_flags_and_values_get_one_line() {
+    run_fails(&["run", "--no-such-flag"], "unexpected argument '--no-such-flag'");
+    run_fails(&["run", "--max-views", "lots"], "invalid value 'lots' for '--max-views <N>'");
+    run_fails(
+        &["run", "--listen", "localhost"],
+        "--listen: \"localhost\" is neither ADDR:PORT nor unix:PATH",
+    );
+    run_fails(&["run", "--tls-cert", "/etc/hostname"], "--tls-key <FILE>");
+    run_fails(&["frobnicate", "now"], "unrecognized subcommand 'frobnicate'");
+}
+
+#[test]
+fn unreadable_or_malformed_config_and_routes_files_are_named() {
+    let dir = harness::TempDir::new("cli-files");
+    let file = |name: &str, text: &str| {
+        let p = format!("{}/{name}", dir.path());
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let missing = format!("{}/absent.toml", dir.path());
+    run_fails(&["run", "--config", &missing], &format!("reading {missing}: No such file"));
+    let bad = file("bad.toml", "job = \"shop\"\nmax_views = \"many\"\n");
+    run_fails(&["run", "--config", &bad], &format!("{bad}: line 2: invalid type"));
+    let unknown = file("unknown.toml", "lisen = \"0.0.0.0:1\"\n");
+    run_fails(&["run", "--config", &unknown], "unknown field `lisen`");
+    let missing = format!("{}/absent.routes", dir.path());
+    run_fails(&["run", "--routes", &missing], &format!("reading the routes file {missing}: No such file"));
+    let routes = file("bad.routes", "/shop/ shop:index\n/items/<int:pk oops\n");
+    run_fails(&["run", "--routes", &routes], "line 2");
+    // A file it cannot read (a directory stands in for a mode it has no right to).
+    run_fails(&["run", "--config", dir.path()], &format!("reading {}", dir.path()));
+    let cert = file("cert.pem", "not a certificate\n");
+    run_fails(
+        &["run", "--listen", "127.0.0.1:0", "--tls-cert", &cert, "--tls-key", &cert],
+        "no certificate in",
+    );
+}
+
+#[test]
+fn run_refuses_a_pid_that_does_not_exist() {
+    run_fails(&["run", "--pid", "4000000"], "no process with pid 4000000");
+}
+
+#[test]
+fn a_port_in_use_is_refused_before_anything_is_traced() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    run_fails(
+        &["run", "--listen", &addr, "--pid", &std::process::id().to_string()],
+        &format!("listening on {addr}: the address is already in use"),
+    );
+}

@@ -140,8 +140,11 @@ fn test(extra: &[String]) -> Result<()> {
     run(&mut t)
 }
 
-/// `cargo fuzz` on every target of observer/fuzz (its own workspace, nightly). The
-/// kernel object is not needed to fuzz parsers: AYA_BUILD_SKIP=1.
+/// `cargo fuzz` on every target of observer/fuzz (its own workspace, nightly), then
+/// `cargo fuzz cmin` so that observer/fuzz/corpus keeps the smallest set with the same
+/// coverage (committed; `cargo test` replays it, see observer::fuzzing). The kernel
+/// object is not needed to fuzz parsers: AYA_BUILD_SKIP=1. Prints each target's
+/// executions from libFuzzer's own count; full logs in target/fuzz/.
 fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
     setup::all()?;
     setup::cargo_fuzz()?;
@@ -155,11 +158,38 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
     if targets.is_empty() {
         bail!("no such fuzz target; have: {}", all.join(", "));
     }
+    let logs = root().join("target/fuzz");
+    std::fs::create_dir_all(&logs)?;
+    let mut rows = Vec::new();
     for t in targets {
-        run(Command::new("cargo")
-            .args(["+nightly", "fuzz", "run", t, "--", &format!("-max_total_time={seconds}")])
-            .current_dir(root().join("observer"))
-            .env("AYA_BUILD_SKIP", "1"))?;
+        let log_path = logs.join(format!("{t}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let fuzz = |args: &[&str]| {
+            let mut c = Command::new("cargo");
+            c.arg("+nightly")
+                .arg("fuzz")
+                .args(args)
+                .current_dir(root().join("observer"))
+                .env("AYA_BUILD_SKIP", "1");
+            c
+        };
+        let budget = format!("-max_total_time={seconds}");
+        run(fuzz(&["run", t, "--", &budget]).stderr(log))
+            .with_context(|| format!("fuzz target {t} (log: {})", log_path.display()))?;
+        let text = std::fs::read_to_string(&log_path)?;
+        let runs = fuzz_runs(&text).with_context(|| format!("no run count in {}", log_path.display()))?;
+        run(fuzz(&["cmin", t]).stderr(std::fs::File::create(logs.join(format!("{t}.cmin.log")))?))?;
+        let kept = std::fs::read_dir(root().join("observer/fuzz/corpus").join(t))?.count();
+        rows.push((t.clone(), runs, kept));
+    }
+    println!("| target | executions | seconds | corpus kept |\n|---|---:|---:|---:|");
+    for (t, runs, kept) in rows {
+        println!("| {t} | {runs} | {seconds} | {kept} |");
     }
     Ok(())
+}
+
+/// libFuzzer's closing line: `Done 1234567 runs in 60 second(s)`.
+fn fuzz_runs(log: &str) -> Option<u64> {
+    log.lines().rev().find_map(|l| l.strip_prefix("Done ")?.split_whitespace().next()?.parse().ok())
 }

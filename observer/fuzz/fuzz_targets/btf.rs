@@ -1,10 +1,6 @@
 //! The BTF member-offset parser on arbitrary blobs.
+//! The body lives in observer::fuzzing, where `cargo test` replays the kept corpus.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use observer::ebpf::btf::Btf;
 
-fuzz_target!(|data: &[u8]| {
-    if let Some(btf) = Btf::parse(data) {
-        let _ = btf.offset("sock", &["__sk_common", "skc_num"]);
-    }
-});
+fuzz_target!(|data: &[u8]| observer::fuzzing::btf(data));

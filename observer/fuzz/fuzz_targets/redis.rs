@@ -1,18 +1,6 @@
-//! The redis parser on arbitrary syscall sequences (see common/cache.rs), and the
-//! protocol detector on the same bytes.
+//! The Redis parser and its detector on arbitrary syscall sequences.
+//! The body lives in observer::fuzzing, where `cargo test` replays the kept corpus.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use observer::protocol::{
-    CacheLimits,
-    redis::{RedisParser, is_command},
-};
 
-#[path = "common/cache.rs"]
-mod cache;
-#[path = "common/steps.rs"]
-mod steps;
-
-fuzz_target!(|data: &[u8]| {
-    let mut p = RedisParser::new(CacheLimits { max_pending: 16 });
-    cache::run(&mut p, 16, is_command, data);
-});
+fuzz_target!(|data: &[u8]| observer::fuzzing::redis(data));

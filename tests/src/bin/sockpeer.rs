@@ -426,6 +426,28 @@ fn preexisting_run(c: Fd, s: Fd) -> Value {
     json!({"client": endpoint(c), "server": endpoint(s), "ops": ops.0})
 }
 
+/// A thread already blocked in accept() when the observer attaches (its syscall entry was
+/// never seen): the connection it accepts must still be traced.
+fn blocked_accept_setup(family: Family, dir: &str) -> (Listener, std::thread::JoinHandle<Fd>) {
+    let l = listen(family, dir);
+    let lfd = l.fd;
+    let t = std::thread::spawn(move || {
+        // SAFETY: accept on our listening fd, without asking for the peer's address.
+        let fd =
+            unsafe { libc::accept4(lfd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        check(fd as isize, "accept4") as Fd
+    });
+    // Let the thread reach accept() before the observer is told to attach.
+    std::thread::sleep(Duration::from_millis(200));
+    (l, t)
+}
+
+fn blocked_accept_run(l: &Listener, t: std::thread::JoinHandle<Fd>) -> Value {
+    let c = l.connect();
+    let s = t.join().expect("accepting thread");
+    preexisting_run(c, s)
+}
+
 /// A forked child uses an inherited connection and opens one of its own.
 fn fork(family: Family, dir: &str) -> Value {
     let l = listen(family, dir);
@@ -604,6 +626,7 @@ fn main() {
     let count: usize = args.get(4).and_then(|c| c.parse().ok()).unwrap_or(10_000);
 
     let pre = (scenario == "preexisting").then(|| preexisting_setup(family, &dir));
+    let blocked = (scenario == "blocked-accept").then(|| blocked_accept_setup(family, &dir));
     let mut hello = json!({"pid": std::process::id()});
     if let Some((_, c, s)) = &pre {
         hello["client"] = endpoint(*c);
@@ -620,6 +643,10 @@ fn main() {
         "preexisting" => {
             let (_l, c, s) = pre.expect("set up above");
             preexisting_run(c, s)
+        }
+        "blocked-accept" => {
+            let (l, t) = blocked.expect("set up above");
+            blocked_accept_run(&l, t)
         }
         "fork" => fork(family, &dir),
         "fdreuse" => fdreuse(family, &dir),
