@@ -17,21 +17,33 @@ pub struct Redis {
     _dir: TempDir,
 }
 
+fn redis_server(port: u16, dir: &TempDir, socket: &str) -> Child {
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--dir", dir.path(), "--unixsocket", socket, "--unixsocketperm", "700"])
+        .args(["--daemonize", "no", "--loglevel", "warning"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server (cargo xtask setup installs it)");
+    wait_for_port(port, &mut child, "redis-server");
+    child
+}
+
 impl Redis {
     pub fn start() -> Self {
         let dir = TempDir::new("redis");
         let port = free_port();
         let socket = format!("{}/redis.sock", dir.path());
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", dir.path(), "--unixsocket", &socket, "--unixsocketperm", "700"])
-            .args(["--daemonize", "no", "--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (cargo xtask setup installs it)");
-        wait_for_port(port, &mut child, "redis-server");
+        let child = redis_server(port, &dir, &socket);
         Self { child: Some(child), port, socket, _dir: dir }
+    }
+
+    /// Kills the server and starts an empty one on the same port and socket.
+    pub fn restart(&mut self, down_for: std::time::Duration) {
+        self.stop();
+        std::thread::sleep(down_for);
+        self.child = Some(redis_server(self.port, &self._dir, &self.socket));
     }
 
     /// `redis://127.0.0.1:<port>/0`.

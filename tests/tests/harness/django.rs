@@ -166,6 +166,11 @@ impl ObserverRun {
         self.child.id()
     }
 
+    /// SIGKILL: no shutdown path runs (what an OOM kill or a node crash does).
+    pub fn kill(&mut self) {
+        super::stop(&mut self.child, libc::SIGKILL);
+    }
+
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -287,7 +292,7 @@ impl Response {
 }
 
 /// Reads one response; `head_request` means no body.
-pub fn read_response(r: &mut BufReader<TcpStream>, head_request: bool) -> Response {
+pub fn read_response<R: std::io::Read>(r: &mut BufReader<R>, head_request: bool) -> Response {
     loop {
         let mut line = String::new();
         r.read_line(&mut line).expect("status line");

@@ -29,6 +29,37 @@ pub struct Postgres {
     /// The directory of its Unix socket (`.s.PGSQL.<port>`).
     pub socket_dir: String,
     dir: TempDir,
+    tls_args: Vec<String>,
+}
+
+/// Starts the postmaster on the cluster in `dir` and waits until it listens.
+fn postmaster(dir: &TempDir, port: u16, tls_args: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("{}/postgres.log", dir.path()))
+        .unwrap();
+    let mut child = as_postgres(&mut Command::new(bin_dir().join("postgres")))
+        .args(["-D", &format!("{}/data", dir.path()), "-p", &port.to_string(), "-k", dir.path()])
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"])
+        .args(["-c", "synchronous_commit=off", "-c", "max_connections=50", "-c", "log_connections=on"])
+        .args(tls_args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start postgres");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!(
+                "postgres exited with {s}: {}",
+                std::fs::read_to_string(format!("{}/postgres.log", dir.path())).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "postgres did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 /// The newest installed PostgreSQL's binaries.
@@ -106,28 +137,8 @@ impl Postgres {
             .expect("run initdb");
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
-        let log = std::fs::File::create(format!("{}/postgres.log", dir.path())).unwrap();
-        let mut child = as_postgres(&mut Command::new(bin.join("postgres")))
-            .args(["-D", &data, "-p", &port.to_string(), "-k", dir.path()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"])
-            .args(["-c", "synchronous_commit=off", "-c", "max_connections=50", "-c", "log_connections=on"])
-            .args(&tls_args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start postgres");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(s)) = child.try_wait() {
-                panic!(
-                    "postgres exited with {s}: {}",
-                    std::fs::read_to_string(format!("{}/postgres.log", dir.path())).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "postgres did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let pg = Self { child, port, socket_dir: dir.path().to_string(), dir };
+        let child = postmaster(&dir, port, &tls_args);
+        let pg = Self { child, port, socket_dir: dir.path().to_string(), dir, tls_args };
         let out = Command::new(bin.join("createdb"))
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER, DATABASE])
             .env("PGPASSWORD", PASSWORD)
@@ -135,6 +146,14 @@ impl Postgres {
             .expect("run createdb");
         assert!(out.status.success(), "createdb: {}", String::from_utf8_lossy(&out.stderr));
         pg
+    }
+
+    /// Stops the server (fast shutdown: sessions are terminated) and starts it again on the
+    /// same port; returns once it listens again.
+    pub fn restart(&mut self, down_for: Duration) {
+        super::stop(&mut self.child, libc::SIGINT);
+        std::thread::sleep(down_for);
+        self.child = postmaster(&self.dir, self.port, &self.tls_args);
     }
 
     /// OBSERVER_TEST_PG for the test app: over TCP, with `extra` settings merged in.
