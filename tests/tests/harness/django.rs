@@ -166,6 +166,15 @@ impl ObserverRun {
         self.child.id()
     }
 
+    /// Stops it the way an operator does (SIGTERM: its shutdown path runs) and returns
+    /// everything it logged.
+    pub fn stop_with_log(mut self) -> String {
+        // SAFETY: signalling our own child, not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        self.log()
+    }
+
     /// SIGKILL: no shutdown path runs (what an OOM kill or a node crash does).
     pub fn kill(&mut self) {
         super::stop(&mut self.child, libc::SIGKILL);
@@ -207,9 +216,12 @@ impl ObserverRun {
 
 impl Drop for ObserverRun {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        // Only a child not reaped yet: a reaped one's PID may belong to someone else now.
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
         if std::thread::panicking() {
             eprintln!("--- observer run log ---\n{}", self.log());
         }

@@ -136,3 +136,27 @@ def iterate(request):
     # QuerySet.iterator() on PostgreSQL: a server-side cursor (DECLARE/FETCH/CLOSE).
     n = sum(1 for _ in Item.objects.all().iterator(chunk_size=2))
     return HttpResponse("%d\n" % n)
+
+
+@csrf_exempt
+def echo(request):
+    """Carries the caller's marker everywhere a payload can hold it: SQL literals, a
+    unique-violation error message, cache keys and values, response headers, a cookie and
+    the body (the privacy test greps the agent's output for it)."""
+    from django.core.cache import cache
+
+    m = request.GET.get("m", "")
+    n = Item.objects.filter(name__startswith=m).count()
+    name = "%s-%d" % (m, next(_names))
+    Item.objects.create(name=name, price=1)
+    try:
+        with transaction.atomic():
+            Item.objects.create(name=name, price=1)
+    except IntegrityError:
+        pass
+    cache.set("key-" + m, "value-" + m)
+    hit = cache.get("key-" + m)
+    r = HttpResponse("echo %s %d %s\n" % (m, n, hit))
+    r["X-Echo"] = m
+    r.set_cookie("echo", m)
+    return r

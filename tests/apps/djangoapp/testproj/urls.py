@@ -36,6 +36,7 @@ urlpatterns = [
     path("db/wrongpw", dbviews.wrongpw, name="db-wrongpw"),
     path("db/raw", dbviews.raw, name="db-raw"),
     path("db/iterate", dbviews.iterate, name="db-iterate"),
+    path("db/echo", dbviews.echo, name="db-echo"),
     path("cache/<str:op>", cacheviews.run, name="cache"),
 ]
 
