@@ -1,4 +1,4 @@
-//! `cargo xtask setup | test | demo | bench | fuzz`: the project's build and test driver.
+//! `cargo xtask setup | test | demo | bench | soak | fuzz`: the project's build and test driver.
 //!
 //! `setup` installs everything the project needs on a fresh Debian 12 machine and is
 //! idempotent (a second run only checks, in seconds). `test` and `demo` run it first.
@@ -50,6 +50,17 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Run the agent for a while under a URL flood, database and cache traffic and
+    /// connection churn at once, with small bounds; print its RSS and the bounds that bit
+    /// every interval; fail if its RSS grew after the warm-up. Results in target/soak/.
+    Soak {
+        /// How long.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 30)]
+        interval: u64,
+    },
     /// The benchmark's connection helper (a traced server, an untraced client).
     #[command(hide = true)]
     BenchConns {
@@ -77,6 +88,10 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, only } => {
             setup::all()?;
             bench::bench(quick, &only)
+        }
+        Cmd::Soak { minutes, interval } => {
+            setup::all()?;
+            bench::soak::soak(minutes, interval)
         }
         Cmd::BenchConns { cmd } => bench::scale::helper(cmd),
         Cmd::Fuzz { seconds, targets } => fuzz(seconds, &targets),

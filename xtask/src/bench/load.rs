@@ -63,8 +63,11 @@ pub struct Wrk<'a> {
 
 impl Wrk<'_> {
     pub fn run(&self, scratch: &Path) -> Result<Load> {
-        let script = scratch.join(if self.flood { "flood.lua" } else { "done.lua" });
-        let out = scratch.join("wrk.json");
+        // Files of their own: the soak runs several wrk at once.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let script = scratch.join(format!("wrk-{n}.lua"));
+        let out = scratch.join(format!("wrk-{n}.json"));
         fs::write(&script, if self.flood { format!("{FLOOD}{DONE}") } else { DONE.to_string() })?;
         let _ = fs::remove_file(&out);
         // Loopback only: the URL is always 127.0.0.1.

@@ -14,6 +14,7 @@ mod load;
 mod probe;
 mod report;
 pub mod scale;
+pub mod soak;
 
 use std::{
     fs,

@@ -178,8 +178,26 @@ fn helper_cmd() -> Result<Command> {
     Ok(c)
 }
 
+/// An untraced client opening and closing `count` connections to `port`, one exchange each.
+fn churn_client(port: u16, count: u32) -> Result<Child> {
+    Ok(helper_cmd()?
+        .args(["connect", "--port", &port.to_string(), "--count", &count.to_string()])
+        .args(["--mode", "churn"])
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+/// Runs a churn of `count` connections to completion.
+pub(super) fn churn(port: u16, count: u32) -> Result<()> {
+    let status = Guard(churn_client(port, count)?).0.wait()?;
+    if !status.success() {
+        bail!("the churn client failed: {status}");
+    }
+    Ok(())
+}
+
 /// The traced server: its PID and port.
-fn serve(mode: Mode) -> Result<(Guard, u16)> {
+pub(super) fn serve(mode: Mode) -> Result<(Guard, u16)> {
     let mut child = helper_cmd()?
         .args(["serve", "--mode", if mode == Mode::Hold { "hold" } else { "churn" }])
         .stdout(Stdio::piped())
@@ -318,11 +336,7 @@ pub fn memory(plan: &Plan, scratch: &Path) -> Result<Memory> {
     let before = observer.settled()?;
     let rss_start = probe::rss(observer.pid()).0;
     let started = Instant::now();
-    let mut client = helper_cmd()?
-        .args(["connect", "--port", &port.to_string(), "--count", &plan.churn_connections.to_string()])
-        .args(["--mode", "churn"])
-        .stdout(Stdio::null())
-        .spawn()?;
+    let mut client = churn_client(port, plan.churn_connections)?;
     let mut samples = Vec::new();
     let deadline = started + Duration::from_secs(900);
     let status = loop {
