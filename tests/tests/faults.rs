@@ -256,7 +256,6 @@ fn postgresql_and_redis_restarted_under_load_count_errors_and_then_exactly_again
     assert_eq!(delta(&mid_ours, &start_ours, errors), theirs_errors, "{errors} during the restarts");
     let fails = "django_cache_get_fail_total";
     assert!(!delta(&mid_theirs, &start_theirs, fails).is_empty(), "cache gets failed during the restart");
-    assert_eq!(delta(&mid_ours, &start_ours, fails), delta(&mid_theirs, &start_theirs, fails), "{fails}");
 
     // Afterwards: no parser stuck, every family exact again.
     for _ in 0..10 {
@@ -265,18 +264,22 @@ fn postgresql_and_redis_restarted_under_load_count_errors_and_then_exactly_again
         assert_eq!(http_status(app.port, "/cache/miss"), Some(200));
     }
     let end_theirs = theirs();
-    let families: Vec<&str> = DB.iter().chain(&CACHE).copied().collect();
-    let want: Vec<_> = families.iter().map(|f| delta(&end_theirs, &mid_theirs, f)).collect();
+    // Database families over the quiet pass; cache families over the whole run: a get in
+    // flight when Redis was killed is counted (failed) when the client drops that socket,
+    // which can fall after the split.
+    let checks: Vec<(&str, &Metrics, _)> = DB
+        .iter()
+        .map(|f| (*f, &mid_ours, delta(&end_theirs, &mid_theirs, f)))
+        .chain(CACHE.iter().map(|f| (*f, &start_ours, delta(&end_theirs, &start_theirs, f))))
+        .collect();
     let mut ours = obs.metrics();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while families.iter().zip(&want).any(|(f, w)| &delta(&ours, &mid_ours, f) != w)
-        && Instant::now() < deadline
-    {
+    while checks.iter().any(|(f, base, w)| &delta(&ours, base, f) != w) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(200));
         ours = obs.metrics();
     }
-    for (f, w) in families.iter().zip(&want) {
-        assert_eq!(&delta(&ours, &mid_ours, f), w, "{f} after the restarts");
+    for (f, base, w) in &checks {
+        assert_eq!(&delta(&ours, base, f), w, "{f} after the restarts");
     }
     assert!(family(&ours, "django_db_execute_total").values().sum::<f64>() > 0.0);
     assert_eq!(ours.sum("observer_records_lost_total", &[]), 0.0);
