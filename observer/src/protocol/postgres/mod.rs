@@ -13,6 +13,7 @@
 //! message to a Sync, ends with one ReadyForQuery. Units are queued in the order they
 //! were sent, so pipelines (psycopg's `executemany`) are matched with their answers.
 
+pub mod shape;
 pub mod sql;
 pub mod sqlstate;
 
@@ -83,6 +84,9 @@ pub struct Statement {
     pub failure: Option<Failure>,
     /// INSERT/UPDATE/DELETE statements, by table, with how many times each ran.
     pub writes: Vec<(TableWrite, u32)>,
+    /// The fingerprint of its (first) statement's shape (see `shape`), when its text was
+    /// seen: what N+1 detection counts.
+    pub shape: Option<u64>,
 }
 
 /// What the parser reports.
@@ -248,6 +252,7 @@ struct Unit {
     pushed_at_recv: u64,
     failure: Option<Failure>,
     writes: Vec<(TableWrite, u32)>,
+    shape: Option<u64>,
 }
 
 /// Distinct tables remembered per unit.
@@ -263,10 +268,14 @@ impl Unit {
             pushed_at_recv: 0,
             failure: None,
             writes: Vec::new(),
+            shape: None,
         }
     }
 
-    fn count(&mut self, kind: &Kind) {
+    fn count(&mut self, kind: &Kind, shape: Option<u64>) {
+        if !matches!(kind, Kind::TxControl | Kind::ServerCursor) && self.shape.is_none() {
+            self.shape = shape;
+        }
         match kind {
             Kind::TxControl | Kind::ServerCursor => {}
             Kind::Other => self.executes += 1,
@@ -295,8 +304,8 @@ pub struct PgParser {
     pending: VecDeque<Unit>,
     /// Extended-protocol messages since the last Sync.
     batch: Option<Unit>,
-    /// Prepared statement name -> what it is ("" is the unnamed statement).
-    statements: HashMap<Box<[u8]>, Kind>,
+    /// Prepared statement name -> what it is and its shape ("" is the unnamed statement).
+    statements: HashMap<Box<[u8]>, (Kind, u64)>,
     /// Portal -> the statement bound to it.
     portals: HashMap<Box<[u8]>, Box<[u8]>>,
     /// Writes seen, to tell a Sync sent on its own (a pipeline) from one sent with its
@@ -471,11 +480,14 @@ impl PgParser {
                 let mut u = self.batch.take().unwrap_or_else(|| Unit::new(ts));
                 if self.last_execute_send != self.sends {
                     // The unnamed statement, if this write parsed it, is what runs.
-                    let kind = match self.last_parse_send == self.sends {
-                        true => self.statements.get(&b""[..]).cloned().unwrap_or(Kind::Other),
-                        false => Kind::Other,
+                    let (kind, shape) = match self.last_parse_send == self.sends {
+                        true => self
+                            .statements
+                            .get(&b""[..])
+                            .map_or((Kind::Other, None), |(k, h)| (k.clone(), Some(*h))),
+                        false => (Kind::Other, None),
                     };
-                    u.count(&kind);
+                    u.count(&kind, shape);
                     self.last_execute_send = self.sends;
                 }
                 u.blind = true;
@@ -639,13 +651,15 @@ impl PgParser {
         match m.tag {
             b'Q' => {
                 let mut u = self.batch.take().unwrap_or_else(|| Unit::new(ts));
-                u.count(&sql::classify(cstr(&m.keep).0));
+                let text = cstr(&m.keep).0;
+                u.count(&sql::classify(text), Some(shape::fingerprint(&shape::normalise(text))));
                 self.push(u, out);
             }
             b'P' => {
                 let (name, rest) = cstr(&m.keep);
-                let kind = sql::classify(cstr(rest).0);
-                self.remember_statement(name, kind, out);
+                let text = cstr(rest).0;
+                let kind = sql::classify(text);
+                self.remember_statement(name, kind, shape::fingerprint(&shape::normalise(text)), out);
                 self.last_parse_send = self.sends;
                 self.batch.get_or_insert_with(|| Unit::new(ts));
             }
@@ -660,13 +674,12 @@ impl PgParser {
             }
             b'E' => {
                 let (portal, _) = cstr(&m.keep);
-                let kind = self
+                let (kind, shape) = self
                     .portals
                     .get(portal)
                     .and_then(|s| self.statements.get(s))
-                    .cloned()
-                    .unwrap_or(Kind::Other);
-                self.batch.get_or_insert_with(|| Unit::new(ts)).count(&kind);
+                    .map_or((Kind::Other, None), |(k, h)| (k.clone(), Some(*h)));
+                self.batch.get_or_insert_with(|| Unit::new(ts)).count(&kind, shape);
                 self.last_execute_send = self.sends;
             }
             b'D' => {
@@ -696,12 +709,12 @@ impl PgParser {
         }
     }
 
-    fn remember_statement(&mut self, name: &[u8], kind: Kind, out: &mut Vec<Event>) {
+    fn remember_statement(&mut self, name: &[u8], kind: Kind, shape: u64, out: &mut Vec<Event>) {
         if self.statements.len() >= self.limits.max_prepared && !self.statements.contains_key(name) {
             out.push(Event::Error(ParseError::PreparedOverflow));
             self.statements.clear();
         }
-        self.statements.insert(name.into(), kind);
+        self.statements.insert(name.into(), (kind, shape));
     }
 
     fn move_pending_to_limbo(&mut self) {
@@ -742,6 +755,7 @@ impl PgParser {
             many: u.many,
             failure: u.failure,
             writes: u.writes,
+            shape: u.shape,
         }));
     }
 

@@ -820,3 +820,63 @@ proptest! {
         prop_assert_eq!(statements(&out).last().map(|s| s.start_ns), Some(30));
     }
 }
+
+#[test]
+fn statements_carry_the_shape_of_their_sql_in_every_protocol() {
+    use super::shape::{fingerprint, normalise};
+    let want = |sql: &str| Some(fingerprint(&normalise(sql.as_bytes())));
+    // Simple protocol: literals differ, one shape.
+    let mut p = connected();
+    let ev = run(
+        &mut p,
+        &[
+            (S, q("SELECT a FROM t WHERE id = 1")),
+            (R, cat(&[complete("SELECT 1"), ready()])),
+            (S, q("SELECT a FROM t WHERE id = 2")),
+            (R, cat(&[complete("SELECT 1"), ready()])),
+        ],
+    );
+    let shapes: Vec<_> = statements(&ev).iter().map(|s| s.shape).collect();
+    assert_eq!(shapes, vec![want("SELECT a FROM t WHERE id = ?"); 2]);
+    // Extended protocol, unnamed and then a named prepared statement bound later.
+    let mut p = connected();
+    let ev = run(
+        &mut p,
+        &[
+            (
+                S,
+                cat(&[
+                    parse("", "SELECT b FROM u WHERE x = $1"),
+                    bind("", ""),
+                    describe(""),
+                    execute(""),
+                    sync(),
+                ]),
+            ),
+            (R, cat(&[complete("SELECT 1"), ready()])),
+            (S, cat(&[parse("_pg3_0", "SELECT c FROM v WHERE y IN ($1, $2)"), sync()])),
+            (R, ready()),
+            (S, cat(&[bind("", "_pg3_0"), execute(""), sync()])),
+            (R, cat(&[complete("SELECT 2"), ready()])),
+        ],
+    );
+    let shapes: Vec<_> = statements(&ev).iter().map(|s| s.shape).collect();
+    assert_eq!(shapes, vec![want("SELECT b FROM u WHERE x = ?"), want("SELECT c FROM v WHERE y IN (...)")]);
+}
+
+#[test]
+fn every_statement_of_the_real_capture_has_a_shape() {
+    let ev = replay(&fixture("postgres-django-views.jsonl"), usize::MAX);
+    let st = statements(&ev);
+    assert!(!st.is_empty());
+    for s in &st {
+        assert!(s.shape.is_some(), "{s:?}");
+    }
+    let distinct: std::collections::BTreeSet<_> = st.iter().map(|s| s.shape).collect();
+    assert!(
+        distinct.len() > 5 && distinct.len() < st.len(),
+        "{} shapes for {} statements",
+        distinct.len(),
+        st.len()
+    );
+}
