@@ -122,6 +122,11 @@ struct RunArgs {
     /// Connections with parser state at once [default: 65536].
     #[arg(long, value_name = "N")]
     max_parsers: Option<usize>,
+    /// A request in which one statement shape (its SQL with literals and IN-lists
+    /// normalised) ran at least this many times counts in
+    /// django_view_n_plus_one_requests_total [default: 10; 0 turns it off].
+    #[arg(long, value_name = "N")]
+    n_plus_one_threshold: Option<u32>,
     /// Turn on the kernel's BPF run-time statistics while running and export each
     /// program's runs and kernel time (observer_bpf_program_*). Costs about 20-40 ns per
     /// program run: for measuring, not for every day.
@@ -413,6 +418,10 @@ async fn run(args: RunArgs) -> Result<()> {
             .or(file.migrations_interval)
             .map_or(d.migrations_interval, Duration::from_secs),
         discovery_delay: d.discovery_delay,
+        n_plus_one_threshold: args
+            .n_plus_one_threshold
+            .or(file.n_plus_one_threshold)
+            .unwrap_or(d.n_plus_one_threshold),
     };
     if args.kubernetes || file.kubernetes.unwrap_or(false) {
         let node = pick(&args.node_name, &file.node_name).context(

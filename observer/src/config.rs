@@ -72,6 +72,7 @@ pub struct FileConfig {
     pub migrations_interval: Option<u64>,
     pub max_pending_statements: Option<usize>,
     pub max_pending_cache_commands: Option<usize>,
+    pub n_plus_one_threshold: Option<u32>,
     #[serde(default)]
     pub databases: Vec<ConfigAlias>,
     #[serde(default)]

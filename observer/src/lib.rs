@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod k8s;
 pub mod loss;
 pub mod pipeline;
+pub mod profile;
 pub mod protocol;
 pub mod pump;
 pub mod replay;

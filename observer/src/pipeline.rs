@@ -33,8 +33,9 @@ use crate::{
         db::{DbMetrics, DbObservation, MigrationMetrics, ModelMap, ModelMetrics, POSTGRESQL},
         http::{Body, HttpMetrics, HttpObservation, UNNAMED_VIEW},
     },
-    events::{Record, Role, SockAddr},
+    events::{Direction, Record, Role, SockAddr},
     loss::LossReport,
+    profile::{Attribution, CacheWork, Profile, ViewProfileMetrics, Work, metrics::ViewObservation},
     protocol::{
         self, CacheParser, Chunk, KeyGet,
         http1::{self, Event, Exchange, Http1Parser, Mode},
@@ -84,6 +85,9 @@ pub struct Settings {
     pub migrations_interval: Duration,
     /// An app that serves nothing is discovered anyway this long after it appeared.
     pub discovery_delay: Duration,
+    /// A request in which one statement shape ran this many times is an N+1 suspect
+    /// (0: never).
+    pub n_plus_one_threshold: u32,
 }
 
 impl Default for Settings {
@@ -110,6 +114,7 @@ impl Default for Settings {
             migrations: true,
             migrations_interval: Duration::from_secs(300),
             discovery_delay: Duration::from_secs(10),
+            n_plus_one_threshold: 10,
         }
     }
 }
@@ -176,7 +181,7 @@ struct CacheLookup {
 }
 
 enum Backlogged {
-    Http(Exchange, Option<SockAddr>),
+    Http(Exchange, Option<SockAddr>, Box<Profile>),
     Db(DbEvent),
     Cache(CacheLookup),
     /// A connect that failed before any byte: to a database, a cache, or neither.
@@ -190,6 +195,7 @@ struct Families {
     models: ModelMetrics,
     migrations: MigrationMetrics,
     cache: CacheMetrics,
+    profile: ViewProfileMetrics,
 }
 
 struct Target {
@@ -251,6 +257,8 @@ pub struct Pipeline {
     events: Vec<Event>,
     pg_events: Vec<postgres::Event>,
     cache_events: Vec<protocol::CacheEvent>,
+    /// Which request each statement and cache lookup belongs to.
+    attribution: Attribution,
     last_gc: Instant,
 }
 
@@ -299,6 +307,7 @@ impl Pipeline {
             events: Vec::new(),
             pg_events: Vec::new(),
             cache_events: Vec::new(),
+            attribution: Attribution::default(),
             last_gc: Instant::now(),
         }
     }
@@ -409,6 +418,7 @@ impl Pipeline {
                 models: ModelMetrics::new(&registry, self.settings.max_models)?,
                 migrations: MigrationMetrics::new(&registry)?,
                 cache: CacheMetrics::new(&registry)?,
+                profile: ViewProfileMetrics::new(&registry)?,
             })
         })();
         let Ok(mut families) = families else { return };
@@ -443,15 +453,18 @@ impl Pipeline {
     }
 
     /// One exchange of an app (served on `local`): wait for its routes, or count it.
-    fn exchange(&mut self, root: u32, ex: &Exchange, local: Option<&SockAddr>) {
+    fn exchange(&mut self, root: u32, ex: &Exchange, local: Option<&SockAddr>, profile: Profile) {
         if self.waits_for_discovery(root) {
-            self.backlog(root, Backlogged::Http(ex.clone(), local.cloned()));
+            self.backlog(root, Backlogged::Http(ex.clone(), local.cloned(), Box::new(profile)));
             return;
         }
         self.materialize(root, local);
         if let Some(t) = self.targets.get_mut(&root) {
-            observe(t, ex);
+            if let Some(view) = observe(t, ex) {
+                observe_profile(t, &view, ex, &profile, self.settings.n_plus_one_threshold);
+            }
             self.stats.http_exchanges += 1;
+            self.attribution.counted(&profile);
         }
     }
 
@@ -695,7 +708,9 @@ impl Pipeline {
             }
             for item in backlog {
                 match item {
-                    Backlogged::Http(ex, local) => self.exchange(root, &ex, local.as_ref()),
+                    Backlogged::Http(ex, local, profile) => {
+                        self.exchange(root, &ex, local.as_ref(), *profile)
+                    }
                     Backlogged::Db(ev) => self.db_event(root, ev),
                     Backlogged::Cache(ev) => self.cache_event(root, ev),
                     Backlogged::Refused(peer) => self.refused(root, peer),
@@ -773,11 +788,14 @@ impl Pipeline {
         }
     }
 
-    fn handle_events(&mut self, target: u32, local: Option<&SockAddr>) {
+    fn handle_events(&mut self, target: u32, conn_id: u64, local: Option<&SockAddr>) {
         let events = std::mem::take(&mut self.events);
         for ev in &events {
             match ev {
-                Event::Exchange(ex) => self.exchange(target, ex, local),
+                Event::Exchange(ex) => {
+                    let profile = self.attribution.take(conn_id);
+                    self.exchange(target, ex, local, profile);
+                }
                 Event::Error(e) => *self.stats.parse_errors.entry(("http", e.as_str())).or_default() += 1,
             }
         }
@@ -786,7 +804,7 @@ impl Pipeline {
     }
 
     /// What a PostgreSQL connection's parser reported.
-    fn handle_pg_events(&mut self, target: u32, conn_id: u64) {
+    fn handle_pg_events(&mut self, target: u32, conn_id: u64, thread: (u32, u32)) {
         let events = std::mem::take(&mut self.pg_events);
         for ev in &events {
             let (confirm, peer, user, database) = match self.conns.get_mut(&conn_id) {
@@ -802,7 +820,12 @@ impl Pipeline {
             let what = match ev {
                 postgres::Event::Attempt { .. } => DbWhat::Attempt,
                 postgres::Event::AttemptFailed { .. } => DbWhat::AttemptFailed,
-                postgres::Event::Statement(st) => DbWhat::Statement(st.clone()),
+                postgres::Event::Statement(st) => {
+                    let seconds = st.end_ns.saturating_sub(st.start_ns) as f64 / 1e9;
+                    let work = Work::Db { executes: st.executes, seconds, shape: st.shape };
+                    self.attribution.work(thread.0, thread.1, work);
+                    DbWhat::Statement(st.clone())
+                }
                 postgres::Event::Encrypted => {
                     self.stats.db_encrypted += 1;
                     continue;
@@ -820,7 +843,7 @@ impl Pipeline {
     }
 
     /// What a Redis or memcached connection's parser reported.
-    fn handle_cache_events(&mut self, target: u32, wire: Wire, peer: Option<&SockAddr>) {
+    fn handle_cache_events(&mut self, target: u32, wire: Wire, peer: Option<&SockAddr>, thread: (u32, u32)) {
         let protocol = match wire {
             Wire::Redis => "redis",
             Wire::Memcached => "memcached",
@@ -829,6 +852,8 @@ impl Pipeline {
         for ev in events.drain(..) {
             match ev {
                 protocol::CacheEvent::Get(get) => {
+                    let work = CacheWork { wire, peer: peer.cloned(), get: get.clone() };
+                    self.attribution.work(thread.0, thread.1, Work::Cache(work));
                     self.cache_event(target, CacheLookup { wire, peer: peer.cloned(), get })
                 }
                 protocol::CacheEvent::Error(e) => {
@@ -843,16 +868,18 @@ impl Pipeline {
     fn close_conn(&mut self, conn_id: u64) {
         let Some(c) = self.conns.get_mut(&conn_id) else { return };
         let target = c.target;
+        // What a close completes happened on no thread in particular: the owner's main one.
+        let thread = (c.owner, c.owner);
         match &mut c.proto {
             Proto::Http(p) => {
                 p.close(&mut self.events);
                 let local = c.local.clone();
                 self.conns.remove(&conn_id);
-                self.handle_events(target, local.as_ref());
+                self.handle_events(target, conn_id, local.as_ref());
             }
             Proto::Postgres(pg) => {
                 pg.parser.close(&mut self.pg_events);
-                self.handle_pg_events(target, conn_id);
+                self.handle_pg_events(target, conn_id, thread);
                 self.conns.remove(&conn_id);
             }
             Proto::Cache(wire, p) => {
@@ -860,12 +887,13 @@ impl Pipeline {
                 p.close(&mut self.cache_events);
                 let peer = c.peer.clone();
                 self.conns.remove(&conn_id);
-                self.handle_cache_events(target, wire, peer.as_ref());
+                self.handle_cache_events(target, wire, peer.as_ref(), thread);
             }
             Proto::Other => {
                 self.conns.remove(&conn_id);
             }
         }
+        self.attribution.closed(conn_id);
     }
 
     /// The protocol of a client connection, from its first write (None: not decided yet).
@@ -922,13 +950,14 @@ impl Pipeline {
 }
 
 /// One exchange into its target's families.
-fn observe(t: &mut Target, ex: &Exchange) {
-    let Some(http) = t.families.as_mut().map(|f| &mut f.http) else { return };
+/// Counts the exchange into the app's django_http_* families; returns its view label.
+fn observe(t: &mut Target, ex: &Exchange) -> Option<Arc<str>> {
+    let http = t.families.as_mut().map(|f| &mut f.http)?;
     let (req, resp) = (&ex.request, &ex.response);
     let view = t.views.resolve(&req.path);
     let (label, resolved) = match &view {
-        View::Resolved(v) | View::Templated(v) => (v.as_ref(), true),
-        View::Unresolved => (UNNAMED_VIEW, false),
+        View::Resolved(v) | View::Templated(v) => (v.clone(), true),
+        View::Unresolved => (Arc::from(UNNAMED_VIEW), false),
     };
     let streaming = resp.chunked || resp.close_delimited;
     let mut status = resp.status;
@@ -955,7 +984,7 @@ fn observe(t: &mut Target, ex: &Exchange) {
         .is_some_and(|(name, value)| req.proxy_headers.iter().any(|(n, v)| *n == name && *v == value));
     http.observe(&HttpObservation {
         method: &req.method,
-        view: label,
+        view: &label,
         resolved,
         secure,
         ajax: req.ajax,
@@ -964,6 +993,34 @@ fn observe(t: &mut Target, ex: &Exchange) {
         response_body,
         charset: &charset,
         latency_s,
+    });
+    Some(label)
+}
+
+/// The exchange's profile into the app's per-view families (same view label as
+/// django-prometheus's by-view families).
+fn observe_profile(t: &Target, view: &str, ex: &Exchange, profile: &Profile, n_plus_one_threshold: u32) {
+    let Some(f) = t.families.as_ref() else { return };
+    let (mut gets, mut hits, mut misses) = (0, 0, 0);
+    for c in &profile.cache {
+        if c.peer.as_ref().and_then(|p| t.caches.lookup(c.wire, p, &c.get.key)).is_some() {
+            gets += 1;
+            match c.get.outcome {
+                protocol::Outcome::Hit => hits += 1,
+                protocol::Outcome::Miss => misses += 1,
+                protocol::Outcome::Fail | protocol::Outcome::Unknown => {}
+            }
+        }
+    }
+    f.profile.observe(&ViewObservation {
+        view,
+        method: &ex.request.method,
+        latency_s: ex.response.end_ns.saturating_sub(ex.request.start_ns) as f64 / 1e9,
+        profile,
+        cache_gets: gets,
+        cache_hits: hits,
+        cache_misses: misses,
+        n_plus_one_threshold,
     });
 }
 
@@ -1063,15 +1120,17 @@ impl Sink for Pipeline {
                             state.counted_other = true;
                             self.stats.not_http_connections += 1;
                         }
+                        let pending = parser.pending();
                         let local = state.local.clone();
-                        self.handle_events(target, local.as_ref());
+                        self.handle_events(target, d.conn_id, local.as_ref());
+                        self.attribution.http(d.tgid, d.tid, d.conn_id, pending, d.dir == Direction::Recv);
                     }
                     Proto::Postgres(pg) => {
                         if lost {
                             pg.parser.lost(&mut self.pg_events);
                         }
                         pg.parser.feed(&chunk, &mut self.pg_events);
-                        self.handle_pg_events(target, d.conn_id);
+                        self.handle_pg_events(target, d.conn_id, (d.tgid, d.tid));
                     }
                     Proto::Cache(wire, p) => {
                         let wire = *wire;
@@ -1080,7 +1139,7 @@ impl Sink for Pipeline {
                         }
                         p.feed(&chunk, &mut self.cache_events);
                         let peer = state.peer.clone();
-                        self.handle_cache_events(target, wire, peer.as_ref());
+                        self.handle_cache_events(target, wire, peer.as_ref(), (d.tgid, d.tid));
                     }
                     Proto::Other => {}
                 }
@@ -1127,6 +1186,7 @@ impl Sink for Pipeline {
                     self.close_conn(id);
                 }
                 self.pid_target.remove(pid);
+                self.attribution.process_gone(*pid);
                 self.drop_target(*pid);
             }
             Record::ConnDup(_) | Record::FdEpoch(_) | Record::ProcExec { .. } => {}
@@ -1158,6 +1218,8 @@ impl Sink for Pipeline {
         self.stats.targets = self.targets.len();
         self.stats.kubernetes_pods = self.settings.kubernetes.as_ref().map_or(0, |k| k.len());
         self.stats.parser_states = self.conns.len();
+        self.stats.profile_attributed.clone_from(&self.attribution.attributed);
+        self.stats.profile_unattributed.clone_from(&self.attribution.unattributed);
         // Overflow counts live in each target; add what each gained since the last
         // report, so the totals survive targets that go away.
         for (root, t) in &self.targets {

@@ -44,6 +44,10 @@ pub struct SelfStats {
     pub cache_gets_ignored: u64,
     pub migrations_ok: u64,
     pub migrations_failed: u64,
+    /// kind (db, cache) -> statements and lookups attributed to a counted request.
+    pub profile_attributed: BTreeMap<&'static str, u64>,
+    /// (kind, reason) -> statements and lookups no request could be given.
+    pub profile_unattributed: BTreeMap<(&'static str, &'static str), u64>,
 }
 
 fn pairs(labels: &[(&str, &str)]) -> Vec<LabelPair> {
@@ -181,6 +185,21 @@ impl SelfStats {
             self.parse_errors
                 .iter()
                 .map(|((p, r), v)| (vec![("protocol", *p), ("reason", *r)], *v as f64))
+                .collect(),
+        ));
+        out.push(family(
+            "observer_profile_attributed_total",
+            "Database statements and cache lookups attributed to the request (and view) they were made for, by kind.",
+            MetricType::COUNTER,
+            self.profile_attributed.iter().map(|(k, v)| (vec![("kind", *k)], *v as f64)).collect(),
+        ));
+        out.push(family(
+            "observer_profile_unattributed_total",
+            "Database statements and cache lookups no request could be given, by kind and reason (no_request, concurrent, unfinished, overflow).",
+            MetricType::COUNTER,
+            self.profile_unattributed
+                .iter()
+                .map(|((k, r), v)| (vec![("kind", *k), ("reason", *r)], *v as f64))
                 .collect(),
         ));
         out.push(counter(

@@ -46,7 +46,7 @@ pub struct Gunicorn {
 }
 
 impl Gunicorn {
-    /// `worker_class` is `sync` or `gthread`.
+    /// `worker_class` is `sync`, `gthread`, or `asgi` (uvicorn's worker on the ASGI app).
     pub fn start(worker_class: &str, workers: u32, django_prometheus: bool) -> Self {
         Self::start_with(worker_class, workers, django_prometheus, &[])
     }
@@ -79,12 +79,17 @@ impl Gunicorn {
             }
             None => Command::new(&python),
         };
+        // ASGI: gunicorn with uvicorn's worker on the ASGI application.
+        let (worker_class, application) = match worker_class {
+            "asgi" => ("uvicorn_worker.UvicornWorker", "testproj.asgi:application"),
+            w => (w, "testproj.wsgi:application"),
+        };
         cmd.arg(venv_bin("gunicorn"))
             .args(["--chdir", root().join("tests/apps/djangoapp").to_str().unwrap()])
             .args(["--bind", &format!("127.0.0.1:{port}")])
             .args(["--workers", &workers.to_string(), "--worker-class", worker_class, "--threads", "4"])
             .args(["--keep-alive", "30", "--log-level", "warning"])
-            .arg("testproj.wsgi:application")
+            .arg(application)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if django_prometheus {

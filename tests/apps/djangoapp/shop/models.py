@@ -12,3 +12,10 @@ else:
 class Item(*_bases):
     name = models.CharField(max_length=100, unique=True)
     price = models.IntegerField(default=0)
+
+
+class Tag(models.Model):
+    """A foreign key to read with and without select_related (the N+1 views)."""
+
+    item = models.ForeignKey(Item, on_delete=models.CASCADE)
+    label = models.CharField(max_length=50)

@@ -160,3 +160,30 @@ def echo(request):
     r["X-Echo"] = m
     r.set_cookie("echo", m)
     return r
+
+
+def seed_tags(request):
+    """Twelve tagged items for the N+1 views (once)."""
+    from shop.models import Tag
+
+    if Tag.objects.count() < 12:
+        for i in range(12):
+            item = Item.objects.create(name=_name("tagged"), price=i)
+            Tag.objects.create(item=item, label="t%d" % i)
+    return HttpResponse("ok\n")
+
+
+def nplus1(request):
+    """The classic N+1: one query for the tags, then one per tag for its item."""
+    from shop.models import Tag
+
+    names = [t.item.name for t in Tag.objects.order_by("id")[:12]]
+    return HttpResponse("%d\n" % len(names))
+
+
+def nplus1_fixed(request):
+    """The same list with select_related: one query."""
+    from shop.models import Tag
+
+    names = [t.item.name for t in Tag.objects.select_related("item").order_by("id")[:12]]
+    return HttpResponse("%d\n" % len(names))

@@ -37,6 +37,9 @@ urlpatterns = [
     path("db/raw", dbviews.raw, name="db-raw"),
     path("db/iterate", dbviews.iterate, name="db-iterate"),
     path("db/echo", dbviews.echo, name="db-echo"),
+    path("db/seed-tags", dbviews.seed_tags, name="db-seed-tags"),
+    path("db/nplus1", dbviews.nplus1, name="db-nplus1"),
+    path("db/nplus1-fixed", dbviews.nplus1_fixed, name="db-nplus1-fixed"),
     path("cache/<str:op>", cacheviews.run, name="cache"),
 ]
 

@@ -1,0 +1,167 @@
+//! Per-view profile (beyond django-prometheus): every statement and cache lookup goes to
+//! the request (and view) it was made for, the N+1 view is flagged and its fix is not, for
+//! sync, gthread and ASGI workers; and under concurrency (gthread, 4 threads, concurrent
+//! clients) every statement lands on the right view.
+//!
+//! The known numbers come from django-prometheus in the same app: its
+//! django_db_execute_total, read between views that run one at a time, is what each view
+//! executes (connection setup included, whatever the driver does).
+
+mod harness;
+
+use std::{collections::BTreeMap, thread};
+
+use harness::{
+    caches::Redis,
+    django::{Gunicorn, Metrics, ObserverRun, free_port, http_get, http_status},
+    ebpf_available,
+    postgres::Postgres,
+};
+use serde_json::json;
+
+const VIEWS: [(&str, &str); 4] = [
+    ("/db/nplus1", "db-nplus1"),
+    ("/db/nplus1-fixed", "db-nplus1-fixed"),
+    ("/cache/hit", "cache"),
+    ("/db/list", "db-list"),
+];
+
+fn hist(m: &Metrics, family: &str, view: &str, part: &str) -> f64 {
+    m.sum(&format!("{family}_{part}"), &[("view", view)])
+}
+
+struct App {
+    _pg: Postgres,
+    _redis: Redis,
+    app: Gunicorn,
+    obs: ObserverRun,
+}
+
+fn start(worker: &str) -> App {
+    let pg = Postgres::start();
+    let settings = pg.settings(json!({"failing_aliases": false, "conn_max_age": 0}));
+    pg.migrate(&settings, &[]);
+    let redis = Redis::start();
+    let cache = json!({
+        "kind": "django_redis", "location": redis.url(),
+        "down": format!("redis://127.0.0.1:{}/0", free_port()),
+    });
+    let env = [("OBSERVER_TEST_PG", settings.as_str()), ("OBSERVER_TEST_CACHE", &cache.to_string())];
+    let app = Gunicorn::start_with(worker, 1, true, &env);
+    let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
+    assert_eq!(http_status(app.port, "/db/seed-tags"), Some(200));
+    App { _pg: pg, _redis: redis, app, obs }
+}
+
+/// Sends `n` requests to each view in turn and checks, per view: requests profiled,
+/// statements per request equal to what django-prometheus counted for that view, N+1
+/// flagged for the loop only, cache gets and hits. Returns statements per request by view.
+fn sequential(a: &App, n: usize) -> BTreeMap<&'static str, f64> {
+    let theirs = || Metrics::parse(&http_get(a.app.port, "/metrics"));
+    let mut per_request = BTreeMap::new();
+    for (path, view) in VIEWS {
+        let before_theirs = theirs();
+        let before = a.obs.metrics();
+        for _ in 0..n {
+            assert_eq!(http_status(a.app.port, path), Some(200), "{path}");
+        }
+        let after_theirs = theirs();
+        let executed = after_theirs.sum("django_db_execute_total", &[])
+            - before_theirs.sum("django_db_execute_total", &[]);
+        let fam = "django_view_db_statements_per_request";
+        let m = a.obs.wait_until(&format!("{n} profiles of {view}"), |m| {
+            hist(m, fam, view, "count") - hist(&before, fam, view, "count") >= n as f64
+        });
+        let count = hist(&m, fam, view, "count") - hist(&before, fam, view, "count");
+        let statements = hist(&m, fam, view, "sum") - hist(&before, fam, view, "sum");
+        eprintln!("{view}: {n} requests, {statements} statements (django-prometheus: {executed})");
+        assert_eq!(count, n as f64, "{view}: every request profiled");
+        assert_eq!(statements, executed, "{view}: statements per request as django-prometheus counted them");
+        let flagged = m.sum("django_view_n_plus_one_requests_total", &[("view", view)])
+            - before.sum("django_view_n_plus_one_requests_total", &[("view", view)]);
+        let gets = hist(&m, "django_view_cache_gets_per_request", view, "sum")
+            - hist(&before, "django_view_cache_gets_per_request", view, "sum");
+        let hits = m.sum("django_view_cache_get_hits_total", &[("view", view)])
+            - before.sum("django_view_cache_get_hits_total", &[("view", view)]);
+        match view {
+            "db-nplus1" => {
+                assert!(statements >= 13.0 * n as f64, "one for the tags, twelve for their items");
+                assert_eq!(flagged, n as f64, "every N+1 request flagged");
+            }
+            "cache" => {
+                assert_eq!((gets, hits), (n as f64, n as f64), "one get, a hit, per request");
+                assert_eq!(flagged, 0.0);
+            }
+            _ => assert_eq!(flagged, 0.0, "{view} is no N+1"),
+        }
+        if view != "cache" {
+            assert_eq!(gets, 0.0, "{view} reads no cache");
+        }
+        per_request.insert(view, statements / n as f64);
+    }
+    let nplus1 = per_request["db-nplus1"];
+    let fixed = per_request["db-nplus1-fixed"];
+    assert_eq!(nplus1 - fixed, 12.0, "the fix saves exactly the twelve item reads");
+    let m = a.obs.metrics();
+    assert_eq!(m.sum("observer_profile_unattributed_total", &[]), 0.0, "everything attributed");
+    per_request
+}
+
+#[test]
+fn statements_per_request_and_n_plus_one_for_sync_workers() {
+    if !ebpf_available() {
+        return;
+    }
+    sequential(&start("sync"), 5);
+}
+
+#[test]
+fn statements_per_request_and_n_plus_one_for_asgi_workers() {
+    if !ebpf_available() {
+        return;
+    }
+    sequential(&start("asgi"), 5);
+}
+
+#[test]
+fn gthread_attribution_under_concurrency() {
+    if !ebpf_available() {
+        return;
+    }
+    let a = start("gthread");
+    let per_request = sequential(&a, 3);
+    // Four clients at once, each through every view several times.
+    let before = a.obs.metrics();
+    const ROUNDS: usize = 6;
+    let port = a.app.port;
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            thread::spawn(move || {
+                for r in 0..ROUNDS {
+                    // A different order per client, so that views overlap.
+                    for k in 0..VIEWS.len() {
+                        let (path, _) = VIEWS[(i + r + k) % VIEWS.len()];
+                        assert_eq!(http_status(port, path), Some(200), "{path}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let fam = "django_view_db_statements_per_request";
+    let n = (4 * ROUNDS) as f64;
+    let m = a.obs.wait_until("every concurrent request", |m| {
+        VIEWS.iter().all(|(_, v)| hist(m, fam, v, "count") - hist(&before, fam, v, "count") >= n)
+    });
+    for (_, view) in VIEWS {
+        let statements = hist(&m, fam, view, "sum") - hist(&before, fam, view, "sum");
+        assert_eq!(statements, per_request[view] * n, "{view}: each statement on its own view");
+    }
+    let flagged = m.sum("django_view_n_plus_one_requests_total", &[("view", "db-nplus1")])
+        - before.sum("django_view_n_plus_one_requests_total", &[("view", "db-nplus1")]);
+    assert_eq!(flagged, n);
+    assert_eq!(m.sum("observer_profile_unattributed_total", &[]), 0.0);
+    assert!(m.sum("observer_profile_attributed_total", &[("kind", "db")]) > 0.0);
+}
