@@ -294,70 +294,75 @@ impl Results {
             self.plan.connections,
             self.plan.workers
         );
-        let _ = writeln!(
-            s,
-            "Headline (geometric mean over the endpoints of the per-round ratios): **C/A throughput {:.3}, B/A throughput {:.3}; C/A p99 {:.3}, B/A p99 {:.3}.**\n",
-            self.overall.c_over_a_rps,
-            self.overall.b_over_a_rps,
-            self.overall.c_over_a_p99,
-            self.overall.b_over_a_p99
-        );
-        let _ =
-            writeln!(s, "| endpoint | C/A req/s | B/A req/s | C/A p99 | B/A p99 |\n|---|---|---|---|---|");
-        for r in &self.ratios {
+        // The arms' tables only when the arms ran (`--only` may leave them out).
+        if !self.summary.is_empty() {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} |",
-                r.endpoint,
-                sp(r.c_over_a_rps, 1.0, 3),
-                sp(r.b_over_a_rps, 1.0, 3),
-                sp(r.c_over_a_p99, 1.0, 3),
-                sp(r.b_over_a_p99, 1.0, 3)
+                "Headline (geometric mean over the endpoints of the per-round ratios): **C/A throughput {:.3}, B/A throughput {:.3}; C/A p99 {:.3}, B/A p99 {:.3}.**\n",
+                self.overall.c_over_a_rps,
+                self.overall.b_over_a_rps,
+                self.overall.c_over_a_p99,
+                self.overall.b_over_a_p99
             );
-        }
-        let _ = writeln!(
-            s,
-            "\n| endpoint | arm | req/s | p50 ms | p99 ms | app CPU µs/req | observer CPU µs/req | kernel ns/req | records/s | lost |\n|---|---|---|---|---|---|---|---|---|---|"
-        );
-        for a in &self.summary {
-            let (ocpu, kns, rec, lost) = match &a.observer {
-                Some(o) => (
-                    sp(o.cpu_us_per_request, 1.0, 0),
-                    if o.kernel_ns_per_request.max > 0.0 {
-                        sp(o.kernel_ns_per_request, 1.0, 0)
-                    } else {
-                        "–".into()
-                    },
-                    sp(o.records_per_s, 1.0, 0),
-                    format!("{}", o.lost),
-                ),
-                None => ("–".into(), "–".into(), "–".into(), "–".into()),
-            };
             let _ = writeln!(
                 s,
-                "| {} | {:?} {} | {} | {} | {} | {} | {ocpu} | {kns} | {rec} | {lost} |",
-                a.endpoint,
-                a.arm,
-                a.arm.describe(),
-                sp(a.rps, 1.0, 0),
-                sp(a.p50_us, 1000.0, 2),
-                sp(a.p99_us, 1000.0, 2),
-                sp(a.app_cpu_us_per_request, 1.0, 0)
+                "| endpoint | C/A req/s | B/A req/s | C/A p99 | B/A p99 |\n|---|---|---|---|---|"
             );
-        }
-        if let Some(o) = self
-            .summary
-            .iter()
-            .find(|a| a.arm == Arm::K && a.endpoint == "db")
-            .and_then(|a| a.observer.as_ref())
-        {
+            for r in &self.ratios {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} |",
+                    r.endpoint,
+                    sp(r.c_over_a_rps, 1.0, 3),
+                    sp(r.b_over_a_rps, 1.0, 3),
+                    sp(r.c_over_a_p99, 1.0, 3),
+                    sp(r.b_over_a_p99, 1.0, 3)
+                );
+            }
             let _ = writeln!(
                 s,
-                "\nKernel programs on the `db` endpoint (median ns per run × runs per request), the costliest first:\n"
+                "\n| endpoint | arm | req/s | p50 ms | p99 ms | app CPU µs/req | observer CPU µs/req | kernel ns/req | records/s | lost |\n|---|---|---|---|---|---|---|---|---|---|"
             );
-            let _ = writeln!(s, "| program | ns/run | runs/req |\n|---|---|---|");
-            for (name, ns, per) in o.programs.iter().take(10) {
-                let _ = writeln!(s, "| {name} | {ns:.0} | {per:.1} |");
+            for a in &self.summary {
+                let (ocpu, kns, rec, lost) = match &a.observer {
+                    Some(o) => (
+                        sp(o.cpu_us_per_request, 1.0, 0),
+                        if o.kernel_ns_per_request.max > 0.0 {
+                            sp(o.kernel_ns_per_request, 1.0, 0)
+                        } else {
+                            "–".into()
+                        },
+                        sp(o.records_per_s, 1.0, 0),
+                        format!("{}", o.lost),
+                    ),
+                    None => ("–".into(), "–".into(), "–".into(), "–".into()),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {:?} {} | {} | {} | {} | {} | {ocpu} | {kns} | {rec} | {lost} |",
+                    a.endpoint,
+                    a.arm,
+                    a.arm.describe(),
+                    sp(a.rps, 1.0, 0),
+                    sp(a.p50_us, 1000.0, 2),
+                    sp(a.p99_us, 1000.0, 2),
+                    sp(a.app_cpu_us_per_request, 1.0, 0)
+                );
+            }
+            if let Some(o) = self
+                .summary
+                .iter()
+                .find(|a| a.arm == Arm::K && a.endpoint == "db")
+                .and_then(|a| a.observer.as_ref())
+            {
+                let _ = writeln!(
+                    s,
+                    "\nKernel programs on the `db` endpoint (median ns per run × runs per request), the costliest first:\n"
+                );
+                let _ = writeln!(s, "| program | ns/run | runs/req |\n|---|---|---|");
+                for (name, ns, per) in o.programs.iter().take(10) {
+                    let _ = writeln!(s, "| {name} | {ns:.0} | {per:.1} |");
+                }
             }
         }
         if let Some(c) = &self.capacity {
