@@ -390,7 +390,7 @@ fn a_real_prometheus_sees_what_the_dashboards_and_alerts_ask_for() {
             alerts += 1;
         }
     }
-    assert_eq!(alerts, 8 + if mixin.is_some() { 4 } else { 0 }, "rules loaded");
+    assert_eq!(alerts, 10 + if mixin.is_some() { 4 } else { 0 }, "rules loaded");
 
     // The alerts the traffic calls for fire: ours and the mixin's.
     let mut want: BTreeSet<(String, String)> = [
