@@ -40,6 +40,31 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print what the selected processes send and receive on their sockets, one record a line.
     Trace(TraceArgs),
+    /// A live screen for the node: per app and view, requests/s, latency, database
+    /// statements and time per request, cache hit ratio, and the statement shapes each
+    /// view repeats (normalised, no literals; shown here and nowhere else).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    /// With no --pid, --comm or --port, Django processes are found automatically.
+    #[command(flatten)]
+    select: SelectArgs,
+    /// Routes file (`PATTERN VIEW_NAME` lines) for apps whose routes cannot be discovered.
+    #[arg(long, value_name = "FILE")]
+    routes: Option<PathBuf>,
+    /// Do not run the apps' interpreters to discover their URL routes.
+    #[arg(long)]
+    no_route_discovery: bool,
+    /// Repeats of one statement shape in a request that make it an N+1 suspect.
+    #[arg(long, value_name = "N")]
+    n_plus_one_threshold: Option<u32>,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    #[command(flatten)]
+    probe: ProbeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -228,14 +253,17 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // top owns the terminal: only warnings and errors interleave with its screen.
+    let default_level = if matches!(cli.command, Some(Command::Top(_))) { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()),
         )
         .init();
     let result = match cli.command {
+        Some(Command::Top(args)) => run_async(top(args)),
         Some(Command::Trace(args)) => run_async(trace(args)),
         Some(Command::Run(args)) => run_async(run(*args)),
         None => run_async(run(cli.run)),
@@ -302,6 +330,52 @@ impl Shutdown {
     }
 }
 
+/// A routes file, read and checked now (a bad one stops the agent at start).
+fn load_routes(path: Option<&PathBuf>) -> Result<Option<std::sync::Arc<str>>> {
+    let Some(p) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(p).with_context(|| format!("reading the routes file {}", p.display()))?;
+    let table = crate::views::RouteTable::from_routes_file(&text)
+        .map_err(|e| anyhow::anyhow!("routes file {}: {e}", p.display()))?;
+    tracing::info!(routes = table.len(), file = %p.display(), "routes file loaded");
+    Ok(Some(std::sync::Arc::<str>::from(text)))
+}
+
+/// The terminal's width, when stdout is one.
+fn terminal_width() -> Option<usize> {
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ fills a winsize we own.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0).then_some(usize::from(ws.ws_col))
+}
+
+async fn top(args: TopArgs) -> Result<()> {
+    let selector = args.select.selector(&FileConfig::default());
+    check_pids(&selector)?;
+    let d = pipeline::Settings::default();
+    let settings = pipeline::Settings {
+        routes_file: load_routes(args.routes.as_ref())?,
+        discover_routes: !args.no_route_discovery,
+        migrations: false,
+        n_plus_one_threshold: args.n_plus_one_threshold.unwrap_or(d.n_plus_one_threshold),
+        // The only place shapes' texts are kept.
+        postgres: crate::protocol::postgres::Limits { keep_shapes: true, ..d.postgres },
+        ..d
+    };
+    let duration = args.duration.map(Duration::from_secs_f64);
+    let shutdown = Shutdown::install()?;
+    let opts = args.probe.options(&FileConfig::default());
+    let probe = Probe::load(&opts)?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let screen = crate::top::Top::new(Box::new(std::io::stdout()), tty, terminal_width().unwrap_or(160));
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(pipeline::Exposition::default()));
+    let mut pipeline = Pipeline::new(settings, shared).with_top(screen);
+    let mut pump = Pump::new(probe, selector, opts.max_connections as usize, false);
+    pump.start(&mut pipeline);
+    pump.run(&mut pipeline, shutdown.wait(duration)).await.context("reading the ring buffer")?;
+    Ok(())
+}
+
 /// A --pid that names no process is a typo, not a process to wait for (PIDs are not
 /// reused on purpose).
 fn check_pids(selector: &Selector) -> Result<()> {
@@ -365,17 +439,7 @@ async fn run(args: RunArgs) -> Result<()> {
         (None, None) => None,
         _ => bail!("TLS needs both a certificate and a key (tls_cert and tls_key)"),
     };
-    let routes_file = match args.routes.as_ref().or(file.routes.as_ref()) {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading the routes file {}", p.display()))?;
-            let table = crate::views::RouteTable::from_routes_file(&text)
-                .map_err(|e| anyhow::anyhow!("routes file {}: {e}", p.display()))?;
-            tracing::info!(routes = table.len(), file = %p.display(), "routes file loaded");
-            Some(std::sync::Arc::<str>::from(text))
-        }
-        None => None,
-    };
+    let routes_file = load_routes(args.routes.as_ref().or(file.routes.as_ref()))?;
     let d = pipeline::Settings::default();
     let http = crate::protocol::http1::Limits {
         max_head_bytes: args

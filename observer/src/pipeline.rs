@@ -46,6 +46,7 @@ use crate::{
     pump::{Live, Sink},
     selfmetrics::SelfStats,
     targets::{self, procfs},
+    top::{Sample as TopSample, Top},
     views::{AppSettings, RouteTable, View, ViewResolver},
 };
 
@@ -259,6 +260,8 @@ pub struct Pipeline {
     cache_events: Vec<protocol::CacheEvent>,
     /// Which request each statement and cache lookup belongs to.
     attribution: Attribution,
+    /// `observer top`'s screen, when this pipeline feeds one.
+    top: Option<Top>,
     last_gc: Instant,
 }
 
@@ -293,6 +296,12 @@ fn parent_of(pid: u32) -> Option<u32> {
 }
 
 impl Pipeline {
+    /// Feeds `observer top`'s screen as well (it renders once a second, on the report).
+    pub fn with_top(mut self, top: Top) -> Self {
+        self.top = Some(top);
+        self
+    }
+
     pub fn new(settings: Settings, shared: Arc<Mutex<Exposition>>) -> Self {
         Self {
             settings,
@@ -308,6 +317,7 @@ impl Pipeline {
             pg_events: Vec::new(),
             cache_events: Vec::new(),
             attribution: Attribution::default(),
+            top: None,
             last_gc: Instant::now(),
         }
     }
@@ -461,7 +471,18 @@ impl Pipeline {
         self.materialize(root, local);
         if let Some(t) = self.targets.get_mut(&root) {
             if let Some(view) = observe(t, ex) {
-                observe_profile(t, &view, ex, &profile, self.settings.n_plus_one_threshold);
+                let (cache_gets, cache_hits) =
+                    observe_profile(t, &view, ex, &profile, self.settings.n_plus_one_threshold);
+                if let Some(top) = self.top.as_mut() {
+                    top.observe(&TopSample {
+                        root,
+                        view: &view,
+                        latency_s: ex.response.end_ns.saturating_sub(ex.request.start_ns) as f64 / 1e9,
+                        profile: &profile,
+                        cache_gets,
+                        cache_hits,
+                    });
+                }
             }
             self.stats.http_exchanges += 1;
             self.attribution.counted(&profile);
@@ -583,6 +604,9 @@ impl Pipeline {
     }
 
     fn drop_target(&mut self, root: u32) {
+        if let Some(top) = self.top.as_mut() {
+            top.forget(root);
+        }
         if self.targets.remove(&root).is_some() {
             tracing::info!(root, "app gone; its series are dropped");
             let members: Vec<u32> =
@@ -822,7 +846,12 @@ impl Pipeline {
                 postgres::Event::AttemptFailed { .. } => DbWhat::AttemptFailed,
                 postgres::Event::Statement(st) => {
                     let seconds = st.end_ns.saturating_sub(st.start_ns) as f64 / 1e9;
-                    let work = Work::Db { executes: st.executes, seconds, shape: st.shape };
+                    let work = Work::Db {
+                        executes: st.executes,
+                        seconds,
+                        shape: st.shape,
+                        text: st.shape_text.clone(),
+                    };
                     self.attribution.work(thread.0, thread.1, work);
                     DbWhat::Statement(st.clone())
                 }
@@ -999,8 +1028,15 @@ fn observe(t: &mut Target, ex: &Exchange) -> Option<Arc<str>> {
 
 /// The exchange's profile into the app's per-view families (same view label as
 /// django-prometheus's by-view families).
-fn observe_profile(t: &Target, view: &str, ex: &Exchange, profile: &Profile, n_plus_one_threshold: u32) {
-    let Some(f) = t.families.as_ref() else { return };
+/// Returns the request's gets on the app's caches and its hits.
+fn observe_profile(
+    t: &Target,
+    view: &str,
+    ex: &Exchange,
+    profile: &Profile,
+    n_plus_one_threshold: u32,
+) -> (u64, u64) {
+    let Some(f) = t.families.as_ref() else { return (0, 0) };
     let (mut gets, mut hits, mut misses) = (0, 0, 0);
     for c in &profile.cache {
         if c.peer.as_ref().and_then(|p| t.caches.lookup(c.wire, p, &c.get.key)).is_some() {
@@ -1022,6 +1058,7 @@ fn observe_profile(t: &Target, view: &str, ex: &Exchange, profile: &Profile, n_p
         cache_misses: misses,
         n_plus_one_threshold,
     });
+    (gets, hits)
 }
 
 impl Sink for Pipeline {
@@ -1220,6 +1257,9 @@ impl Sink for Pipeline {
         self.stats.parser_states = self.conns.len();
         self.stats.profile_attributed.clone_from(&self.attribution.attributed);
         self.stats.profile_unattributed.clone_from(&self.attribution.unattributed);
+        if let Some(top) = self.top.as_mut() {
+            top.tick();
+        }
         // Overflow counts live in each target; add what each gained since the last
         // report, so the totals survive targets that go away.
         for (root, t) in &self.targets {

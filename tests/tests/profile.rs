@@ -165,3 +165,88 @@ fn gthread_attribution_under_concurrency() {
     assert_eq!(m.sum("observer_profile_unattributed_total", &[]), 0.0);
     assert!(m.sum("observer_profile_attributed_total", &[("kind", "db")]) > 0.0);
 }
+
+/// `observer top` in a terminal (tmux, on a socket of its own), on the same app.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(cmd: &[&str]) -> Self {
+        let socket = format!("observer-test-{}", std::process::id());
+        let line = cmd.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(" ");
+        let ok = std::process::Command::new("tmux")
+            .args(["-L", &socket, "new-session", "-d", "-x", "200", "-y", "60", &line])
+            .status()
+            .expect("run tmux (cargo xtask setup installs it)");
+        assert!(ok.success());
+        Self { socket }
+    }
+
+    fn screen(&self) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p"])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        // The server on our own socket: it ends the session and the observer in it.
+        let _ = std::process::Command::new("tmux").args(["-L", &self.socket, "kill-server"]).status();
+    }
+}
+
+#[test]
+fn observer_top_shows_each_view_and_the_shape_it_repeats() {
+    if !ebpf_available() {
+        return;
+    }
+    let a = start("sync");
+    let pid = a.app.pid().to_string();
+    let tmux = Tmux::start(&[harness::observer_bin(), "top", "--pid", &pid]);
+    // Until it traces (its first screen).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !tmux.screen().contains("observer top:") {
+        assert!(std::time::Instant::now() < deadline, "no screen:\n{}", tmux.screen());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for _ in 0..5 {
+        for (path, _) in VIEWS {
+            assert_eq!(http_status(a.app.port, path), Some(200), "{path}");
+        }
+    }
+    let row = |screen: &str, view: &str| -> Option<Vec<String>> {
+        screen
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(view))
+            .map(|l| l.split_whitespace().map(String::from).collect())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let screen = loop {
+        let s = tmux.screen();
+        if VIEWS.iter().all(|(_, v)| row(&s, v).is_some()) && s.contains("12x") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "views never all shown:\n{s}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    eprintln!("{screen}");
+    // Columns: view, req/s, p50, p99, statements/request, DB ms/request, cache hit.
+    let nplus1 = row(&screen, "db-nplus1").unwrap();
+    let fixed = row(&screen, "db-nplus1-fixed").unwrap();
+    let cache = row(&screen, "cache").unwrap();
+    let stmts = |r: &[String]| r[4].parse::<f64>().unwrap();
+    assert_eq!(stmts(&nplus1) - stmts(&fixed), 12.0, "{screen}");
+    assert_eq!(cache[6], "100%", "{screen}");
+    assert_eq!(fixed[6], "-", "{screen}");
+    // The repeated shape, normalised, under its view, and nowhere a literal.
+    let lines: Vec<&str> = screen.lines().collect();
+    let at = lines.iter().position(|l| l.split_whitespace().next() == Some("db-nplus1")).unwrap();
+    let shape = lines[at + 1];
+    assert!(shape.trim_start().starts_with("12x  SELECT"), "{screen}");
+    assert!(shape.contains("\"shop_item\"") && shape.contains("= ?"), "{shape}");
+    assert!(!lines.iter().any(|l| l.contains("tagged-")), "no literal on screen:\n{screen}");
+}

@@ -39,6 +39,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // deploy checks: systemd-analyze verify; setpriv and unshare for the capability test.
     "systemd",
     "util-linux",
+    // observer top's test drives it in a terminal.
+    "tmux",
     // cargo xtask bench: the load generator, and perf for its profile.
     "wrk",
     "linux-perf",

@@ -27,7 +27,13 @@ pub struct CacheWork {
 /// Work done on behalf of a request.
 #[derive(Debug, Clone)]
 pub enum Work {
-    Db { executes: u32, seconds: f64, shape: Option<u64> },
+    /// `text`: the shape's normalised text, only when kept (`observer top`).
+    Db {
+        executes: u32,
+        seconds: f64,
+        shape: Option<u64>,
+        text: Option<Box<str>>,
+    },
     Cache(CacheWork),
 }
 
@@ -47,8 +53,9 @@ pub struct Profile {
     pub statements: u32,
     /// Time between sending each unit of statements and reading its answer.
     pub db_seconds: f64,
-    /// Statement shape -> units run with it (bounded by MAX_SHAPES).
-    pub shapes: Vec<(u64, u32)>,
+    /// Statement shapes with the units run with each, and their text when kept (bounded
+    /// by MAX_SHAPES).
+    pub shapes: Vec<(u64, u32, Option<Box<str>>)>,
     pub cache: Vec<CacheWork>,
     /// Statements and lookups attributed (for the agent's own counters).
     pub works: u64,
@@ -57,19 +64,19 @@ pub struct Profile {
 impl Profile {
     /// The most a single shape ran.
     pub fn max_repeats(&self) -> u32 {
-        self.shapes.iter().map(|(_, n)| *n).max().unwrap_or(0)
+        self.shapes.iter().map(|(_, n, _)| *n).max().unwrap_or(0)
     }
 
     fn add(&mut self, w: Work) -> bool {
         match w {
-            Work::Db { executes, seconds, shape } => {
+            Work::Db { executes, seconds, shape, text } => {
                 self.statements += executes;
                 self.db_seconds += seconds;
                 if let Some(h) = shape {
-                    if let Some(e) = self.shapes.iter_mut().find(|(x, _)| *x == h) {
+                    if let Some(e) = self.shapes.iter_mut().find(|(x, _, _)| *x == h) {
                         e.1 += 1;
                     } else if self.shapes.len() < MAX_SHAPES {
-                        self.shapes.push((h, 1));
+                        self.shapes.push((h, 1, text));
                     }
                 }
             }
@@ -201,7 +208,7 @@ mod tests {
     use super::*;
 
     fn db(shape: u64) -> Work {
-        Work::Db { executes: 1, seconds: 0.001, shape: Some(shape) }
+        Work::Db { executes: 1, seconds: 0.001, shape: Some(shape), text: None }
     }
 
     #[test]

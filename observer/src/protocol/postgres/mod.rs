@@ -33,11 +33,14 @@ pub struct Limits {
     pub max_pending: usize,
     /// Prepared statements and portals remembered.
     pub max_prepared: usize,
+    /// Keep each statement's normalised text (its shape) for `observer top`; the agent
+    /// itself keeps only fingerprints.
+    pub keep_shapes: bool,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_pending: 4096, max_prepared: 256 }
+        Self { max_pending: 4096, max_prepared: 256, keep_shapes: false }
     }
 }
 
@@ -87,6 +90,8 @@ pub struct Statement {
     /// The fingerprint of its (first) statement's shape (see `shape`), when its text was
     /// seen: what N+1 detection counts.
     pub shape: Option<u64>,
+    /// Its normalised text, only with `Limits::keep_shapes`.
+    pub shape_text: Option<Box<str>>,
 }
 
 /// What the parser reports.
@@ -252,8 +257,11 @@ struct Unit {
     pushed_at_recv: u64,
     failure: Option<Failure>,
     writes: Vec<(TableWrite, u32)>,
-    shape: Option<u64>,
+    shape: Option<Shape>,
 }
+
+/// A statement's fingerprint, and its normalised text when kept.
+type Shape = (u64, Option<Box<str>>);
 
 /// Distinct tables remembered per unit.
 const MAX_WRITES: usize = 16;
@@ -272,7 +280,7 @@ impl Unit {
         }
     }
 
-    fn count(&mut self, kind: &Kind, shape: Option<u64>) {
+    fn count(&mut self, kind: &Kind, shape: Option<Shape>) {
         if !matches!(kind, Kind::TxControl | Kind::ServerCursor) && self.shape.is_none() {
             self.shape = shape;
         }
@@ -305,7 +313,7 @@ pub struct PgParser {
     /// Extended-protocol messages since the last Sync.
     batch: Option<Unit>,
     /// Prepared statement name -> what it is and its shape ("" is the unnamed statement).
-    statements: HashMap<Box<[u8]>, (Kind, u64)>,
+    statements: HashMap<Box<[u8]>, (Kind, Shape)>,
     /// Portal -> the statement bound to it.
     portals: HashMap<Box<[u8]>, Box<[u8]>>,
     /// Writes seen, to tell a Sync sent on its own (a pipeline) from one sent with its
@@ -484,7 +492,7 @@ impl PgParser {
                         true => self
                             .statements
                             .get(&b""[..])
-                            .map_or((Kind::Other, None), |(k, h)| (k.clone(), Some(*h))),
+                            .map_or((Kind::Other, None), |(k, h)| (k.clone(), Some(h.clone()))),
                         false => (Kind::Other, None),
                     };
                     u.count(&kind, shape);
@@ -652,14 +660,16 @@ impl PgParser {
             b'Q' => {
                 let mut u = self.batch.take().unwrap_or_else(|| Unit::new(ts));
                 let text = cstr(&m.keep).0;
-                u.count(&sql::classify(text), Some(shape::fingerprint(&shape::normalise(text))));
+                let shape = self.shape_of(text);
+                u.count(&sql::classify(text), Some(shape));
                 self.push(u, out);
             }
             b'P' => {
                 let (name, rest) = cstr(&m.keep);
                 let text = cstr(rest).0;
                 let kind = sql::classify(text);
-                self.remember_statement(name, kind, shape::fingerprint(&shape::normalise(text)), out);
+                let shape = self.shape_of(text);
+                self.remember_statement(name, kind, shape, out);
                 self.last_parse_send = self.sends;
                 self.batch.get_or_insert_with(|| Unit::new(ts));
             }
@@ -678,7 +688,7 @@ impl PgParser {
                     .portals
                     .get(portal)
                     .and_then(|s| self.statements.get(s))
-                    .map_or((Kind::Other, None), |(k, h)| (k.clone(), Some(*h)));
+                    .map_or((Kind::Other, None), |(k, h)| (k.clone(), Some(h.clone())));
                 self.batch.get_or_insert_with(|| Unit::new(ts)).count(&kind, shape);
                 self.last_execute_send = self.sends;
             }
@@ -709,7 +719,14 @@ impl PgParser {
         }
     }
 
-    fn remember_statement(&mut self, name: &[u8], kind: Kind, shape: u64, out: &mut Vec<Event>) {
+    /// A statement's fingerprint, and its normalised text when asked to keep it.
+    fn shape_of(&self, sql: &[u8]) -> Shape {
+        let text = shape::normalise(sql);
+        let h = shape::fingerprint(&text);
+        (h, self.limits.keep_shapes.then(|| text.into_boxed_str()))
+    }
+
+    fn remember_statement(&mut self, name: &[u8], kind: Kind, shape: Shape, out: &mut Vec<Event>) {
         if self.statements.len() >= self.limits.max_prepared && !self.statements.contains_key(name) {
             out.push(Event::Error(ParseError::PreparedOverflow));
             self.statements.clear();
@@ -755,7 +772,8 @@ impl PgParser {
             many: u.many,
             failure: u.failure,
             writes: u.writes,
-            shape: u.shape,
+            shape: u.shape.as_ref().map(|s| s.0),
+            shape_text: u.shape.and_then(|s| s.1),
         }));
     }
 

@@ -701,7 +701,7 @@ fn connections_met_mid_stream_are_parsed_from_the_next_statement() {
 
 #[test]
 fn bounded_pending_and_prepared() {
-    let mut p = PgParser::new(Limits { max_pending: 2, max_prepared: 2 });
+    let mut p = PgParser::new(Limits { max_pending: 2, max_prepared: 2, ..Limits::default() });
     run(&mut p, &[(S, startup("u", "d")), (R, cat(&[auth_ok(), ready()]))]);
     let ev = run(
         &mut p,
@@ -797,7 +797,7 @@ proptest! {
         steps in proptest::collection::vec((any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300), 0u64..5000), 0..30),
         start in any::<bool>(),
     ) {
-        let limits = Limits { max_pending: 8, max_prepared: 8 };
+        let limits = Limits { max_pending: 8, max_prepared: 8, ..Limits::default() };
         let mut p = if start { PgParser::new(limits) } else { PgParser::mid_stream(limits) };
         let mut out = Vec::new();
         for (i, (send, b, extra)) in steps.iter().enumerate() {
@@ -879,4 +879,18 @@ fn every_statement_of_the_real_capture_has_a_shape() {
         distinct.len(),
         st.len()
     );
+}
+
+#[test]
+fn shape_texts_are_kept_only_when_asked() {
+    for keep in [false, true] {
+        let mut p = PgParser::new(Limits { keep_shapes: keep, ..Limits::default() });
+        run(&mut p, &[(S, startup("u", "d")), (R, cat(&[auth_ok(), ready()]))]);
+        let ev = run(
+            &mut p,
+            &[(S, q("SELECT a FROM t WHERE id = 41")), (R, cat(&[complete("SELECT 1"), ready()]))],
+        );
+        let text = statements(&ev)[0].shape_text.clone();
+        assert_eq!(text.as_deref(), keep.then_some("SELECT a FROM t WHERE id = ?"));
+    }
 }
