@@ -255,6 +255,54 @@ def requests_by_view():
                      django_vars(RESP, view, method), l)
 
 
+STMTS = "django_view_db_statements_per_request"
+DB_S = "django_view_db_seconds_per_request"
+DB_SHARE = "django_view_db_latency_share"
+GETS = "django_view_cache_gets_per_request"
+N1 = "django_view_n_plus_one_requests_total"
+V = ('view=~"$view"',)
+
+
+def mean(metric, by, *extra):
+    return "sum by (%s) (%s) / sum by (%s) (%s)" % (by, rate(metric + "_sum", *extra), by, rate(metric + "_count", *extra))
+
+
+def views_profile():
+    """observer's per-view families (django_view_*): what django-prometheus cannot show."""
+    l = Layout()
+    l.add(stat("N+1 requests/s", "reqps", ("sum(%s)" % rate(N1, *V), "N+1 requests/s"),
+               description="Requests in which one statement shape ran at least --n-plus-one-threshold times."), 6, 5)
+    l.add(stat("Statements per request", "short", (mean(STMTS, "job", *V), "statements")), 6, 5)
+    l.add(stat("DB time per request", "s", (mean(DB_S, "job", *V), "DB time")), 6, 5)
+    l.add(stat("Share of latency in the DB", "percentunit", (mean(DB_SHARE, "job", *V), "DB share")), 6, 5)
+    l.row("N+1 suspects")
+    l.add(series("N+1 share of requests by view", "percentunit",
+                 ("sum by (view) (%s) / sum by (view) (%s)" % (rate(N1, *V), rate(STMTS + "_count", *V)), "{{view}}"),
+                 description="Share of each view's requests that ran one statement shape in a loop; `observer top` on the node shows the shape."), 12, 9)
+    l.add(table("Views by N+1 share (last hour)",
+                ("sort_desc(sum by (view) (increase(%s%s[1h])) / sum by (view) (increase(%s_count%s[1h])))"
+                 % (N1, sel(*V), STMTS, sel(*V)), "{{view}}")), 12, 9)
+    l.row("Database by view")
+    l.add(series("Statements per request by view", "short",
+                 (mean(STMTS, "view", *V), "{{view}} mean"),
+                 (quantile(0.95, STMTS, "view", *V), "{{view}} p95")), 12, 9)
+    l.add(series("DB time per request by view", "s",
+                 (mean(DB_S, "view", *V), "{{view}} mean"),
+                 (quantile(0.95, DB_S, "view", *V), "{{view}} p95")), 12, 9)
+    l.add(series("Share of latency in the DB by view", "percentunit", (mean(DB_SHARE, "view", *V), "{{view}}"),
+                 description="DB-bound views: most of their time is spent waiting for the database."), 12, 9)
+    l.row("Cache by view")
+    l.add(series("Cache gets per request by view", "short", (mean(GETS, "view", *V), "{{view}}")), 12, 9)
+    l.add(series("Cache hit ratio by view", "percentunit",
+                 ("sum by (view) (%s) / (sum by (view) (%s) + sum by (view) (%s))"
+                  % (rate("django_view_cache_get_hits_total", *V), rate("django_view_cache_get_hits_total", *V),
+                     rate("django_view_cache_get_misses_total", *V)), "{{view}}")), 12, 9)
+    view = variable("view", 'label_values(%s_count{cluster=~"$cluster", namespace=~"$namespace", job=~"$job", %s}, view)' % (STMTS, NOT_APP))
+    return dashboard("observer-django-views-profile", "Django / Views: database and cache",
+                     "Per view, what django-prometheus cannot tell: statements, database time and cache use per request, and N+1 suspects (observer's django_view_* families).",
+                     django_vars(STMTS + "_count", view), l)
+
+
 def models():
     l = Layout()
     m = ('model=~"$model"',)
@@ -310,6 +358,10 @@ def health():
                  description="Bytes a parser could not follow (each followed by a resync); by protocol and reason in observer_parse_errors_total."), 12, 8)
     l.add(series("Route discovery", "short",
                  ("sum by (instance, result) (increase(observer_route_discovery_total%s[1h]))" % f, "{{instance}} {{result}}")), 12, 8)
+    l.add(series("Per-view attribution/s", "short",
+                 ("sum by (instance, kind) (%s)" % r("observer_profile_attributed_total"), "{{instance}} {{kind}} attributed"),
+                 ("sum by (instance, kind, reason) (%s)" % r("observer_profile_unattributed_total"), "{{instance}} {{kind}} unattributed: {{reason}}"),
+                 description="Statements and cache lookups given to the request they were made for, and those no request could be given."), 12, 8)
     l.add(series("Ignored and dropped/s", "short",
                  ("sum by (instance) (%s)" % r("observer_cache_gets_ignored_total"), "{{instance}} cache gets of other clients"),
                  ("sum by (instance) (%s)" % r("observer_discovery_backlog_dropped_total"), "{{instance}} backlog dropped"),
@@ -329,6 +381,7 @@ DASHBOARDS = {
     "django-requests.json": requests_overview,
     "django-requests-by-view.json": requests_by_view,
     "django-models.json": models,
+    "django-views-profile.json": views_profile,
     "observer-health.json": health,
 }
 

@@ -95,7 +95,8 @@ pub fn http1(data: &[u8]) {
 /// The PostgreSQL parser (fresh or joined mid-stream, by the first byte) with bounded
 /// state; the statement classifier and the detectors on the same bytes.
 pub fn postgres(data: &[u8]) {
-    let limits = postgres::Limits { max_pending: 16, max_prepared: 8, keep_shapes: data.len().is_multiple_of(2) };
+    let limits =
+        postgres::Limits { max_pending: 16, max_prepared: 8, keep_shapes: data.len().is_multiple_of(2) };
     let mid = data.first().is_some_and(|b| b & 1 == 1);
     let mut p = if mid { PgParser::mid_stream(limits) } else { PgParser::new(limits) };
     let mut out = Vec::new();

@@ -100,9 +100,14 @@ struct ThreadState {
     served: bool,
 }
 
+/// Why work was not attributed (each an `observer_profile_unattributed_total` reason).
+pub const REASONS: [&str; 4] = ["no_request", "concurrent", "unfinished", "overflow"];
+/// The kinds of work.
+pub const KINDS: [&str; 2] = ["db", "cache"];
+
 /// The bookkeeping of one agent: threads, requests in flight, and the work gathered for
 /// each.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Attribution {
     threads: HashMap<(u32, u32), ThreadState>,
     /// Process -> connections with a request in flight.
@@ -114,6 +119,20 @@ pub struct Attribution {
     pub unattributed: BTreeMap<(&'static str, &'static str), u64>,
     /// kind -> statements or lookups attributed to a counted request.
     pub attributed: BTreeMap<&'static str, u64>,
+}
+
+impl Default for Attribution {
+    /// Every counter present from the start, at 0 (rates work from the first scrape).
+    fn default() -> Self {
+        Self {
+            threads: HashMap::new(),
+            inflight: HashMap::new(),
+            reader: HashMap::new(),
+            work: HashMap::new(),
+            unattributed: KINDS.iter().flat_map(|k| REASONS.iter().map(move |r| ((*k, *r), 0))).collect(),
+            attributed: KINDS.iter().map(|k| (*k, 0)).collect(),
+        }
+    }
 }
 
 impl Attribution {
