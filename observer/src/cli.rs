@@ -46,8 +46,9 @@ enum Command {
     Top(TopArgs),
 }
 
+/// Which apps, and how their views are named: shared by `run` and `top`.
 #[derive(Debug, Args)]
-struct TopArgs {
+struct AppArgs {
     /// With no --pid, --comm or --port, Django processes are found automatically.
     #[command(flatten)]
     select: SelectArgs,
@@ -57,6 +58,12 @@ struct TopArgs {
     /// Do not run the apps' interpreters to discover their URL routes.
     #[arg(long)]
     no_route_discovery: bool,
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    #[command(flatten)]
+    app: AppArgs,
     /// Repeats of one statement shape in a request that make it an N+1 suspect.
     #[arg(long, value_name = "N")]
     n_plus_one_threshold: Option<u32>,
@@ -79,15 +86,8 @@ struct RunArgs {
     /// The TLS certificate's private key (PEM); needs --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// With no --pid, --comm or --port, Django processes are found automatically.
     #[command(flatten)]
-    select: SelectArgs,
-    /// Routes file (`PATTERN VIEW_NAME` lines) for apps whose routes cannot be discovered.
-    #[arg(long, value_name = "FILE")]
-    routes: Option<PathBuf>,
-    /// Do not run the apps' interpreters to discover their URL routes.
-    #[arg(long)]
-    no_route_discovery: bool,
+    app: AppArgs,
     /// `job` label of every series [default: django].
     #[arg(long, value_name = "NAME")]
     job: Option<String>,
@@ -350,12 +350,12 @@ fn terminal_width() -> Option<usize> {
 }
 
 async fn top(args: TopArgs) -> Result<()> {
-    let selector = args.select.selector(&FileConfig::default());
+    let selector = args.app.select.selector(&FileConfig::default());
     check_pids(&selector)?;
     let d = pipeline::Settings::default();
     let settings = pipeline::Settings {
-        routes_file: load_routes(args.routes.as_ref())?,
-        discover_routes: !args.no_route_discovery,
+        routes_file: load_routes(args.app.routes.as_ref())?,
+        discover_routes: !args.app.no_route_discovery,
         migrations: false,
         n_plus_one_threshold: args.n_plus_one_threshold.unwrap_or(d.n_plus_one_threshold),
         // The only place shapes' texts are kept.
@@ -425,7 +425,7 @@ async fn run(args: RunArgs) -> Result<()> {
         None => FileConfig::default(),
     };
     let pick = |a: &Option<String>, f: &Option<String>| a.clone().or_else(|| f.clone());
-    let selector = args.select.selector(&file);
+    let selector = args.app.select.selector(&file);
     check_pids(&selector)?;
     let listen: Listen = pick(&args.listen, &file.listen)
         .unwrap_or_else(|| DEFAULT_LISTEN.to_string())
@@ -439,7 +439,7 @@ async fn run(args: RunArgs) -> Result<()> {
         (None, None) => None,
         _ => bail!("TLS needs both a certificate and a key (tls_cert and tls_key)"),
     };
-    let routes_file = load_routes(args.routes.as_ref().or(file.routes.as_ref()))?;
+    let routes_file = load_routes(args.app.routes.as_ref().or(file.routes.as_ref()))?;
     let d = pipeline::Settings::default();
     let http = crate::protocol::http1::Limits {
         max_head_bytes: args
@@ -456,7 +456,7 @@ async fn run(args: RunArgs) -> Result<()> {
         instance: pick(&args.instance, &file.instance),
         kubernetes: None,
         routes_file,
-        discover_routes: !args.no_route_discovery && file.route_discovery.unwrap_or(true),
+        discover_routes: !args.app.no_route_discovery && file.route_discovery.unwrap_or(true),
         discovery_timeout: d.discovery_timeout,
         max_views: args.max_views.or(file.max_views).unwrap_or(d.max_views),
         http,

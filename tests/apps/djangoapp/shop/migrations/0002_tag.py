@@ -12,7 +12,7 @@ class Migration(migrations.Migration):
             fields=[
                 ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
                 ("label", models.CharField(max_length=50)),
-                ("item", models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, to="shop.item")),
+                ("item", models.ForeignKey(db_constraint=False, on_delete=django.db.models.deletion.DO_NOTHING, to="shop.item")),
             ],
         ),
     ]
