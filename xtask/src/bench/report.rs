@@ -295,7 +295,7 @@ impl Results {
             self.plan.workers
         );
         // The arms' tables only when the arms ran (`--only` may leave them out).
-        if !self.summary.is_empty() {
+        if !self.runs.is_empty() {
             let _ = writeln!(
                 s,
                 "Headline (geometric mean over the endpoints of the per-round ratios): **C/A throughput {:.3}, B/A throughput {:.3}; C/A p99 {:.3}, B/A p99 {:.3}.**\n",

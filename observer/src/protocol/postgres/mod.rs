@@ -314,6 +314,8 @@ pub struct PgParser {
     batch: Option<Unit>,
     /// Prepared statement name -> what it is and its shape ("" is the unnamed statement).
     statements: HashMap<Box<[u8]>, (Kind, Shape)>,
+    /// Where statement shapes are normalised (reused).
+    shape_scratch: Vec<u8>,
     /// Portal -> the statement bound to it.
     portals: HashMap<Box<[u8]>, Box<[u8]>>,
     /// Writes seen, to tell a Sync sent on its own (a pipeline) from one sent with its
@@ -356,6 +358,7 @@ impl PgParser {
             pending: VecDeque::new(),
             batch: None,
             statements: HashMap::new(),
+            shape_scratch: Vec::new(),
             portals: HashMap::new(),
             sends: 0,
             recvs: 0,
@@ -720,10 +723,10 @@ impl PgParser {
     }
 
     /// A statement's fingerprint, and its normalised text when asked to keep it.
-    fn shape_of(&self, sql: &[u8]) -> Shape {
-        let text = shape::normalise(sql);
-        let h = shape::fingerprint(&text);
-        (h, self.limits.keep_shapes.then(|| text.into_boxed_str()))
+    fn shape_of(&mut self, sql: &[u8]) -> Shape {
+        let h = shape::fingerprint_of(sql, &mut self.shape_scratch);
+        let text = self.limits.keep_shapes.then(|| String::from_utf8_lossy(&self.shape_scratch).into());
+        (h, text)
     }
 
     fn remember_statement(&mut self, name: &[u8], kind: Kind, shape: Shape, out: &mut Vec<Event>) {
