@@ -40,7 +40,7 @@ pub fn normalise_into(sql: &[u8], out: &mut Vec<u8>) {
                 i = skip_string(sql, i + 1);
                 out.push(b'?');
             }
-            b'E' | b'e' if sql.get(i + 1) == Some(&b'\'') && !ident_before(&out) => {
+            b'E' | b'e' if sql.get(i + 1) == Some(&b'\'') && !ident_before(out) => {
                 i = skip_string(sql, i + 2);
                 out.push(b'?');
             }
@@ -61,7 +61,7 @@ pub fn normalise_into(sql: &[u8], out: &mut Vec<u8>) {
                 i += 2;
                 out.push(b'?');
             }
-            b'0'..=b'9' if !ident_before(&out) => {
+            b'0'..=b'9' if !ident_before(out) => {
                 while sql.get(i).is_some_and(|d| d.is_ascii_alphanumeric() || *d == b'.') {
                     i += 1;
                 }
