@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Registry};
 use regex::bytes::Regex;
 use serde::Deserialize;
 
@@ -245,9 +245,7 @@ pub struct CacheMetrics {
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), &["backend"])?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
+    super::counter_vec(r, name, help, &["backend"])
 }
 
 impl CacheMetrics {

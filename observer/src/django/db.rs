@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use super::LATENCY_BUCKETS;
+use super::{LATENCY_BUCKETS, counter_vec};
 use crate::protocol::postgres::sql::WriteOp;
 
 /// `DatabaseWrapper.vendor` of Django's PostgreSQL (and PostGIS) backends.
@@ -41,12 +41,6 @@ pub struct DbMetrics {
     execute_many: IntCounterVec,
     errors: IntCounterVec,
     duration: HistogramVec,
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
 }
 
 impl DbMetrics {

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
-use super::{LATENCY_BUCKETS, body_size_buckets};
+use super::{LATENCY_BUCKETS, body_size_buckets, counter_vec};
 
 /// Methods django-prometheus keeps as they are; others become `<invalid method>`
 /// (except in the latency histogram, which uses the raw method).
@@ -96,12 +96,6 @@ pub struct HttpMetrics {
 
 fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
     let c = IntCounter::with_opts(Opts::new(name, help))?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }

@@ -10,6 +10,20 @@ pub mod http;
 
 use std::collections::HashMap;
 
+use prometheus::{IntCounterVec, Opts, Registry};
+
+/// A counter family registered in `r` (every family of a target lives in its registry).
+pub(crate) fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
 /// django-prometheus's PROMETHEUS_LATENCY_BUCKETS default (the +Inf bucket is implicit).
 pub const LATENCY_BUCKETS: [f64; 16] =
     [0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 25.0, 50.0, 75.0];

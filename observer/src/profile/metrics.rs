@@ -3,10 +3,10 @@
 //! `view` label values as its `*_by_view_*` families. Statement text or shapes never
 //! become label values.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
 
 use super::Profile;
-use crate::django::http::sanitize_method;
+use crate::django::{counter_vec, http::sanitize_method};
 
 /// Statements (or cache gets) per request: small integers.
 pub const COUNT_BUCKETS: [f64; 12] = [0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
@@ -50,12 +50,6 @@ fn histogram_vec(
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
     r.register(Box::new(h.clone()))?;
     Ok(h)
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
 }
 
 impl ViewProfileMetrics {
