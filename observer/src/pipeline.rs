@@ -477,7 +477,7 @@ impl Pipeline {
                     top.observe(&TopSample {
                         root,
                         view: &view,
-                        latency_s: ex.response.end_ns.saturating_sub(ex.request.start_ns) as f64 / 1e9,
+                        latency_s: ex.latency_s(),
                         profile: &profile,
                         cache_gets,
                         cache_hits,
@@ -532,7 +532,7 @@ impl Pipeline {
                     executes: u64::from(st.executes),
                     many: st.many,
                     error_type,
-                    seconds: st.end_ns.saturating_sub(st.start_ns) as f64 / 1e9,
+                    seconds: st.seconds(),
                 });
                 for (w, n) in &st.writes {
                     if let Some(label) = t.models.label(&w.table) {
@@ -845,10 +845,9 @@ impl Pipeline {
                 postgres::Event::Attempt { .. } => DbWhat::Attempt,
                 postgres::Event::AttemptFailed { .. } => DbWhat::AttemptFailed,
                 postgres::Event::Statement(st) => {
-                    let seconds = st.end_ns.saturating_sub(st.start_ns) as f64 / 1e9;
                     let work = Work::Db {
                         executes: st.executes,
-                        seconds,
+                        seconds: st.seconds(),
                         shape: st.shape,
                         text: st.shape_text.clone(),
                     };
@@ -1005,7 +1004,7 @@ fn observe(t: &mut Target, ex: &Exchange) -> Option<Arc<str>> {
         response_body = Body::Unknown;
     }
     let charset = resp.charset.clone().unwrap_or_else(|| t.settings.default_charset.clone());
-    let latency_s = resp.end_ns.saturating_sub(req.start_ns) as f64 / 1e9;
+    let latency_s = ex.latency_s();
     // request.is_secure() with SECURE_PROXY_SSL_HEADER: the header has exactly that value.
     let secure = t
         .settings
@@ -1051,7 +1050,7 @@ fn observe_profile(
     f.profile.observe(&ViewObservation {
         view,
         method: &ex.request.method,
-        latency_s: ex.response.end_ns.saturating_sub(ex.request.start_ns) as f64 / 1e9,
+        latency_s: ex.latency_s(),
         profile,
         cache_gets: gets,
         cache_hits: hits,

@@ -89,6 +89,13 @@ pub struct Exchange {
     pub response: Response,
 }
 
+impl Exchange {
+    /// First request byte read to last response byte written, in seconds.
+    pub fn latency_s(&self) -> f64 {
+        self.response.end_ns.saturating_sub(self.request.start_ns) as f64 / 1e9
+    }
+}
+
 /// Why bytes could not be followed (each is an `observer_parse_errors_total` reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ParseError {

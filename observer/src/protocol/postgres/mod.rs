@@ -94,6 +94,13 @@ pub struct Statement {
     pub shape_text: Option<Box<str>>,
 }
 
+impl Statement {
+    /// From its first message sent to its ReadyForQuery read, in seconds.
+    pub fn seconds(&self) -> f64 {
+        self.end_ns.saturating_sub(self.start_ns) as f64 / 1e9
+    }
+}
+
 /// What the parser reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
