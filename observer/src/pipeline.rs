@@ -1241,6 +1241,9 @@ impl Sink for Pipeline {
                 self.close_conn(id);
             }
             self.sweep_targets();
+            self.attribution.retain_threads(|tgid, tid| {
+                std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
+            });
             crate::conns::shrink_idle(&mut self.conns);
             crate::conns::shrink_idle(&mut self.fd_seq);
             crate::conns::shrink_idle(&mut self.pid_target);

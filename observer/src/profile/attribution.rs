@@ -197,10 +197,21 @@ impl Attribution {
         }
     }
 
-    /// The process exited: its threads go.
+    /// The process exited: its threads go, and its requests in flight never finish (their
+    /// connections may be dropped with their app, without a close of their own).
     pub fn process_gone(&mut self, tgid: u32) {
+        let conns: Vec<u64> = self.reader.iter().filter(|(_, (t, _))| *t == tgid).map(|(c, _)| *c).collect();
+        for conn in conns {
+            self.closed(conn);
+        }
         self.threads.retain(|(t, _), _| *t != tgid);
         self.inflight.remove(&tgid);
+    }
+
+    /// Forgets threads serving no request that `alive` says have exited (threads come and
+    /// go inside long-lived processes: an executor's, a gthread pool's after a restart).
+    pub fn retain_threads(&mut self, alive: impl Fn(u32, u32) -> bool) {
+        self.threads.retain(|&(tgid, tid), t| !t.conns.is_empty() || alive(tgid, tid));
     }
 
     fn release(&mut self, conn: u64) {
@@ -214,11 +225,6 @@ impl Attribution {
                 self.inflight.remove(&tgid);
             }
         }
-    }
-
-    /// Threads known (for the agent's own gauge and bounds).
-    pub fn threads(&self) -> usize {
-        self.threads.len()
     }
 }
 
@@ -278,6 +284,32 @@ mod tests {
         a.closed(9);
         assert_eq!(a.unattributed[&("db", "unfinished")], 2);
         assert!(a.take(9).shapes.is_empty());
+    }
+
+    #[test]
+    fn a_process_that_goes_takes_its_threads_and_requests_with_it() {
+        let mut a = Attribution::default();
+        a.http(1, 2, 9, 1, true);
+        a.work(1, 2, db(3));
+        a.http(1, 3, 8, 1, true);
+        a.http(1, 3, 8, 0, false);
+        a.process_gone(1);
+        assert!(a.threads.is_empty() && a.inflight.is_empty() && a.reader.is_empty() && a.work.is_empty());
+        assert_eq!(a.unattributed[&("db", "unfinished")], 1);
+    }
+
+    #[test]
+    fn exited_idle_threads_are_forgotten_busy_ones_kept() {
+        let mut a = Attribution::default();
+        a.http(1, 2, 9, 1, true); // busy
+        a.http(1, 3, 8, 1, true);
+        a.http(1, 3, 8, 0, false); // idle
+        a.http(1, 4, 7, 1, true);
+        a.http(1, 4, 7, 0, false); // idle, still alive
+        a.retain_threads(|_, tid| tid == 4);
+        let mut left: Vec<_> = a.threads.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, vec![(1, 2), (1, 4)]);
     }
 
     #[test]
