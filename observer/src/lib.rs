@@ -24,6 +24,7 @@ pub mod replay;
 pub mod selfmetrics;
 pub mod server;
 pub mod targets;
+pub mod text;
 pub mod top;
 pub mod trace;
 pub mod views;
