@@ -262,6 +262,8 @@ pub fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()),
         )
         .init();
+    // A parser that panics costs its connection, not the agent (and prints no payload).
+    crate::fault::install_hook();
     let result = match cli.command {
         Some(Command::Top(args)) => run_async(top(args)),
         Some(Command::Trace(args)) => run_async(trace(args)),

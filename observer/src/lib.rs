@@ -12,6 +12,7 @@ pub mod conns;
 pub mod django;
 pub mod ebpf;
 pub mod events;
+pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod k8s;

@@ -33,7 +33,8 @@ use crate::{
         db::{DbMetrics, DbObservation, MigrationMetrics, ModelMap, ModelMetrics, POSTGRESQL},
         http::{Body, HttpMetrics, HttpObservation, UNNAMED_VIEW},
     },
-    events::{Direction, Record, Role, SockAddr},
+    events::{Data, Direction, Record, Role, SockAddr},
+    fault,
     loss::LossReport,
     profile::{Attribution, CacheWork, Profile, ViewProfileMetrics, Work, metrics::ViewObservation},
     protocol::{
@@ -189,6 +190,20 @@ enum Backlogged {
     Refused(SockAddr),
 }
 
+impl Backlogged {
+    fn protocol(&self) -> &'static str {
+        match self {
+            Self::Http(..) => "http",
+            Self::Db(_) => "postgresql",
+            Self::Cache(c) => match c.wire {
+                Wire::Redis => "redis",
+                Wire::Memcached => "memcached",
+            },
+            Self::Refused(_) => "connect",
+        }
+    }
+}
+
 /// The families of one app, created together when the first of them is needed.
 struct Families {
     http: HttpMetrics,
@@ -230,7 +245,27 @@ enum Proto {
     Cache(Wire, Box<dyn CacheParser>),
     /// A client connection that is no database or cache protocol we parse.
     Other,
+    /// Its parsing panicked (a bug, contained): its records are dropped and counted
+    /// until it closes.
+    Faulted,
 }
+
+impl Proto {
+    /// The `protocol` label of the connection's parse errors.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Http(_) => "http",
+            Self::Postgres(_) => "postgresql",
+            Self::Cache(Wire::Redis, _) => "redis",
+            Self::Cache(Wire::Memcached, _) => "memcached",
+            Self::Other => "other",
+            Self::Faulted => "faulted",
+        }
+    }
+}
+
+/// At most one warning about parser faults per this long (each is counted).
+const FAULT_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 struct ConnState {
     target: u32,
@@ -263,6 +298,12 @@ pub struct Pipeline {
     /// `observer top`'s screen, when this pipeline feeds one.
     top: Option<Top>,
     last_gc: Instant,
+    /// When the last parser-fault warning was logged, and faults since then unlogged.
+    fault_warned: Option<Instant>,
+    faults_unwarned: u64,
+    /// Tests: a parse step on which this returns true panics (see `fault`).
+    #[cfg(test)]
+    pub(crate) inject_fault: Option<fn(&Chunk<'_>) -> bool>,
 }
 
 fn hostname() -> String {
@@ -296,6 +337,12 @@ fn parent_of(pid: u32) -> Option<u32> {
 }
 
 impl Pipeline {
+    /// The agent's own counters as the pipeline has them now (tests read them without
+    /// a pump report).
+    pub fn stats(&self) -> &SelfStats {
+        &self.stats
+    }
+
     /// Feeds `observer top`'s screen as well (it renders once a second, on the report).
     pub fn with_top(mut self, top: Top) -> Self {
         self.top = Some(top);
@@ -319,6 +366,10 @@ impl Pipeline {
             attribution: Attribution::default(),
             top: None,
             last_gc: Instant::now(),
+            fault_warned: None,
+            faults_unwarned: 0,
+            #[cfg(test)]
+            inject_fault: None,
         }
     }
 
@@ -598,9 +649,7 @@ impl Pipeline {
     }
 
     fn publish(&self, f: impl FnOnce(&mut Exposition)) {
-        if let Ok(mut e) = self.shared.lock() {
-            f(&mut e);
-        }
+        f(&mut fault::lock(&self.shared));
     }
 
     fn drop_target(&mut self, root: u32) {
@@ -731,13 +780,17 @@ impl Pipeline {
                 }
             }
             for item in backlog {
-                match item {
+                let protocol = item.protocol();
+                let counted = fault::contain(|| match item {
                     Backlogged::Http(ex, local, profile) => {
                         self.exchange(root, &ex, local.as_ref(), *profile)
                     }
                     Backlogged::Db(ev) => self.db_event(root, ev),
                     Backlogged::Cache(ev) => self.cache_event(root, ev),
                     Backlogged::Refused(peer) => self.refused(root, peer),
+                });
+                if let Err(f) = counted {
+                    self.fault_seen(protocol, root, &f);
                 }
             }
         }
@@ -893,7 +946,17 @@ impl Pipeline {
         self.cache_events = events;
     }
 
+    /// The connection is gone: its parser's last events, then its state goes.
     fn close_conn(&mut self, conn_id: u64) {
+        let Some(target) = self.conns.get(&conn_id).map(|c| c.target) else { return };
+        if let Err(f) = fault::contain(|| self.close_parser(conn_id)) {
+            self.parser_fault(conn_id, target, &f);
+        }
+        self.conns.remove(&conn_id);
+        self.attribution.closed(conn_id);
+    }
+
+    fn close_parser(&mut self, conn_id: u64) {
         let Some(c) = self.conns.get_mut(&conn_id) else { return };
         let target = c.target;
         // What a close completes happened on no thread in particular: the owner's main one.
@@ -917,11 +980,92 @@ impl Pipeline {
                 self.conns.remove(&conn_id);
                 self.handle_cache_events(target, wire, peer.as_ref(), thread);
             }
-            Proto::Other => {
+            Proto::Other | Proto::Faulted => {
                 self.conns.remove(&conn_id);
             }
         }
-        self.attribution.closed(conn_id);
+    }
+
+    /// One data record through its connection's parser, and what the parser made of it
+    /// into the app's families: the step [`fault::contain`] runs.
+    fn parse(&mut self, target: u32, d: &Data<'_>, lost: bool) {
+        let Some(state) = self.conns.get_mut(&d.conn_id) else { return };
+        let chunk = Chunk {
+            dir: d.dir,
+            enter_ns: d.enter_ns,
+            exit_ns: d.exit_ns,
+            bytes: d.bytes,
+            total_len: d.total_len,
+        };
+        #[cfg(test)]
+        if self.inject_fault.is_some_and(|f| f(&chunk)) {
+            panic!("injected parser fault");
+        }
+        match &mut state.proto {
+            Proto::Http(parser) => {
+                if lost {
+                    parser.lost(&mut self.events);
+                }
+                parser.feed(&chunk, &mut self.events);
+                if parser.mode() == Mode::Other && !state.counted_other {
+                    state.counted_other = true;
+                    self.stats.not_http_connections += 1;
+                }
+                let pending = parser.pending();
+                let local = state.local.clone();
+                self.handle_events(target, d.conn_id, local.as_ref());
+                self.attribution.http(d.tgid, d.tid, d.conn_id, pending, d.dir == Direction::Recv);
+            }
+            Proto::Postgres(pg) => {
+                if lost {
+                    pg.parser.lost(&mut self.pg_events);
+                }
+                pg.parser.feed(&chunk, &mut self.pg_events);
+                self.handle_pg_events(target, d.conn_id, (d.tgid, d.tid));
+            }
+            Proto::Cache(wire, p) => {
+                let wire = *wire;
+                if lost {
+                    p.lost(&mut self.cache_events);
+                }
+                p.feed(&chunk, &mut self.cache_events);
+                let peer = state.peer.clone();
+                self.handle_cache_events(target, wire, peer.as_ref(), (d.tgid, d.tid));
+            }
+            Proto::Other | Proto::Faulted => {}
+        }
+    }
+
+    /// A parse step of `conn_id` panicked: its parser and the events it was making go,
+    /// the rest of its records are dropped (counted as lost to a parser fault), and the
+    /// agent goes on. The warning names the protocol and the app, never the bytes.
+    fn parser_fault(&mut self, conn_id: u64, target: u32, f: &fault::Fault) {
+        self.events.clear();
+        self.pg_events.clear();
+        self.cache_events.clear();
+        let protocol = match self.conns.get_mut(&conn_id) {
+            Some(c) => std::mem::replace(&mut c.proto, Proto::Faulted).name(),
+            None => "unknown",
+        };
+        self.fault_seen(protocol, target, f);
+    }
+
+    /// Counts a contained fault and warns about it, at most once per
+    /// [`FAULT_WARNING_EVERY`].
+    fn fault_seen(&mut self, protocol: &'static str, target: u32, f: &fault::Fault) {
+        *self.stats.parser_faults.entry(protocol).or_default() += 1;
+        self.faults_unwarned += 1;
+        if self.fault_warned.is_none_or(|t| t.elapsed() >= FAULT_WARNING_EVERY) {
+            tracing::warn!(
+                protocol,
+                app = target,
+                at = f.location.as_deref().unwrap_or("unknown"),
+                faults = self.faults_unwarned,
+                "parsing failed on a bug (contained): that connection's records, or that event, are dropped and counted; everything else is parsed as before"
+            );
+            self.fault_warned = Some(Instant::now());
+            self.faults_unwarned = 0;
+        }
     }
 
     /// The protocol of a client connection, from its first write (None: not decided yet).
@@ -1129,7 +1273,6 @@ impl Sink for Pipeline {
                         },
                     );
                 }
-                let Some(state) = self.conns.get_mut(&d.conn_id) else { return };
                 let mut lost = false;
                 if let Some(seq) = d.seq {
                     let key = (d.tgid, d.fd);
@@ -1139,45 +1282,13 @@ impl Sink for Pipeline {
                     }
                     self.fd_seq.insert(key, seq.wrapping_add(1));
                 }
-                let chunk = Chunk {
-                    dir: d.dir,
-                    enter_ns: d.enter_ns,
-                    exit_ns: d.exit_ns,
-                    bytes: d.bytes,
-                    total_len: d.total_len,
-                };
-                match &mut state.proto {
-                    Proto::Http(parser) => {
-                        if lost {
-                            parser.lost(&mut self.events);
-                        }
-                        parser.feed(&chunk, &mut self.events);
-                        if parser.mode() == Mode::Other && !state.counted_other {
-                            state.counted_other = true;
-                            self.stats.not_http_connections += 1;
-                        }
-                        let pending = parser.pending();
-                        let local = state.local.clone();
-                        self.handle_events(target, d.conn_id, local.as_ref());
-                        self.attribution.http(d.tgid, d.tid, d.conn_id, pending, d.dir == Direction::Recv);
-                    }
-                    Proto::Postgres(pg) => {
-                        if lost {
-                            pg.parser.lost(&mut self.pg_events);
-                        }
-                        pg.parser.feed(&chunk, &mut self.pg_events);
-                        self.handle_pg_events(target, d.conn_id, (d.tgid, d.tid));
-                    }
-                    Proto::Cache(wire, p) => {
-                        let wire = *wire;
-                        if lost {
-                            p.lost(&mut self.cache_events);
-                        }
-                        p.feed(&chunk, &mut self.cache_events);
-                        let peer = state.peer.clone();
-                        self.handle_cache_events(target, wire, peer.as_ref(), (d.tgid, d.tid));
-                    }
-                    Proto::Other => {}
+                if matches!(self.conns.get(&d.conn_id).map(|c| &c.proto), Some(Proto::Faulted)) {
+                    self.stats.records_lost_parser_fault += 1;
+                    return;
+                }
+                if let Err(f) = fault::contain(|| self.parse(target, d, lost)) {
+                    self.parser_fault(d.conn_id, target, &f);
+                    self.stats.records_lost_parser_fault += 1;
                 }
             }
             Record::ConnOpen(o) => {

@@ -216,6 +216,16 @@ impl Recording {
 mod tests {
     use super::*;
 
+    /// Sums of each family's samples in what the pipeline exports.
+    fn totals(shared: &std::sync::Mutex<crate::pipeline::Exposition>) -> impl Fn(&str) -> f64 {
+        let e = crate::fault::lock(shared);
+        let families: Vec<_> = e.registries.values().flat_map(|r| r.gather()).collect();
+        let samples = crate::django::expo::parse_text(&crate::django::expo::encode_text(&families));
+        move |name: &str| {
+            samples.iter().filter(|s| s.series().split('{').next() == Some(name)).map(|s| s.value).sum()
+        }
+    }
+
     #[derive(Default)]
     struct Count {
         tracked: Vec<u32>,
@@ -283,28 +293,65 @@ mod tests {
     fn the_bench_recording_gives_the_counts_that_were_sent() {
         use std::sync::{Arc, Mutex};
 
-        use crate::{
-            django::expo,
-            pipeline::{Exposition, Pipeline},
-        };
+        use crate::pipeline::{Exposition, Pipeline};
         let rec = django_gunicorn();
         let settings = django_gunicorn_settings();
         let shared = Arc::new(Mutex::new(Exposition::default()));
         let mut p = Pipeline::new(settings, shared.clone());
         rec.replay(&mut p);
-        let e = shared.lock().unwrap();
-        let families: Vec<_> = e.registries.values().flat_map(|r| r.gather()).collect();
-        let total = |name: &str| -> f64 {
-            expo::parse_text(&expo::encode_text(&families))
-                .into_iter()
-                .filter(|s| s.series().split('{').next() == Some(name))
-                .map(|s| s.value)
-                .sum()
-        };
+        let total = totals(&shared);
         assert_eq!(total("django_http_responses_before_middlewares_total"), 270.0);
         assert_eq!(total("django_cache_get_total"), 70.0);
         assert_eq!(total("django_cache_get_hits_total"), 60.0);
         assert_eq!(total("django_cache_get_misses_total"), 10.0);
+        assert_eq!(total("django_db_execute_total"), 70.0);
+        assert_eq!(total("django_model_inserts_total"), 10.0);
+    }
+
+    /// A parser that panics (a test hook makes the HTTP parser fail on one request)
+    /// costs that connection only: its records from then on are dropped and counted as
+    /// lost to a parser fault, and every other connection is counted exactly.
+    #[test]
+    fn a_panicking_parser_costs_its_connection_only() {
+        use std::sync::{Arc, Mutex};
+
+        use crate::pipeline::{Exposition, Pipeline};
+        const FAULTY: &[u8] = b"GET /shop/items/7/ ";
+        crate::fault::install_hook();
+        let rec = django_gunicorn();
+        let faulty_conn = rec
+            .items
+            .iter()
+            .find_map(|i| match i {
+                Item::Data { d, conn, .. } if d.bytes.starts_with(FAULTY) => Some(conn.conn_id),
+                _ => None,
+            })
+            .expect("the recording has that request");
+        // The faulty record and every later one of its connection.
+        let mut seen = false;
+        let lost = rec
+            .items
+            .iter()
+            .filter(|i| match i {
+                Item::Data { d, conn, .. } if conn.conn_id == faulty_conn => {
+                    seen |= d.bytes.starts_with(FAULTY);
+                    seen
+                }
+                _ => false,
+            })
+            .count();
+        assert!(lost >= 2, "the request and at least its response");
+        let shared = Arc::new(Mutex::new(Exposition::default()));
+        let mut p = Pipeline::new(django_gunicorn_settings(), shared.clone());
+        p.inject_fault = Some(|c| c.bytes.starts_with(FAULTY));
+        rec.replay(&mut p);
+        let stats = p.stats();
+        assert_eq!(stats.parser_faults.get("http"), Some(&1));
+        assert_eq!(stats.records_lost_parser_fault, lost as u64);
+        let total = totals(&shared);
+        assert_eq!(total("django_http_requests_before_middlewares_total"), 269.0);
+        assert_eq!(total("django_http_responses_before_middlewares_total"), 269.0);
+        assert_eq!(total("django_cache_get_total"), 70.0);
         assert_eq!(total("django_db_execute_total"), 70.0);
         assert_eq!(total("django_model_inserts_total"), 10.0);
     }

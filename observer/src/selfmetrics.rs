@@ -21,6 +21,12 @@ pub struct SelfStats {
     pub backlog_dropped: u64,
     /// Data records of connections no target owns (e.g. right after a process exits).
     pub unattributed_records: u64,
+    /// protocol -> parse steps that panicked (a bug, contained: that connection's
+    /// parsing stops, or that backlogged event is dropped; the agent goes on).
+    pub parser_faults: BTreeMap<&'static str, u64>,
+    /// Data records dropped because their connection's parser had failed (the one it
+    /// failed on included).
+    pub records_lost_parser_fault: u64,
     pub connections: usize,
     pub parser_states: usize,
     pub processes: usize,
@@ -157,6 +163,10 @@ impl SelfStats {
         for c in &self.loss.counters {
             by_name.entry(c.name).or_default().push((c.labels.clone(), c.value as f64));
         }
+        by_name
+            .entry("observer_records_lost_total")
+            .or_default()
+            .push((vec![("reason", "parser_fault")], self.records_lost_parser_fault as f64));
         for (name, samples) in by_name {
             out.push(family(name, loss_help(name), MetricType::COUNTER, samples));
         }
@@ -186,6 +196,12 @@ impl SelfStats {
                 .iter()
                 .map(|((p, r), v)| (vec![("protocol", *p), ("reason", *r)], *v as f64))
                 .collect(),
+        ));
+        out.push(family(
+            "observer_parser_faults_total",
+            "Parse steps that failed on a bug, contained, by protocol: the connection's records are dropped from then on (observer_records_lost_total{reason=\"parser_fault\"}), or the one event.",
+            MetricType::COUNTER,
+            self.parser_faults.iter().map(|(p, v)| (vec![("protocol", *p)], *v as f64)).collect(),
         ));
         out.push(family(
             "observer_profile_attributed_total",

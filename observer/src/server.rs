@@ -92,7 +92,7 @@ impl TlsFiles {
 
 async fn metrics(State(shared): State<Shared>, headers: HeaderMap) -> Response {
     let (registries, stats) = {
-        let Ok(e) = shared.lock() else { return StatusCode::INTERNAL_SERVER_ERROR.into_response() };
+        let e = crate::fault::lock(&shared);
         (e.registries.values().cloned().collect::<Vec<_>>(), e.stats.clone())
     };
     let mut sets: Vec<_> = registries.iter().map(prometheus::Registry::gather).collect();
@@ -108,7 +108,7 @@ async fn metrics(State(shared): State<Shared>, headers: HeaderMap) -> Response {
 }
 
 async fn healthz(State(shared): State<Shared>) -> Response {
-    let fresh = shared.lock().ok().and_then(|e| e.last_report).is_some_and(|t| t.elapsed() < STALE);
+    let fresh = crate::fault::lock(&shared).last_report.is_some_and(|t| t.elapsed() < STALE);
     if fresh {
         (StatusCode::OK, "ok\n").into_response()
     } else {
