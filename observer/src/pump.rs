@@ -57,6 +57,9 @@ const GC_EVERY: Duration = Duration::from_secs(5);
 const BATCH: usize = 4096;
 /// Records handled at most when the pump must empty the ring (at stop, before a sweep).
 const FINAL_DRAIN: usize = 1 << 22;
+/// The drain at stop ends after this long even if the traced processes keep filling the
+/// ring: the agent must exit promptly whatever they do (what is left is not counted).
+const STOP_DRAIN_TIME: Duration = Duration::from_millis(300);
 /// Listener addresses cached (a cache: cleared when full).
 const MAX_LISTENERS: usize = 4096;
 
@@ -328,8 +331,22 @@ impl Pump {
 
     /// Handles up to `max` records; returns how many there were.
     fn drain<S: Sink>(&mut self, ring: &mut RingBuf<MapData>, sink: &mut S, max: usize) -> usize {
+        self.drain_until(ring, sink, max, None)
+    }
+
+    /// [`drain`](Self::drain), stopping at `deadline` too (checked every [`BATCH`]).
+    fn drain_until<S: Sink>(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        sink: &mut S,
+        max: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> usize {
         let mut n = 0;
         while n < max {
+            if n % BATCH == BATCH - 1 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                break;
+            }
             let Some(item) = ring.next() else { break };
             self.handle(&item, sink);
             n += 1;
@@ -378,7 +395,8 @@ impl Pump {
         }
         // Everything the traced processes did before the stop is in the ring (or counted
         // as lost): hand it over. Bounded, in case they keep going.
-        self.drain(afd.get_mut(), sink, FINAL_DRAIN);
+        let deadline = std::time::Instant::now() + STOP_DRAIN_TIME;
+        self.drain_until(afd.get_mut(), sink, FINAL_DRAIN, Some(deadline));
         Ok(())
     }
 
