@@ -108,7 +108,7 @@ fn apps_in_pods_get_their_pod_labels_from_the_api() {
         return;
     }
     let Some(cgroup) = PodCgroup::new() else {
-        eprintln!("no cgroup v1 pids hierarchy to lay out a pod's cgroup: skipped");
+        harness::skip("no cgroup v1 pids hierarchy to lay out a pod's cgroup");
         return;
     };
     let (api_port, seen) = api_server();

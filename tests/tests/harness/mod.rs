@@ -1,9 +1,10 @@
 //! Harness for the end-to-end tests (a module of each test file): runs the real observer (as root, against the real
 //! kernel) on real processes, and reads what it printed.
 //!
-//! eBPF tests call [`ebpf_available`] first. On a machine that cannot load the programs
-//! they are skipped with a message, unless `CI=true` or `OBSERVER_REQUIRE_EBPF=1`, where
-//! that is a failure.
+//! eBPF tests call [`ebpf_available`] first. A test that cannot run here fails, saying
+//! why, so that a green run always means the eBPF paths ran; with
+//! `OBSERVER_ALLOW_SKIP=1` (and neither `CI=true` nor `OBSERVER_REQUIRE_EBPF=1`) it is
+//! skipped instead, with a `SKIPPED` line on stderr. See [`skip`].
 #![allow(dead_code, reason = "each test file uses part of the harness")]
 
 use std::{
@@ -24,10 +25,9 @@ pub mod mix;
 pub mod postgres;
 pub mod prometheus;
 
-/// Whether eBPF tests can run here; panics instead of skipping when they must run.
+/// Whether eBPF tests can run here. When they cannot, [`skip`] decides: a failure,
+/// unless skipping was asked for.
 pub fn ebpf_available() -> bool {
-    let must = std::env::var("OBSERVER_REQUIRE_EBPF").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let reason = if unsafe_geteuid() != 0 {
         Some("not root")
     } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
@@ -42,14 +42,25 @@ pub fn ebpf_available() -> bool {
     };
     match reason {
         None => true,
-        Some(r) if must => {
-            panic!("eBPF tests are required here (CI / OBSERVER_REQUIRE_EBPF=1) but cannot run: {r}")
-        }
         Some(r) => {
-            eprintln!("skipping eBPF test: {r}");
+            skip(&format!("eBPF tests cannot run: {r}"));
             false
         }
     }
+}
+
+/// A test that cannot run here: panics (a failure) unless `OBSERVER_ALLOW_SKIP=1` asks
+/// for skips, and always in CI (`CI=true` or `OBSERVER_REQUIRE_EBPF=1`), where every
+/// test must run. A skip prints a `SKIPPED` line naming the test; the caller returns.
+pub fn skip(why: &str) {
+    let flag = |name: &str| std::env::var(name).is_ok_and(|v| v == "1" || v == "true");
+    let required = flag("OBSERVER_REQUIRE_EBPF") || flag("CI");
+    let test = thread::current().name().unwrap_or("this test").to_string();
+    if required || !flag("OBSERVER_ALLOW_SKIP") {
+        let hint = if required { "required in CI" } else { "set OBSERVER_ALLOW_SKIP=1 to skip it" };
+        panic!("{test} cannot run here: {why} ({hint})");
+    }
+    eprintln!("SKIPPED {test}: {why}");
 }
 
 fn unsafe_geteuid() -> u32 {
