@@ -15,7 +15,7 @@ use self::{
     chunked::{Chunked, ChunkedStep, chunk_line_start, feed_chunked},
     head::{
         HeadResult, ResponseHead, Start, extend_head, parse_request, parse_response, parse_truncated,
-        request_start, response_start,
+        request_start, response_start, worth_parsing,
     },
 };
 use super::{Chunk, Cursor};
@@ -40,11 +40,11 @@ impl Default for Limits {
 }
 
 /// Longest method kept; longer tokens make the head invalid.
-const MAX_METHOD: usize = 32;
+pub const MAX_METHOD: usize = 32;
 /// Longest request path kept (the rest is cut; Django would see it whole).
-const MAX_PATH: usize = 4096;
+pub const MAX_PATH: usize = 4096;
 /// Longest value kept for a charset or a Location header.
-const MAX_VALUE: usize = 2048;
+pub const MAX_VALUE: usize = 2048;
 /// Headers parsed per head (gunicorn's default limit_request_fields is 100).
 const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (with extensions) accepted.
@@ -354,7 +354,12 @@ impl Http1Parser {
                     }
                     let old = extend_head(buf, visible, self.limits.max_head_bytes);
                     self.head_start_ns.get_or_insert(ts);
-                    match parse_request(buf, &self.config) {
+                    let parsed = if worth_parsing(buf, old) {
+                        parse_request(buf, &self.config)
+                    } else {
+                        HeadResult::Partial
+                    };
+                    match parsed {
                         HeadResult::Complete((req, framing), n) => {
                             cur.advance(n.saturating_sub(old) as u64);
                             self.mode = Mode::Http;
@@ -459,7 +464,9 @@ impl Http1Parser {
                         continue;
                     }
                     let old = extend_head(buf, visible, self.limits.max_head_bytes);
-                    match parse_response(buf) {
+                    let parsed =
+                        if worth_parsing(buf, old) { parse_response(buf) } else { HeadResult::Partial };
+                    match parsed {
                         HeadResult::Complete(head, n) => {
                             cur.advance(n.saturating_sub(old) as u64);
                             let to_head = self.pending.front().is_some_and(|r| r.method == "HEAD");

@@ -107,6 +107,16 @@ pub(super) fn extend_head(buf: &mut Vec<u8>, visible: &[u8], max: usize) -> usiz
     old
 }
 
+/// Whether a head buffer that grew from `old` bytes needs parsing again: on its first
+/// bytes (to tell a non-HTTP stream at once), or when the new bytes may end it (a blank
+/// line, possibly begun before them). Parsing every time would make a head sent a few
+/// bytes per syscall cost quadratic time (32 KiB one byte at a time: 500 M bytes
+/// scanned).
+pub(super) fn worth_parsing(buf: &[u8], old: usize) -> bool {
+    let tail = buf.get(old.saturating_sub(2)..).unwrap_or_default();
+    old == 0 || tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+}
+
 /// Parses a head cut short by the capture: up to its last complete line, as if the head
 /// ended there. `None` when not even the first line is complete or valid.
 pub(super) fn parse_truncated<T>(buf: &[u8], parse: impl Fn(&[u8]) -> HeadResult<T>) -> Option<T> {

@@ -508,3 +508,142 @@ fn a_chunk_size_near_u64_max_is_lost_not_overflowed() {
         }
     }
 }
+
+/// Path text for the property tests: ASCII, and characters of 2, 3 and 4 bytes, so
+/// that every limit falls inside one sometimes.
+fn path_text(min: usize, max: usize) -> impl Strategy<Value = String> {
+    let ch = prop_oneof![
+        4 => proptest::char::range('a', 'z'),
+        1 => Just('/'),
+        1 => Just('é'),
+        1 => Just('€'),
+        1 => Just('𝄞'),
+        1 => Just('%'),
+    ];
+    proptest::collection::vec(ch, min..max).prop_map(|cs| cs.into_iter().collect())
+}
+
+/// Feeds `bytes` as syscalls cut at `cuts` (cycled; whole when empty).
+fn feed_split(
+    p: &mut Http1Parser,
+    dir: Direction,
+    bytes: &[u8],
+    cuts: &[usize],
+    ts: &mut u64,
+    out: &mut Vec<Event>,
+) {
+    let mut rest = bytes;
+    let mut cut = cuts.iter().cycle();
+    while !rest.is_empty() {
+        let n = if cuts.is_empty() { rest.len() } else { (*cut.next().unwrap_or(&1)).min(rest.len()) };
+        *ts += 1;
+        p.feed(&chunk(dir, *ts, &rest[..n]), out);
+        rest = &rest[n..];
+    }
+}
+
+proptest! {
+    /// Paths and charsets around their limits, with multi-byte characters wherever the
+    /// cut falls, query strings, invalid UTF-8 in another header, heads far past the
+    /// capture size: every split into syscalls gives the same exchange, its path and
+    /// charset cut on a character boundary at MAX_PATH and MAX_VALUE.
+    #[test]
+    fn heads_past_every_limit_in_any_split(
+        path in path_text(MAX_PATH / 2 - 16, MAX_PATH / 2 + 16),
+        query in path_text(0, 8),
+        charset in path_text(MAX_VALUE / 2 - 8, MAX_VALUE / 2 + 8),
+        junk in proptest::collection::vec(128u8..=255, 1..64),
+        cuts in proptest::collection::vec(1usize..5000, 0..8),
+    ) {
+        // Characters are 1 to 4 bytes: these lengths straddle both limits.
+        let path = format!("/{path}{path}");
+        let mut req = format!("GET {path}?{query} HTTP/1.1\r\nHost: x\r\nX-Junk: ").into_bytes();
+        req.extend_from_slice(&junk);
+        req.extend_from_slice(b"\r\n\r\n");
+        let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: text/html; charset={charset}{charset}\r\nContent-Length: 3\r\n\r\nabc");
+        let mut p = Http1Parser::new(Limits::default(), Config::default());
+        let (mut out, mut ts) = (Vec::new(), 0);
+        for _ in 0..2 {
+            feed_split(&mut p, R, &req, &cuts, &mut ts, &mut out);
+            feed_split(&mut p, S, resp.as_bytes(), &cuts, &mut ts, &mut out);
+        }
+        prop_assert!(errors(&out).is_empty(), "{:?}", errors(&out));
+        let ex = exchanges(&out);
+        prop_assert_eq!(ex.len(), 2);
+        let charset = format!("{charset}{charset}");
+        for x in ex {
+            prop_assert_eq!(x.request.path.as_str(), crate::text::cut(&path, MAX_PATH));
+            prop_assert_eq!(x.response.charset.as_deref(), Some(crate::text::cut(&charset, MAX_VALUE)));
+            prop_assert_eq!(x.response.body_bytes, 3);
+        }
+    }
+
+    /// A head longer than `max_head_bytes` is one counted error whatever the split, and
+    /// the next request on the connection is counted.
+    #[test]
+    fn a_head_past_max_head_bytes_is_one_error_in_any_split(
+        extra in 1usize..3000,
+        cuts in proptest::collection::vec(1usize..2000, 0..8),
+    ) {
+        let limits = Limits { max_head_bytes: 4096, ..Limits::default() };
+        let long = format!("GET /a HTTP/1.1\r\nX-Long: {}\r\n\r\n", "v".repeat(4096 + extra));
+        let mut p = Http1Parser::new(limits, Config::default());
+        let (mut out, mut ts) = (Vec::new(), 0);
+        feed_split(&mut p, R, long.as_bytes(), &cuts, &mut ts, &mut out);
+        prop_assert_eq!(errors(&out), vec![ParseError::HeadTooLarge]);
+        feed_split(&mut p, R, b"GET /b HTTP/1.1\r\n\r\n", &cuts, &mut ts, &mut out);
+        feed_split(&mut p, S, OK, &cuts, &mut ts, &mut out);
+        let ex = exchanges(&out);
+        prop_assert!(p.buffered() <= 2 * 4096 + 4096);
+        // The response to the lost request pairs with no request or with /b: either
+        // way /b's request is counted once, never a panic or an unbounded buffer.
+        prop_assert!(ex.len() <= 1);
+    }
+
+    /// Chunked bodies with chunk sizes up to u64::MAX and arbitrary extensions, split
+    /// anywhere: never a panic; a body whose sizes add up is followed exactly.
+    #[test]
+    fn chunk_sizes_of_any_magnitude_in_any_split(
+        sizes in proptest::collection::vec(0u64..=u64::MAX, 1..4),
+        small in proptest::collection::vec(1usize..300, 1..6),
+        cuts in proptest::collection::vec(1usize..64, 0..8),
+    ) {
+        let mut body = Vec::new();
+        for n in &small {
+            body.extend_from_slice(format!("{n:x};ext=1\r\n").as_bytes());
+            body.extend(std::iter::repeat_n(b'z', *n));
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut p = Http1Parser::new(Limits::default(), Config::default());
+        let (mut out, mut ts) = (Vec::new(), 0);
+        feed_split(&mut p, R, b"GET / HTTP/1.1\r\n\r\n", &cuts, &mut ts, &mut out);
+        feed_split(&mut p, S, head, &cuts, &mut ts, &mut out);
+        feed_split(&mut p, S, &body, &cuts, &mut ts, &mut out);
+        prop_assert!(errors(&out).is_empty(), "{:?}", out);
+        prop_assert_eq!(exchanges(&out).len(), 1);
+        // Then absurd sizes: lost or skipped, never a panic.
+        feed_split(&mut p, R, b"GET / HTTP/1.1\r\n\r\n", &cuts, &mut ts, &mut out);
+        feed_split(&mut p, S, head, &cuts, &mut ts, &mut out);
+        for s in &sizes {
+            feed_split(&mut p, S, format!("{s:x}\r\nabc\r\n").as_bytes(), &cuts, &mut ts, &mut out);
+        }
+        p.close(&mut out);
+    }
+}
+
+/// A head is parsed again only when its new bytes may end it, whatever the split of
+/// its blank line (parsing at every syscall made a head sent byte by byte quadratic).
+#[test]
+fn heads_are_parsed_again_only_when_they_may_have_ended() {
+    let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    for cut in 1..head.len() {
+        let (a, b) = head.split_at(cut);
+        let buf = [a, b].concat();
+        assert!(head::worth_parsing(&buf, a.len()), "blank line completed after {cut} bytes");
+    }
+    assert!(head::worth_parsing(b"GET", 0), "the first bytes, to tell a non-HTTP stream");
+    assert!(!head::worth_parsing(b"GET / HTTP/1.1\r\nHost: x\r\n", 20));
+    assert!(head::worth_parsing(b"GET / HTTP/1.1\n\n", 15), "bare LF line ends");
+}
