@@ -339,8 +339,14 @@ pub mod counter {
     pub const CAPTURED_BYTES: u32 = 9;
     /// recv/recvfrom/recvmsg calls with MSG_PEEK, not recorded (the data is read again).
     pub const PEEK_SKIPPED: u32 = 10;
+    /// Socket table updates that failed for another reason than a full table.
+    pub const SOCK_TABLE_ERROR: u32 = 11;
+    /// In-flight syscall table updates that failed for another reason than a full table.
+    pub const INFLIGHT_TABLE_ERROR: u32 = 12;
+    /// Process table updates that failed for another reason than a full table.
+    pub const PROC_TABLE_ERROR: u32 = 13;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 14;
 }
 
 #[cfg(feature = "user")]

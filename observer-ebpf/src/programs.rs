@@ -178,6 +178,18 @@ fn count(idx: u32, n: u64) {
     }
 }
 
+/// The kernel's answer to an insert into a full hash map.
+const E2BIG: i64 = 7;
+/// The key exists (an insert with BPF_NOEXIST).
+const EEXIST: i64 = 17;
+
+/// Counts a failed map insert under its true reason: the table was full, or the update
+/// failed otherwise.
+#[inline(always)]
+fn insert_failed(err: impl Into<i64>, full: u32, other: u32) {
+    count(if err.into() == -E2BIG { full } else { other }, 1);
+}
+
 #[inline(always)]
 fn own_tgid(tgid: u32) -> bool {
     tgid == OWN_TGID.load()
@@ -218,8 +230,8 @@ fn stash(pid_tgid: u64, op: u8, fd: u32, ptr: u64, arg: u64, conn_id: u64) {
         unsafe { *p = v };
         return;
     }
-    if INFLIGHT.insert(pid_tgid, v, 0).is_err() {
-        count(counter::INFLIGHT_TABLE_FULL, 1);
+    if let Err(e) = INFLIGHT.insert(pid_tgid, v, 0) {
+        insert_failed(e, counter::INFLIGHT_TABLE_FULL, counter::INFLIGHT_TABLE_ERROR);
     }
 }
 
@@ -597,8 +609,8 @@ pub fn sys_exit_socket(c: TracePointContext) -> u32 {
     }
     let Some(p) = tracked(tgid) else { return 0 };
     let v = SockVal::new(0, p.epoch, ROLE_UNCONNECTED);
-    if SOCKS.insert(SockKey { tgid, fd: fd as u32 }, v, 0).is_err() {
-        count(counter::SOCK_TABLE_FULL, 1);
+    if let Err(e) = SOCKS.insert(SockKey { tgid, fd: fd as u32 }, v, 0) {
+        insert_failed(e, counter::SOCK_TABLE_FULL, counter::SOCK_TABLE_ERROR);
     }
     0
 }
@@ -825,8 +837,8 @@ pub fn sys_exit_connect(c: TracePointContext) -> u32 {
     }
     let conn_id = next_conn_id();
     let v = SockVal::new(conn_id, p.epoch, ROLE_CLIENT);
-    if SOCKS.insert(SockKey { tgid, fd: inf.fd }, v, 0).is_err() {
-        count(counter::SOCK_TABLE_FULL, 1);
+    if let Err(e) = SOCKS.insert(SockKey { tgid, fd: inf.fd }, v, 0) {
+        insert_failed(e, counter::SOCK_TABLE_FULL, counter::SOCK_TABLE_ERROR);
         return 0;
     }
     emit_open(
@@ -892,8 +904,8 @@ fn exit_accept(c: &TracePointContext) {
     }
     let conn_id = next_conn_id();
     let v = SockVal::new(conn_id, p.epoch, ROLE_SERVER);
-    if SOCKS.insert(SockKey { tgid, fd: fd as u32 }, v, 0).is_err() {
-        count(counter::SOCK_TABLE_FULL, 1);
+    if let Err(e) = SOCKS.insert(SockKey { tgid, fd: fd as u32 }, v, 0) {
+        insert_failed(e, counter::SOCK_TABLE_FULL, counter::SOCK_TABLE_ERROR);
         return;
     }
     emit_open(
@@ -978,8 +990,8 @@ fn exit_dup(c: &TracePointContext) {
     let newfd = ret as u32;
     forget_fd(pid_tgid, newfd, &p);
     let Some(s) = socket(tgid, inf.fd, &p) else { return };
-    if SOCKS.insert(SockKey { tgid, fd: newfd }, s, 0).is_err() {
-        count(counter::SOCK_TABLE_FULL, 1);
+    if let Err(e) = SOCKS.insert(SockKey { tgid, fd: newfd }, s, 0) {
+        insert_failed(e, counter::SOCK_TABLE_FULL, counter::SOCK_TABLE_ERROR);
         return;
     }
     if s.role != ROLE_UNCONNECTED {
@@ -1045,7 +1057,10 @@ pub fn sys_exit_fcntl(c: TracePointContext) -> u32 {
 fn bump_epoch(tgid: u32, p: &ProcVal) -> u32 {
     let epoch = p.epoch.wrapping_add(1);
     let v = ProcVal { epoch, _pad: 0 };
-    let _ = TRACKED.insert(tgid, v, 0);
+    // The key exists: an update, which can only fail otherwise than by a full table.
+    if let Err(e) = TRACKED.insert(tgid, v, 0) {
+        insert_failed(e, counter::PROC_TABLE_FULL, counter::PROC_TABLE_ERROR);
+    }
     epoch
 }
 
@@ -1174,8 +1189,11 @@ pub fn sched_process_fork(c: TracePointContext) -> u32 {
     // SAFETY: offset 20 is inside this tracepoint's record.
     let child = unsafe { core::ptr::read_unaligned((c.as_ptr() as *const u8).add(20) as *const u32) };
     let v = ProcVal { epoch: 0, _pad: 0 };
-    if TRACKED.insert(child, v, u64::from(BPF_NOEXIST)).is_err() {
-        count(counter::PROC_TABLE_FULL, 1);
+    // Already tracked (userspace found it first) is no failure: report the fork anyway.
+    if let Err(e) = TRACKED.insert(child, v, u64::from(BPF_NOEXIST))
+        && i64::from(e) != -EEXIST
+    {
+        insert_failed(e, counter::PROC_TABLE_FULL, counter::PROC_TABLE_ERROR);
         return 0;
     }
     emit_proc(RecordKind::ProcFork, child, parent, 0);

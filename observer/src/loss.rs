@@ -21,6 +21,11 @@ pub struct UserCounters {
     pub socket_table_full: u64,
     /// Processes userspace could not track (table full).
     pub process_table_full: u64,
+    /// Kernel socket entries userspace could not write for another reason than a full
+    /// table (the map refused the update).
+    pub socket_table_errors: u64,
+    /// Processes userspace could not track for another reason than a full table.
+    pub process_table_errors: u64,
     /// Bytes moved by the data records received (their true lengths).
     pub data_bytes: u64,
     /// Connections seen being opened (accept/connect).
@@ -109,6 +114,21 @@ impl LossReport {
                     kc(counter::PROC_TABLE_FULL) + u.process_table_full,
                 ),
                 c("observer_table_full_total", &[("table", "connections")], u.connection_table_full),
+                c(
+                    "observer_table_errors_total",
+                    &[("table", "sockets")],
+                    kc(counter::SOCK_TABLE_ERROR) + u.socket_table_errors,
+                ),
+                c(
+                    "observer_table_errors_total",
+                    &[("table", "inflight_syscalls")],
+                    kc(counter::INFLIGHT_TABLE_ERROR),
+                ),
+                c(
+                    "observer_table_errors_total",
+                    &[("table", "processes")],
+                    kc(counter::PROC_TABLE_ERROR) + u.process_table_errors,
+                ),
                 c("observer_unknown_connection_records_total", &[], u.unknown_connection_records),
                 c("observer_records_total", &[], kc(counter::DATA_RECORDS)),
                 c("observer_captured_bytes_total", &[], kc(counter::CAPTURED_BYTES)),

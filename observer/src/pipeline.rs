@@ -228,6 +228,8 @@ struct Target {
     models: ModelMap,
     migrations: MigrationsCheck,
     appeared: Instant,
+    /// Its families could not be registered (counted once): its events are dropped.
+    unregistrable: bool,
 }
 
 struct PgConn {
@@ -429,6 +431,7 @@ impl Pipeline {
             models: ModelMap::by_rule(self.settings.models.as_deref()),
             migrations,
             appeared: Instant::now(),
+            unregistrable: false,
         };
         self.targets.insert(root, target);
         self.pid_target.insert(root, root);
@@ -460,40 +463,51 @@ impl Pipeline {
 
     /// Creates the app's registry and families, with its target labels, once. `local` is
     /// where its first exchange was served: the `instance` label names it.
-    fn materialize(&mut self, root: u32, local: Option<&SockAddr>) {
-        if self.targets.get(&root).is_none_or(|t| t.families.is_some()) {
-            return;
+    /// Returns whether the app has them: when they could not be made (a registration
+    /// error, counted and logged once), its events are dropped and counted.
+    fn materialize(&mut self, root: u32, local: Option<&SockAddr>) -> bool {
+        match self.targets.get(&root) {
+            None => return false,
+            Some(t) if t.families.is_some() => return true,
+            Some(t) if t.unregistrable => {
+                self.stats.unregistered_events += 1;
+                return false;
+            }
+            Some(_) => {}
         }
         let labels = self.labels(root, local);
-        let registry = match Registry::new_custom(None, Some(labels.as_map())) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(root, error = %e, "cannot create a registry for the app");
-                return;
-            }
-        };
-        let families = (|| {
-            Ok::<_, prometheus::Error>(Families {
+        let made = Registry::new_custom(None, Some(labels.as_map())).and_then(|registry| {
+            let families = Families {
                 http: HttpMetrics::new(&registry)?,
                 db: DbMetrics::new(&registry)?,
                 models: ModelMetrics::new(&registry, self.settings.max_models)?,
                 migrations: MigrationMetrics::new(&registry)?,
                 cache: CacheMetrics::new(&registry)?,
                 profile: ViewProfileMetrics::new(&registry)?,
-            })
-        })();
-        let Ok(mut families) = families else { return };
-        if let Some(t) = self.targets.get_mut(&root) {
-            // django-prometheus's model mixin creates its model's series at 0.
-            for label in t.models.precreate() {
-                families.models.precreate(label);
+            };
+            Ok((registry, families))
+        });
+        let Some(t) = self.targets.get_mut(&root) else { return false };
+        let (registry, mut families) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(root, error = %e, "cannot register the app's metric families: its events are dropped");
+                t.unregistrable = true;
+                self.stats.registration_errors += 1;
+                self.stats.unregistered_events += 1;
+                return false;
             }
-            t.families = Some(families);
+        };
+        // django-prometheus's model mixin creates its model's series at 0.
+        for label in t.models.precreate() {
+            families.models.precreate(label);
         }
+        t.families = Some(families);
         tracing::info!(root, instance = %labels.instance, "exporting the app's series");
         self.publish(|e| {
             e.registries.insert(root, registry);
         });
+        true
     }
 
     /// Whether events of the app wait for its discovery (and start it if needed).
@@ -519,7 +533,9 @@ impl Pipeline {
             self.backlog(root, Backlogged::Http(ex.clone(), local.cloned(), Box::new(profile)));
             return;
         }
-        self.materialize(root, local);
+        if !self.materialize(root, local) {
+            return;
+        }
         if let Some(t) = self.targets.get_mut(&root) {
             if let Some(view) = observe(t, ex) {
                 let (cache_gets, cache_hits) =
@@ -559,7 +575,9 @@ impl Pipeline {
             (DbWhat::Refused, None) => return,
             _ => t.aliases.resolve(ev.peer.as_ref(), ev.user.as_deref(), ev.database.as_deref()).to_string(),
         };
-        self.materialize(root, None);
+        if !self.materialize(root, None) {
+            return;
+        }
         let Some(t) = self.targets.get_mut(&root) else { return };
         let Some(f) = t.families.as_mut() else { return };
         match ev.what {
@@ -621,7 +639,9 @@ impl Pipeline {
 
     /// One `cache.get()` of an app, into its django_cache_get_* families.
     fn count_cache_get(&mut self, root: u32, backend: &str, outcome: protocol::Outcome) {
-        self.materialize(root, None);
+        if !self.materialize(root, None) {
+            return;
+        }
         if let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) {
             f.cache.observe(backend, outcome);
             self.stats.cache_gets += 1;
@@ -837,7 +857,9 @@ impl Pipeline {
                     if aliases.is_empty() {
                         continue;
                     }
-                    self.materialize(root, None);
+                    if !self.materialize(root, None) {
+                        continue;
+                    }
                     let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) else { continue };
                     for (alias, m) in aliases {
                         match m {
@@ -1255,7 +1277,7 @@ impl Sink for Pipeline {
                         },
                     };
                     if self.conns.len() >= self.settings.max_parsers {
-                        *self.stats.label_overflow.entry("parser_states").or_default() += 1;
+                        self.stats.parsers_full += 1;
                         return;
                     }
                     if matches!(proto, Proto::Other) {

@@ -132,7 +132,11 @@ impl Pump {
                 self.enter_sockets(pid, epoch, None);
             }
             Err(e) => {
-                self.user.process_table_full += 1;
+                if e.is_full() {
+                    self.user.process_table_full += 1;
+                } else {
+                    self.user.process_table_errors += 1;
+                }
                 tracing::warn!(pid, error = %e, "cannot track process");
             }
         }
@@ -191,8 +195,13 @@ impl Pump {
         if self.probe.socket(key).is_some_and(|cur| cur.epoch == val.epoch) {
             return;
         }
-        if self.probe.insert_socket(key, val, false).is_err() {
-            self.user.socket_table_full += 1;
+        match self.probe.insert_socket(key, val, false) {
+            Ok(_) => {}
+            Err(e) if e.is_full() => self.user.socket_table_full += 1,
+            Err(e) => {
+                self.user.socket_table_errors += 1;
+                tracing::debug!(error = %e, "cannot enter a socket");
+            }
         }
     }
 

@@ -24,6 +24,12 @@ pub struct SelfStats {
     /// protocol -> parse steps that panicked (a bug, contained: that connection's
     /// parsing stops, or that backlogged event is dropped; the agent goes on).
     pub parser_faults: BTreeMap<&'static str, u64>,
+    /// Apps whose metric families could not be registered (their events are dropped).
+    pub registration_errors: u64,
+    /// Exchanges, statements and lookups dropped because their app has no families.
+    pub unregistered_events: u64,
+    /// Data records of new connections refused parser state (`--max-parsers` reached).
+    pub parsers_full: u64,
     /// Data records dropped because their connection's parser had failed (the one it
     /// failed on included).
     pub records_lost_parser_fault: u64,
@@ -167,6 +173,10 @@ impl SelfStats {
             .entry("observer_records_lost_total")
             .or_default()
             .push((vec![("reason", "parser_fault")], self.records_lost_parser_fault as f64));
+        by_name
+            .entry("observer_table_full_total")
+            .or_default()
+            .push((vec![("table", "parsers")], self.parsers_full as f64));
         for (name, samples) in by_name {
             out.push(family(name, loss_help(name), MetricType::COUNTER, samples));
         }
@@ -267,6 +277,16 @@ impl SelfStats {
                 (vec![("result", "success")], self.migrations_ok as f64),
                 (vec![("result", "failure")], self.migrations_failed as f64),
             ],
+        ));
+        out.push(counter(
+            "observer_registration_errors_total",
+            "Apps whose metric families could not be registered: their events are dropped (observer_unregistered_events_total).",
+            self.registration_errors,
+        ));
+        out.push(counter(
+            "observer_unregistered_events_total",
+            "Exchanges, database and cache events dropped because their app's families could not be registered.",
+            self.unregistered_events,
         ));
         out.push(counter(
             "observer_unattributed_records_total",

@@ -289,7 +289,7 @@ fn slowloris_partial_heads_hit_the_parser_bound() {
         thread::sleep(Duration::from_millis(50));
     }
     let m = obs.wait_until("the parser bound to bite", |m| {
-        m.sum("observer_label_overflow_total", &[("label", "parser_states")]) > 0.0
+        m.sum("observer_table_full_total", &[("table", "parsers")]) > 0.0
     });
     assert!(m.sum("observer_parser_states", &[]) <= 100.0, "parser states stay within --max-parsers");
     drop(conns);

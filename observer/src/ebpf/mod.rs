@@ -198,7 +198,7 @@ impl Probe {
             Ok(()) => Ok(0),
             Err(e) => match map.get(&tgid, 0) {
                 Ok(v) => Ok(v.epoch),
-                Err(_) => Err(TableError::Full(e.to_string())),
+                Err(_) => Err(TableError::from_insert(&e)),
             },
         }
     }
@@ -227,7 +227,7 @@ impl Probe {
         match map.insert(key, val, if only_new { BPF_NOEXIST } else { 0 }) {
             Ok(()) => Ok(true),
             Err(_) if only_new && map.get(&key, 0).is_ok() => Ok(false),
-            Err(e) => Err(TableError::Full(e.to_string())),
+            Err(e) => Err(TableError::from_insert(&e)),
         }
     }
 
@@ -276,8 +276,25 @@ impl Probe {
 pub enum TableError {
     #[error("{0}")]
     Map(LoadError),
-    #[error("table full or update refused: {0}")]
+    /// The kernel said the table is full (E2BIG).
+    #[error("table full: {0}")]
     Full(String),
+    /// The update failed for another reason.
+    #[error("update refused: {0}")]
+    Refused(String),
+}
+
+impl TableError {
+    /// A failed insert under its true reason: full, or refused otherwise.
+    fn from_insert(e: &aya::maps::MapError) -> Self {
+        let full = matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
+        if full { Self::Full(e.to_string()) } else { Self::Refused(e.to_string()) }
+    }
+
+    /// Whether the table was full (else: an error of another kind).
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Full(_))
+    }
 }
 
 impl Drop for Probe {
@@ -362,4 +379,24 @@ fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(v).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TableError;
+
+    /// A full table and a refused update are told apart by the kernel's errno: each is
+    /// counted under its own reason.
+    #[test]
+    fn a_full_table_is_told_from_a_refused_update() {
+        let err = |errno| {
+            aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        assert!(TableError::from_insert(&err(libc::E2BIG)).is_full());
+        assert!(!TableError::from_insert(&err(libc::ENOMEM)).is_full());
+        assert!(!TableError::from_insert(&err(libc::EPERM)).is_full());
+    }
 }
