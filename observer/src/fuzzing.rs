@@ -363,17 +363,19 @@ mod tests {
     use super::TARGETS;
 
     /// Every input the fuzzers kept (observer/fuzz/corpus, minimised by `cargo xtask
-    /// fuzz`) runs again through its target: a regression there fails here, without
-    /// nightly or libFuzzer.
+    /// fuzz`) and every input that once failed (observer/fuzz/regressions, kept as
+    /// found, never minimised away) runs again through its target: a regression there
+    /// fails here, without nightly or libFuzzer.
     #[test]
     fn the_kept_corpus_replays_cleanly() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
         let mut failed = Vec::new();
         for &(name, body) in TARGETS {
-            let dir = root.join(name);
-            let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let dir = root.join("corpus").join(name);
+            let kept = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let found = std::fs::read_dir(root.join("regressions").join(name)).into_iter().flatten();
             let mut n = 0;
-            for entry in entries {
+            for entry in kept.chain(found) {
                 let path = entry.expect("corpus entry").path();
                 let data = std::fs::read(&path).expect("corpus file");
                 if std::panic::catch_unwind(|| body(&data)).is_err() {

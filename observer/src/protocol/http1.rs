@@ -174,6 +174,9 @@ pub const PROXY_HEADERS: [&str; 7] = [
 /// Longest proxy header value kept.
 const MAX_PROXY_VALUE: usize = 64;
 
+/// How an HTTP/2 connection starts (prior knowledge): not HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
+
 /// Request-side configuration shared by a target's connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
@@ -329,15 +332,8 @@ impl Http1Parser {
                     }
                     let visible = cur.visible();
                     if buf.is_empty() {
-                        if visible.starts_with(b"PRI * HTTP/2") {
-                            self.mode = Mode::Other;
-                            return;
-                        }
                         match request_start(visible) {
-                            Start::Yes => {
-                                self.mode = Mode::Http;
-                                self.drop_unpaired = false;
-                            }
+                            Start::Yes => self.drop_unpaired = false,
                             Start::Maybe => {}
                             Start::No => {
                                 if self.mode == Mode::Detecting {
@@ -354,6 +350,17 @@ impl Http1Parser {
                     }
                     let old = extend_head(buf, visible, self.limits.max_head_bytes);
                     self.head_start_ns.get_or_insert(ts);
+                    // What the connection carries is decided on the bytes buffered so far,
+                    // never on where the first syscall happened to end.
+                    if self.mode == Mode::Detecting {
+                        if buf.starts_with(H2_PREFACE) {
+                            self.mode = Mode::Other;
+                            return;
+                        }
+                        if !H2_PREFACE.starts_with(buf) && request_start(buf) == Start::Yes {
+                            self.mode = Mode::Http;
+                        }
+                    }
                     let parsed = if worth_parsing(buf, old) {
                         parse_request(buf, &self.config)
                     } else {

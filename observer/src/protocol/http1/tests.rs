@@ -647,3 +647,24 @@ fn heads_are_parsed_again_only_when_they_may_have_ended() {
     assert!(!head::worth_parsing(b"GET / HTTP/1.1\r\nHost: x\r\n", 20));
     assert!(head::worth_parsing(b"GET / HTTP/1.1\n\n", 15), "bare LF line ends");
 }
+
+/// Found by fuzzing the split invariance: a request line whose first syscall ended
+/// inside the method was "not HTTP" when the line turned out invalid, and an error on
+/// an HTTP connection when the first syscall reached the target. The decision is now
+/// made on the buffered bytes, so every split says the same.
+#[test]
+fn what_a_connection_carries_does_not_depend_on_its_first_syscall() {
+    let line = b"fffffffgfffff ff%*If HTTP/1.0\n\n".to_vec();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    for bytes in [line, preface] {
+        let mut seen = Vec::new();
+        for cut in 1..bytes.len() {
+            let mut p = Http1Parser::new(Limits::default(), Config::default());
+            let (a, b) = bytes.split_at(cut);
+            let ev = run(&mut p, &[(R, a), (R, b)]);
+            seen.push((errors(&ev), p.mode()));
+        }
+        seen.dedup();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+    }
+}
