@@ -489,6 +489,18 @@ async fn run(args: RunArgs) -> Result<()> {
             .or(file.n_plus_one_threshold)
             .unwrap_or(d.n_plus_one_threshold),
     };
+    // A bound of 0 would hold nothing, and the parsers' bounds are at least one entry.
+    for (flag, v) in [
+        ("--max-http-head-bytes", settings.http.max_head_bytes),
+        ("--max-pending-requests", settings.http.max_pending),
+        ("--max-pending-statements", settings.postgres.max_pending),
+        ("--max-pending-cache-commands", settings.cache_commands),
+        ("--max-parsers", settings.max_parsers),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be positive");
+        }
+    }
     if args.kubernetes || file.kubernetes.unwrap_or(false) {
         let node = pick(&args.node_name, &file.node_name).context(
             "--kubernetes needs the node's name: --node-name or NODE_NAME (the downward API's spec.nodeName)",

@@ -40,38 +40,48 @@ pub struct Step {
     pub dir: Direction,
     /// The bytes captured.
     pub bytes: Vec<u8>,
-    /// Bytes moved after the captured ones, not captured (a hole).
-    pub hole: u64,
+    /// What the syscall moved: usually the captured bytes and a hole after them.
+    pub total_len: u64,
     pub lost: bool,
+    /// When the syscall ended (time may run backwards between CPUs).
+    pub ts: u64,
 }
 
 impl Step {
-    /// This step as the syscall `ts` (its enter and exit time).
-    pub fn chunk(&self, ts: u64) -> Chunk<'_> {
+    /// This step as a syscall.
+    pub fn chunk(&self) -> Chunk<'_> {
         Chunk {
             dir: self.dir,
-            enter_ns: ts,
-            exit_ns: ts,
+            enter_ns: self.ts,
+            exit_ns: self.ts,
             bytes: &self.bytes,
-            total_len: self.bytes.len() as u64 + self.hole,
+            total_len: self.total_len,
         }
+    }
+
+    /// Bytes wholly captured, nothing lost.
+    fn whole(dir: Direction, bytes: Vec<u8>, ts: u64) -> Self {
+        Self { dir, total_len: bytes.len() as u64, bytes, lost: false, ts }
     }
 }
 
 /// The input format every parser target shares: a config byte, then steps.
 ///
 /// The config byte: bit 0 set gives the parser its real default limits (so that
-/// inputs go past them), clear gives small ones (so that short inputs do); bits 1-7
-/// seed the re-split of [`split_invariant`].
+/// inputs go past them), clear gives small ones (so that short inputs do; bits 1-2
+/// pick how small, down to one pending command); bits 1-7 seed the re-split of
+/// [`split_invariant`].
 ///
 /// A step is a control byte (bit 0: send, else receive; bit 1: records lost after it;
-/// bit 2: repeat; high nibble: a hole of that many times 997 bytes after the captured
-/// ones), a length byte, with bit 2 a repeat count byte, then the bytes: repeated
-/// `count + 1` times, so that a few input bytes make a head, a path or a key of up to
-/// 64 KiB, past every limit the parsers have.
+/// bit 2: repeat; bit 3: its clock runs behind the previous step's; high nibble: a hole
+/// of that many times 997 bytes after the captured ones, 14 a record that claims fewer
+/// bytes than it carries, 15 a length of u64::MAX), a length byte, with bit 2 a repeat
+/// count byte, then the bytes: repeated `count + 1` times, so that a few input bytes
+/// make a head, a path or a key of up to 64 KiB, past every limit the parsers have.
 pub fn steps(data: &[u8]) -> (u8, Vec<Step>) {
     let Some((&config, mut rest)) = data.split_first() else { return (0, Vec::new()) };
     let mut out = Vec::new();
+    let mut ts = 1_000_000u64;
     while let Some((&[ctl, len], tail)) = rest.split_first_chunk::<2>() {
         let (repeat, tail) = match tail.split_first() {
             Some((&r, t)) if ctl & 4 != 0 => (usize::from(r) + 1, t),
@@ -80,12 +90,16 @@ pub fn steps(data: &[u8]) -> (u8, Vec<Step>) {
         let n = usize::from(len).min(tail.len());
         let (bytes, tail) = tail.split_at(n);
         rest = tail;
-        out.push(Step {
-            dir: if ctl & 1 == 0 { Direction::Recv } else { Direction::Send },
-            bytes: bytes.repeat(repeat),
-            hole: u64::from(ctl >> 4) * 997,
-            lost: ctl & 2 != 0,
-        });
+        let bytes = bytes.repeat(repeat);
+        let captured = bytes.len() as u64;
+        let total_len = match ctl >> 4 {
+            14 => captured / 2,
+            15 => u64::MAX,
+            h => captured + u64::from(h) * 997,
+        };
+        ts = if ctl & 8 != 0 { ts.saturating_sub(7) } else { ts + 1 };
+        let dir = if ctl & 1 == 0 { Direction::Recv } else { Direction::Send };
+        out.push(Step { dir, bytes, total_len, lost: ctl & 2 != 0, ts });
     }
     (config, out)
 }
@@ -115,8 +129,7 @@ pub fn split_invariant<E: PartialEq + std::fmt::Debug>(
     run: impl Fn(&[Step]) -> Vec<E>,
     is_error: impl Fn(&E) -> bool,
 ) {
-    let whole: Vec<Step> =
-        steps.iter().map(|s| Step { dir: s.dir, bytes: s.bytes.clone(), hole: 0, lost: false }).collect();
+    let whole: Vec<Step> = steps.iter().map(|s| Step::whole(s.dir, s.bytes.clone(), s.ts)).collect();
     let first = run(&whole);
     if first.iter().any(&is_error) {
         return;
@@ -156,7 +169,7 @@ pub fn resplit(steps: &[Step], seed: u8) -> Vec<Step> {
         let mut rest = stream.as_slice();
         while !rest.is_empty() {
             let (piece, tail) = rest.split_at(next(rest.len()));
-            resplit.push(Step { dir, bytes: piece.to_vec(), hole: 0, lost: false });
+            resplit.push(Step::whole(dir, piece.to_vec(), 0));
             rest = tail;
         }
     }
@@ -175,8 +188,8 @@ pub fn http1(data: &[u8]) {
     let bound = 2 * 2 * (limits.max_head_bytes + 1024 + widest);
     let mut p = Http1Parser::new(limits, Config::default());
     let mut out = Vec::new();
-    for (ts, s) in (1..).zip(&steps) {
-        p.feed(&s.chunk(ts), &mut out);
+    for s in &steps {
+        p.feed(&s.chunk(), &mut out);
         if s.lost {
             p.lost(&mut out);
         }
@@ -193,8 +206,8 @@ pub fn http1(data: &[u8]) {
         |steps| {
             let mut p = Http1Parser::new(limits, Config::default());
             let mut out = Vec::new();
-            for (ts, s) in (1..).zip(steps) {
-                p.feed(&s.chunk(ts), &mut out);
+            for s in steps {
+                p.feed(&s.chunk(), &mut out);
             }
             p.close(&mut out);
             for e in &mut out {
@@ -233,8 +246,8 @@ pub fn postgres(data: &[u8]) {
     let fresh = || if mid { PgParser::mid_stream(limits) } else { PgParser::new(limits) };
     let mut p = fresh();
     let mut out = Vec::new();
-    for (ts, s) in (1..).zip(&steps) {
-        let c = s.chunk(ts);
+    for s in &steps {
+        let c = s.chunk();
         let _ = (
             postgres::is_startup(c.bytes),
             postgres::looks_like_frontend(c.bytes, c.total_len),
@@ -261,8 +274,8 @@ pub fn postgres(data: &[u8]) {
         |steps| {
             let mut p = fresh();
             let mut out = Vec::new();
-            for (ts, s) in (1..).zip(steps) {
-                p.feed(&s.chunk(ts), &mut out);
+            for s in steps {
+                p.feed(&s.chunk(), &mut out);
             }
             p.close(&mut out);
             for e in &mut out {
@@ -290,7 +303,8 @@ pub fn memcached(data: &[u8]) {
 /// within KEY_HEAD, time never running backwards; and split-invariant.
 fn cache(new: fn(CacheLimits) -> Box<dyn CacheParser>, detect: fn(&[u8]) -> bool, data: &[u8]) {
     let (config, steps) = steps(data);
-    let limits = if config & 1 == 1 { CacheLimits::default() } else { CacheLimits { max_pending: 16 } };
+    let small = [1, 2, 16, 16][usize::from(config >> 1 & 3)];
+    let limits = if config & 1 == 1 { CacheLimits::default() } else { CacheLimits { max_pending: small } };
     let mut p = new(limits);
     let mut out = Vec::new();
     let check = |out: &mut Vec<CacheEvent>| {
@@ -300,9 +314,9 @@ fn cache(new: fn(CacheLimits) -> Box<dyn CacheParser>, detect: fn(&[u8]) -> bool
             }
         }
     };
-    for (ts, s) in (1..).zip(&steps) {
+    for s in &steps {
         let _ = detect(&s.bytes);
-        p.feed(&s.chunk(ts), &mut out);
+        p.feed(&s.chunk(), &mut out);
         if s.lost {
             p.lost(&mut out);
         }
@@ -317,8 +331,8 @@ fn cache(new: fn(CacheLimits) -> Box<dyn CacheParser>, detect: fn(&[u8]) -> bool
         |steps| {
             let mut p = new(limits);
             let mut out = Vec::new();
-            for (ts, s) in (1..).zip(steps) {
-                p.feed(&s.chunk(ts), &mut out);
+            for s in steps {
+                p.feed(&s.chunk(), &mut out);
             }
             p.close(&mut out);
             for e in &mut out {

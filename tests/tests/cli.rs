@@ -63,6 +63,19 @@ fn invalid_bounds_are_refused_with_the_flag_name() {
         assert_eq!(code, 1, "{flag} {value}");
         assert_one_line(&err, expected);
     }
+    // The parsers' bounds hold at least one entry (0 would break the bound they state).
+    for flag in [
+        "--max-http-head-bytes",
+        "--max-pending-requests",
+        "--max-pending-statements",
+        "--max-pending-cache-commands",
+        "--max-parsers",
+    ] {
+        run_fails(
+            &["run", "--pid", &pid, "--listen", "127.0.0.1:0", flag, "0"],
+            &format!("{flag} must be positive"),
+        );
+    }
 }
 
 /// `observer run` with `args`, expected to fail at once with one line containing `expected`.

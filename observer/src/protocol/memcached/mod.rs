@@ -59,6 +59,11 @@ pub fn is_pickled_none(value: &[u8]) -> bool {
     matches!(value, b"N." | b"\x80\x02N." | b"\x80\x03N." | b"\x80\x04N." | b"\x80\x05N.")
 }
 
+/// Whether a meta command's flags (from word `from` on) ask for quiet mode.
+fn quiet(words: &[&[u8]], from: usize) -> bool {
+    words.get(from..).unwrap_or_default().iter().any(|f| f.first() == Some(&b'q'))
+}
+
 #[derive(Debug, Clone)]
 enum Want {
     /// A one-key lookup.
@@ -67,6 +72,9 @@ enum Want {
     UntilEnd,
     /// One line (or a meta answer, possibly with a value block).
     Line,
+    /// A quiet meta command (`q` flag): answered only on some outcomes (a hit, an
+    /// error), so which answer is its own is known only at the next `mn` barrier.
+    Quiet,
 }
 
 #[derive(Debug, Clone)]
@@ -238,9 +246,8 @@ impl MemcachedParser {
                 b"get" | b"gets" | b"gat" | b"gats" | b"stats" => Some(Want::UntilEnd),
                 b"mg" if words.len() >= 2 => {
                     // Quiet mode leaves misses unanswered: not a lookup we can follow.
-                    let quiet = words[2..].iter().any(|f| f.first() == Some(&b'q'));
-                    if quiet {
-                        None
+                    if quiet(&words, 2) {
+                        Some(Want::Quiet)
                     } else {
                         Some(Want::Get(words[1][..words[1].len().min(KEY_HEAD)].into()))
                     }
@@ -251,13 +258,11 @@ impl MemcachedParser {
                         return false;
                     };
                     self.front_block = n as u64 + 2;
-                    let quiet = words[3..].iter().any(|f| f.first() == Some(&b'q'));
-                    (!quiet).then_some(Want::Line)
+                    Some(if quiet(&words, 3) { Want::Quiet } else { Want::Line })
                 }
-                b"md" | b"ma" | b"mn" | b"me" => {
-                    let quiet = words[1..].iter().any(|f| f.first() == Some(&b'q'));
-                    (!quiet).then_some(Want::Line)
-                }
+                // md/ma/me <key> <flags>*: the flags start after the key.
+                b"md" | b"ma" | b"me" => Some(if quiet(&words, 2) { Want::Quiet } else { Want::Line }),
+                b"mn" => Some(Want::Line),
                 // quit: no answer, the server closes.
                 b"quit" => None,
                 n if COMMANDS.contains(&n) || n == b"verbosity" || n == b"cache_memlimit" => {
@@ -269,8 +274,11 @@ impl MemcachedParser {
         self.flush_limbo(out);
         if let Some(want) = want {
             if self.pending.len() >= self.limits.max_pending {
-                self.pending.pop_front();
+                // The framing of what is in flight depends on each command: past the
+                // bound nothing can be matched any more; what waits ends unknown.
                 out.push(Event::Error(ParseError::PendingOverflow));
+                self.desync_back();
+                return true;
             }
             let meta = name.len() == 2 && name[0] == b'm';
             self.pending.push_back(Pending { want, meta, start_ns, value: false, none: false });
@@ -359,6 +367,20 @@ impl MemcachedParser {
             self.desync_back();
             return;
         };
+        if matches!(p.want, Want::Quiet) {
+            // Quiet commands answered nothing up to the barrier: they are done. Any
+            // other answer may be theirs or the next command's: framing is lost.
+            if first != b"MN" {
+                out.push(Event::Error(ParseError::Desync));
+                self.desync_back();
+                return;
+            }
+            while self.pending.front().is_some_and(|p| matches!(p.want, Want::Quiet)) {
+                self.pending.pop_front();
+            }
+            self.answer_line(line, end_ns, out);
+            return;
+        }
         if matches!(first, b"ERROR" | b"CLIENT_ERROR" | b"SERVER_ERROR") {
             self.answer_done(end_ns, true, out);
             return;
@@ -396,7 +418,7 @@ impl MemcachedParser {
                 p.value |= first == b"HD";
                 self.answer_done(end_ns, false, out);
             }
-            (false, Want::Line) => self.answer_done(end_ns, false, out),
+            (false, Want::Line | Want::Quiet) => self.answer_done(end_ns, false, out),
         }
     }
 
@@ -409,6 +431,8 @@ impl MemcachedParser {
                 (false, true, false) => Outcome::Hit,
                 _ => Outcome::Miss,
             };
+            // Clocks of different CPUs may disagree by a little: never a negative time.
+            let end_ns = end_ns.max(p.start_ns);
             out.push(Event::Get(KeyGet { key, outcome, start_ns: p.start_ns, end_ns }));
         }
     }

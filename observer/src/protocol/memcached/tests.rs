@@ -42,6 +42,53 @@ fn replay(cap: usize) -> Vec<Event> {
     out
 }
 
+/// Audit [9a]: `md`/`ma` keys that start with `q` were read as the quiet flag, so the
+/// answer of `md` went to the next lookup (a miss counted as a hit).
+#[test]
+fn a_key_starting_with_q_is_no_quiet_flag() {
+    let mut p = MemcachedParser::new(Limits::default());
+    let ev = run(&mut p, &[(S, b"md queue:1\r\nma quota\r\nmg f v\r\n"), (R, b"HD\r\nHD\r\nEN\r\n")]);
+    assert_eq!(gets(&ev), vec![("f".into(), Outcome::Miss)]);
+    assert!(errors(&ev).is_empty(), "{ev:?}");
+}
+
+/// Audit [9a]: quiet meta commands are answered on some outcomes only (a hit, an
+/// error): their answers shifted every later one. Up to an `mn` barrier that answered
+/// nothing they are done; an answer that may be theirs loses the framing, counted.
+#[test]
+fn quiet_meta_commands_never_shift_later_answers() {
+    let mut p = MemcachedParser::new(Limits::default());
+    let ev = run(&mut p, &[(S, b"mg e v q\r\nmn\r\nmg f v\r\n"), (R, b"MN\r\nVA 1\r\ny\r\n")]);
+    assert_eq!(gets(&ev), vec![("f".into(), Outcome::Hit)]);
+    assert!(errors(&ev).is_empty(), "{ev:?}");
+    let mut p = MemcachedParser::new(Limits::default());
+    let ev =
+        run(&mut p, &[(S, b"mg e v q\r\nmn\r\nmg f v\r\n"), (R, b"VA 1\r\nx\r\nMN\r\nVA 1 f1\r\ny\r\n")]);
+    assert!(!gets(&ev).iter().any(|(k, o)| k == "f" && *o == Outcome::Miss), "{ev:?}");
+    assert_eq!(errors(&ev), vec![ParseError::Desync]);
+    let mut p = MemcachedParser::new(Limits::default());
+    let ev = run(&mut p, &[(S, b"ms k 2 q\r\nhi\r\nmg f v\r\n"), (R, b"NS\r\nVA 1\r\ny\r\n")]);
+    assert!(!gets(&ev).iter().any(|(_, o)| *o == Outcome::Miss), "{ev:?}");
+}
+
+/// Audit [9a]: dropping the oldest command at the pending bound shifted every later
+/// answer onto the wrong command. Past the bound the answers in flight are unknown.
+#[test]
+fn the_pending_bound_never_shifts_answers() {
+    let mut p = MemcachedParser::new(Limits { max_pending: 2 });
+    let ev = run(
+        &mut p,
+        &[
+            (S, b"get a\r\nget b\r\nget c\r\n"),
+            (R, b"VALUE a 0 1\r\nx\r\nEND\r\nEND\r\nVALUE c 0 1\r\nz\r\nEND\r\n"),
+        ],
+    );
+    assert!(errors(&ev).contains(&ParseError::PendingOverflow));
+    for (k, o) in gets(&ev) {
+        assert!(matches!(o, Outcome::Unknown) || (k == "a" && o == Outcome::Hit), "{k} {o:?}: {ev:?}");
+    }
+}
+
 #[test]
 fn real_capture_pymemcache() {
     // Django's PyMemcacheCache: one connection per request, `get` of one key per

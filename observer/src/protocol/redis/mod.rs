@@ -83,6 +83,14 @@ impl Kind {
     }
 }
 
+/// An aggregate being read: elements left, and whether it is an attribute inside
+/// another aggregate (a prefix of the next element, not an element itself).
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    left: u64,
+    attr: bool,
+}
+
 /// The command being read from the client.
 #[derive(Debug, Default)]
 struct Command {
@@ -113,7 +121,11 @@ pub struct RedisParser {
     back_line: Vec<u8>,
     back_synced: bool,
     back_armed: bool,
-    stack: Vec<u64>,
+    /// Aggregates being read, innermost last.
+    stack: Vec<Frame>,
+    /// Replies still to come for commands dropped by the `max_pending` bound (the
+    /// oldest ones): they are stepped over, so later replies keep their commands.
+    skip_replies: u64,
     top: Kind,
     top_push: bool,
     top_attr: bool,
@@ -143,6 +155,7 @@ impl RedisParser {
             back_synced: true,
             back_armed: false,
             stack: Vec::new(),
+            skip_replies: 0,
             top: Kind::default(),
             top_push: false,
             top_attr: false,
@@ -226,6 +239,7 @@ impl RedisParser {
         self.back_armed = false;
         self.back_line.clear();
         self.stack.clear();
+        self.skip_replies = 0;
         self.collecting = false;
         self.payload_left = 0;
         self.crlf_left = 0;
@@ -372,7 +386,9 @@ impl RedisParser {
             _ => get.map_or(Want::Other, Want::Get),
         };
         if self.pending.len() >= self.limits.max_pending {
+            // The oldest is forgotten, not its reply: that one is stepped over.
             self.pending.pop_front();
+            self.skip_replies = self.skip_replies.saturating_add(1);
             out.push(Event::Error(ParseError::PendingOverflow));
         }
         self.pending.push_back(Pending { want, start_ns: cmd.start_ns });
@@ -435,6 +451,8 @@ impl RedisParser {
     fn type_line(&mut self, line: &[u8], c: &Chunk<'_>, out: &mut Vec<Event>) -> bool {
         let Some((&t, rest)) = line.split_first() else { return false };
         let depth = self.stack.len();
+        // RESP3 allows an attribute before any element, inside aggregates too.
+        let attr_inside = t == b'|' && depth > 0;
         if depth == 0 {
             self.top = Kind { t, null: false };
             self.top_push = t == b'>';
@@ -443,7 +461,7 @@ impl RedisParser {
                 && !self.top_attr
                 && self.pending.front().is_some_and(|p| matches!(p.want, Want::Exec(_)));
             self.elems.clear();
-        } else if depth == 1 && self.collecting && self.elems.len() < MAX_TXN {
+        } else if depth == 1 && self.collecting && !attr_inside && self.elems.len() < MAX_TXN {
             self.elems.push(Kind { t, null: false });
         }
         let mark_null = |s: &mut Self| {
@@ -478,7 +496,9 @@ impl RedisParser {
             b'*' | b'~' | b'>' | b'%' | b'|' => {
                 let Some(n) = lines::parse_int(rest) else { return false };
                 let n = if matches!(t, b'%' | b'|') { n.saturating_mul(2) } else { n };
-                if n < 0 {
+                if attr_inside && n <= 0 {
+                    // An empty attribute: nothing, and no element of its parent.
+                } else if n < 0 {
                     mark_null(self);
                     self.element_done(c, out);
                 } else if n == 0 {
@@ -487,7 +507,7 @@ impl RedisParser {
                     if self.stack.len() >= MAX_DEPTH {
                         return false;
                     }
-                    self.stack.push(n as u64);
+                    self.stack.push(Frame { left: n as u64, attr: attr_inside });
                 }
             }
             _ => return false,
@@ -504,12 +524,15 @@ impl RedisParser {
                     self.reply_done(c.exit_ns, out);
                     return;
                 }
-                Some(left) => {
-                    *left -= 1;
-                    if *left > 0 {
+                Some(frame) => {
+                    frame.left -= 1;
+                    if frame.left > 0 {
                         return;
                     }
-                    self.stack.pop();
+                    // An attribute ended: its parent is still waiting for the element.
+                    if self.stack.pop().is_some_and(|f| f.attr) {
+                        return;
+                    }
                 }
             }
         }
@@ -519,6 +542,10 @@ impl RedisParser {
         self.collecting = false;
         // Push messages are out of band; an attribute precedes the real reply.
         if self.top_push || self.top_attr {
+            return;
+        }
+        if self.skip_replies > 0 {
+            self.skip_replies -= 1;
             return;
         }
         let Some(p) = self.pending.pop_front() else {
@@ -532,12 +559,14 @@ impl RedisParser {
                 for (i, key) in keys.iter().enumerate() {
                     if let Some(key) = key {
                         let outcome = self.elems.get(i).map_or(Outcome::Unknown, |k| k.outcome());
+                        let end_ns = end_ns.max(p.start_ns);
                         let g = KeyGet { key: key.clone(), outcome, start_ns: p.start_ns, end_ns };
                         out.push(Event::Get(g));
                     }
                 }
             } else if top.t == b'-' {
                 for key in keys.iter().flatten() {
+                    let end_ns = end_ns.max(p.start_ns);
                     let g = KeyGet { key: key.clone(), outcome: Outcome::Fail, start_ns: p.start_ns, end_ns };
                     out.push(Event::Get(g));
                 }
@@ -549,6 +578,8 @@ impl RedisParser {
 
     fn complete(&mut self, p: Pending, kind: Kind, end_ns: u64, out: &mut Vec<Event>) {
         if let Want::Get(key) = p.want {
+            // Clocks of different CPUs may disagree by a little: never a negative time.
+            let end_ns = end_ns.max(p.start_ns);
             out.push(Event::Get(KeyGet { key, outcome: kind.outcome(), start_ns: p.start_ns, end_ns }));
         }
     }

@@ -329,3 +329,35 @@ proptest! {
         p.close(&mut out);
     }
 }
+
+/// Audit [9a]: dropping the oldest command at the pending bound shifted every later
+/// reply onto the wrong command; its reply is now stepped over.
+#[test]
+fn the_pending_bound_never_shifts_replies() {
+    let mut p = RedisParser::new(Limits { max_pending: 2 });
+    let send = [cmd(&[b"GET", b"a"]), cmd(&[b"GET", b"b"]), cmd(&[b"GET", b"c"])].concat();
+    let recv = [bulk(b"x"), b"$-1\r\n".to_vec(), bulk(b"z")].concat();
+    let ev = run(&mut p, &[(S, send), (R, recv)]);
+    assert_eq!(errors(&ev), vec![ParseError::PendingOverflow]);
+    assert_eq!(gets(&ev), vec![("b".into(), Outcome::Miss), ("c".into(), Outcome::Hit)]);
+}
+
+/// Audit [9a]: a RESP3 attribute inside an aggregate is a prefix of the next element,
+/// not an element: counted as one, it closed the array early and the next GET took
+/// the array's last element for its reply.
+#[test]
+fn an_attribute_inside_an_aggregate_is_not_an_element() {
+    let mut p = RedisParser::new(Limits::default());
+    let send = [cmd(&[b"MGET", b"a", b"x"]), cmd(&[b"GET", b"b"])].concat();
+    let recv = b"*2\r\n|1\r\n+ttl\r\n:3\r\n$1\r\nx\r\n$1\r\ny\r\n$-1\r\n".to_vec();
+    let ev = run(&mut p, &[(S, send), (R, recv)]);
+    assert!(errors(&ev).is_empty(), "{ev:?}");
+    assert_eq!(gets(&ev), vec![("b".into(), Outcome::Miss)]);
+    // An empty attribute inside an aggregate, and one inside EXEC's reply.
+    let mut p = RedisParser::new(Limits::default());
+    let send = [cmd(&[b"MULTI"]), cmd(&[b"GET", b"k"]), cmd(&[b"EXEC"]), cmd(&[b"GET", b"b"])].concat();
+    let recv = b"+OK\r\n+QUEUED\r\n*1\r\n|0\r\n|1\r\n+a\r\n+b\r\n$1\r\nv\r\n$-1\r\n".to_vec();
+    let ev = run(&mut p, &[(S, send), (R, recv)]);
+    assert!(errors(&ev).is_empty(), "{ev:?}");
+    assert_eq!(gets(&ev), vec![("k".into(), Outcome::Hit), ("b".into(), Outcome::Miss)]);
+}
