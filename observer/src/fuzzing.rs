@@ -281,6 +281,9 @@ pub fn postgres(data: &[u8]) {
             for e in &mut out {
                 if let postgres::Event::Statement(st) = e {
                     (st.start_ns, st.end_ns) = (0, 0);
+                    // By design, psycopg's executemany of one parameter set is told by
+                    // its Sync coming in a write of its own: where writes end matters.
+                    st.many &= st.executes > 1;
                 }
             }
             out

@@ -14,8 +14,8 @@ use std::collections::VecDeque;
 use self::{
     chunked::{Chunked, ChunkedStep, chunk_line_start, feed_chunked},
     head::{
-        HeadResult, ResponseHead, Start, extend_head, parse_request, parse_response, parse_truncated,
-        request_start, response_start, worth_parsing,
+        HeadResult, ResponseHead, Start, complete_lines, extend_head, parse_request, parse_response,
+        parse_truncated, request_start, response_start,
     },
 };
 use super::{Chunk, Cursor};
@@ -361,10 +361,9 @@ impl Http1Parser {
                             self.mode = Mode::Http;
                         }
                     }
-                    let parsed = if worth_parsing(buf, old) {
-                        parse_request(buf, &self.config)
-                    } else {
-                        HeadResult::Partial
+                    let parsed = match complete_lines(buf, old) {
+                        Some(lines) => parse_request(lines, &self.config),
+                        None => HeadResult::Partial,
                     };
                     match parsed {
                         HeadResult::Complete((req, framing), n) => {
@@ -471,8 +470,7 @@ impl Http1Parser {
                         continue;
                     }
                     let old = extend_head(buf, visible, self.limits.max_head_bytes);
-                    let parsed =
-                        if worth_parsing(buf, old) { parse_response(buf) } else { HeadResult::Partial };
+                    let parsed = complete_lines(buf, old).map_or(HeadResult::Partial, parse_response);
                     match parsed {
                         HeadResult::Complete(head, n) => {
                             cur.advance(n.saturating_sub(old) as u64);

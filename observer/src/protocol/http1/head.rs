@@ -107,14 +107,18 @@ pub(super) fn extend_head(buf: &mut Vec<u8>, visible: &[u8], max: usize) -> usiz
     old
 }
 
-/// Whether a head buffer that grew from `old` bytes needs parsing again: on its first
-/// bytes (to tell a non-HTTP stream at once), or when the new bytes may end it (a blank
-/// line, possibly begun before them). Parsing every time would make a head sent a few
-/// bytes per syscall cost quadratic time (32 KiB one byte at a time: 500 M bytes
-/// scanned).
-pub(super) fn worth_parsing(buf: &[u8], old: usize) -> bool {
-    let tail = buf.get(old.saturating_sub(2)..).unwrap_or_default();
-    old == 0 || tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+/// The part of a head buffer worth parsing once it grew from `old` bytes: its complete
+/// lines, when the new bytes completed one (else nothing to parse yet).
+///
+/// Parsing only complete lines makes the verdict depend on the bytes alone, never on
+/// where syscalls ended (a line that is invalid is found so once it ends, however it
+/// was split); and parsing only when a line ends bounds the work per head (httparse
+/// refuses more than MAX_HEADERS lines) where parsing at every syscall was quadratic:
+/// 32 KiB sent a byte per syscall scanned 500 M bytes.
+pub(super) fn complete_lines(buf: &[u8], old: usize) -> Option<&[u8]> {
+    let new = buf.get(old..)?;
+    let last = old + new.iter().rposition(|&b| b == b'\n')?;
+    buf.get(..=last)
 }
 
 /// Parses a head cut short by the capture: up to its last complete line, as if the head

@@ -633,38 +633,15 @@ proptest! {
     }
 }
 
-/// A head is parsed again only when its new bytes may end it, whatever the split of
-/// its blank line (parsing at every syscall made a head sent byte by byte quadratic).
+/// A head is parsed again only when its new bytes complete a line, and then only its
+/// complete lines (parsing at every syscall made a head sent byte by byte quadratic,
+/// and parsing incomplete lines made an invalid one's verdict depend on the split).
 #[test]
-fn heads_are_parsed_again_only_when_they_may_have_ended() {
-    let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-    for cut in 1..head.len() {
-        let (a, b) = head.split_at(cut);
-        let buf = [a, b].concat();
-        assert!(head::worth_parsing(&buf, a.len()), "blank line completed after {cut} bytes");
-    }
-    assert!(head::worth_parsing(b"GET", 0), "the first bytes, to tell a non-HTTP stream");
-    assert!(!head::worth_parsing(b"GET / HTTP/1.1\r\nHost: x\r\n", 20));
-    assert!(head::worth_parsing(b"GET / HTTP/1.1\n\n", 15), "bare LF line ends");
-}
-
-/// Found by fuzzing the split invariance: a request line whose first syscall ended
-/// inside the method was "not HTTP" when the line turned out invalid, and an error on
-/// an HTTP connection when the first syscall reached the target. The decision is now
-/// made on the buffered bytes, so every split says the same.
-#[test]
-fn what_a_connection_carries_does_not_depend_on_its_first_syscall() {
-    let line = b"fffffffgfffff ff%*If HTTP/1.0\n\n".to_vec();
-    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    for bytes in [line, preface] {
-        let mut seen = Vec::new();
-        for cut in 1..bytes.len() {
-            let mut p = Http1Parser::new(Limits::default(), Config::default());
-            let (a, b) = bytes.split_at(cut);
-            let ev = run(&mut p, &[(R, a), (R, b)]);
-            seen.push((errors(&ev), p.mode()));
-        }
-        seen.dedup();
-        assert_eq!(seen.len(), 1, "{seen:?}");
-    }
+fn heads_are_parsed_only_up_to_their_complete_lines() {
+    let buf = b"GET / HTTP/1.1\r\nHost: x\r\nX-Par";
+    assert_eq!(head::complete_lines(buf, 0), Some(&buf[..25]));
+    assert_eq!(head::complete_lines(buf, 25), None, "no line ended in the new bytes");
+    assert_eq!(head::complete_lines(buf, 24), Some(&buf[..25]));
+    assert_eq!(head::complete_lines(b"GET", 0), None);
+    assert_eq!(head::complete_lines(b"", 0), None);
 }
