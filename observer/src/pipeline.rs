@@ -133,9 +133,9 @@ pub struct Exposition {
 /// Exchanges and database events kept per target while it is being discovered.
 const BACKLOG: usize = 10_000;
 
-/// A discovery's result, with the alias and cache tables built (host names resolved) off
-/// the pump.
-type Discovered = Result<(discover::Discovery, AliasTable, CacheTable), String>;
+/// A discovery's result, with the route, alias and cache tables built off the pump (the
+/// routes' regexes compiled, host names resolved: both can take long).
+type Discovered = Result<(discover::Discovery, RouteTable, AliasTable, CacheTable), String>;
 
 enum Routes {
     /// Discovery starts with the app's first exchange (by then it has loaded its
@@ -450,9 +450,10 @@ impl Pipeline {
         let config_caches = self.settings.caches.clone();
         let spawned = std::thread::Builder::new().name(format!("discover-{root}")).spawn(move || {
             let result = discover::discover(root, timeout).map(|d| {
+                let routes = RouteTable::new(&d.routes);
                 let aliases = AliasTable::build(&d.databases, &config, true);
                 let caches = CacheTable::build(&d.caches, &config_caches, true);
-                (d, aliases, caches)
+                (d, routes, aliases, caches)
             });
             let _ = tx.send(result);
         });
@@ -741,14 +742,14 @@ impl Pipeline {
             let Some(t) = self.targets.get_mut(&root) else { continue };
             t.routes = Routes::Ready;
             match result {
-                Ok((d, aliases, caches)) => {
+                Ok((d, table, aliases, caches)) => {
                     self.stats.route_discovery_ok += 1;
-                    let table = RouteTable::new(&d.routes);
                     tracing::info!(
                         root,
                         django = %d.django,
                         routes = table.len(),
                         unsupported = table.unsupported,
+                        dropped = table.dropped,
                         databases = d.databases.len(),
                         caches = caches.aliases().len(),
                         models = d.models.len(),

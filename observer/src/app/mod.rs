@@ -135,31 +135,119 @@ fn run_script(pid: u32, script: &str, marker: &str, timeout: Duration) -> Result
             Ok(())
         });
     }
+    // Its own process group, so that what the app's code starts (a subprocess in a
+    // settings module, a daemon thread's child) ends with it and cannot hold the pipe.
+    cmd.process_group(0);
     let mut child = cmd.spawn().map_err(|e| format!("starting {}: {e}", l.python.display()))?;
     drop(ns_fd);
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let reader = std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = (&mut stdout).take(MAX_OUTPUT as u64).read_to_end(&mut buf);
-        buf
+        let _ = tx.send(buf);
     });
     let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("timed out after {timeout:?}"));
-            }
+    let exited = loop {
+        if exited_unreaped(child.id()) {
+            break true;
         }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The helper is a zombie or still running: its pid, and so its group's id, cannot
+    // have been reused yet. Whatever is left in the group is ended.
+    // SAFETY: kill(2) on the process group this function created.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+    if !exited {
+        return Err(format!("timed out after {timeout:?}"));
     }
-    let out = reader.join().map_err(|_| "reader panicked")?;
+    // A process that left the group (setsid) may still hold the pipe: the reader is
+    // abandoned then, not waited for.
+    let out = rx.recv_timeout(Duration::from_secs(1)).map_err(|_| "the helper's output stayed open")?;
     marked_line(&String::from_utf8_lossy(&out), marker).map(str::to_string)
+}
+
+/// Whether `pid` (a child of this process) has exited, leaving it unreaped.
+fn exited_unreaped(pid: u32) -> bool {
+    // SAFETY: waitid with WNOWAIT only reads the child's state; info is a valid out-pointer.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT);
+        // With WNOHANG, a child still running leaves si_pid 0; an error (no such child)
+        // means there is nothing left to wait for.
+        r != 0 || info.si_pid() != 0
+    }
 }
 
 /// The JSON after the last `marker` in a helper's output (the app may print too).
 fn marked_line<'a>(out: &'a str, marker: &str) -> Result<&'a str, String> {
     out.lines().rev().find_map(|l| l.strip_prefix(marker)).ok_or_else(|| "no helper output".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in app: a Python process whose launch the helper copies.
+    struct App(std::process::Child);
+
+    impl App {
+        fn start() -> App {
+            // python3 is part of the machine's base system, as the agent's helpers need it.
+            let child = Command::new("python3")
+                .args(["-c", "import time; time.sleep(60)"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("python3");
+            App(child)
+        }
+    }
+
+    impl Drop for App {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn running(pid: u32) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['R', 'S', 'D'])))
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn a_subprocess_started_by_the_apps_code_neither_holds_the_helper_nor_outlives_it() {
+        let app = App::start();
+        let script = "import subprocess\np = subprocess.Popen(['sleep', '30'])\nprint('MARK' + str(p.pid), flush=True)";
+        let started = Instant::now();
+        let out = run_script(app.0.id(), script, "MARK", Duration::from_secs(20)).expect("helper result");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the helper waited on its grandchild: {:?}",
+            started.elapsed()
+        );
+        let sleeper: u32 = out.trim().parse().expect("the grandchild's pid");
+        let gone = Instant::now() + Duration::from_secs(5);
+        while running(sleeper) && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!running(sleeper), "the app's subprocess outlived the helper");
+    }
+
+    #[test]
+    fn a_helper_that_never_ends_is_ended_at_its_timeout() {
+        let app = App::start();
+        let script = "import time\ntime.sleep(60)";
+        let started = Instant::now();
+        let err = run_script(app.0.id(), script, "MARK", Duration::from_millis(500)).unwrap_err();
+        assert!(err.contains("timed out"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
 }

@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 
 /// What kind of Django pattern a segment came from (its matching rule differs).
@@ -89,8 +89,18 @@ fn compile(s: &RawSegment) -> Option<Segment> {
         Kind::Regex if s.endpoint && s.regex.ends_with('$') => (format!("^(?:{p})\\z"), false),
         Kind::Regex => (p, true),
     };
-    Some(Segment { regex: Regex::new(&src).ok()?, search })
+    let regex = RegexBuilder::new(&src).size_limit(REGEX_SIZE).dfa_size_limit(REGEX_SIZE).build().ok()?;
+    Some(Segment { regex, search })
 }
+
+/// Compiled size allowed per pattern (the regex crate's default is 10 MiB): Django's own
+/// patterns compile to a few KiB; one that needs more is skipped as unsupported rather
+/// than held in memory for every app.
+const REGEX_SIZE: usize = 256 << 10;
+
+/// Routes kept per app, in resolution order (the largest Django sites have a few
+/// thousand); the rest are counted in [`RouteTable::dropped`] and resolve to nothing.
+pub const MAX_ROUTES: usize = 5_000;
 
 /// A Django path converter's regex (django/urls/converters.py).
 fn converter_regex(name: &str) -> Option<&'static str> {
@@ -165,14 +175,20 @@ impl AppSettings {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
-    /// Patterns the `regex` crate cannot express (skipped).
+    /// Patterns the `regex` crate cannot express, or too large to compile (skipped).
     pub unsupported: usize,
+    /// Routes past [`MAX_ROUTES`] (not kept).
+    pub dropped: usize,
 }
 
 impl RouteTable {
     pub fn new(raw: &[RawRoute]) -> Self {
         let mut t = Self::default();
         for r in raw {
+            if t.routes.len() >= MAX_ROUTES {
+                t.dropped += 1;
+                continue;
+            }
             match r.segments.iter().map(compile).collect::<Option<Vec<_>>>() {
                 Some(segments) => t.routes.push(Route { segments, view: Arc::from(r.view.as_str()) }),
                 None => t.unsupported += 1,
@@ -459,5 +475,32 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.secure_header(), Some(("x-forwarded-proto".into(), "https".into())));
+    }
+
+    #[test]
+    fn routes_past_the_bound_are_dropped_and_counted() {
+        let raw: Vec<RawRoute> = (0..MAX_ROUTES + 7)
+            .map(|i| RawRoute {
+                view: format!("v{i}"),
+                segments: vec![seg(Kind::Route, &format!("^p{i}/\\Z"), true)],
+            })
+            .collect();
+        let t = RouteTable::new(&raw);
+        assert_eq!((t.len(), t.dropped, t.unsupported), (MAX_ROUTES, 7, 0));
+        assert_eq!(t.resolve("/p0/").as_deref(), Some("v0"));
+        assert_eq!(t.resolve(&format!("/p{}/", MAX_ROUTES + 3)), None);
+    }
+
+    #[test]
+    fn a_pattern_too_large_to_compile_is_unsupported() {
+        // Compiles to far more than REGEX_SIZE (fine for the regex crate's 10 MiB default
+        // at a smaller repeat; this one is refused, not held).
+        let huge = r"^(?:\w{200}){200}\Z";
+        let t = RouteTable::new(&[
+            RawRoute { view: "huge".into(), segments: vec![seg(Kind::Route, huge, true)] },
+            RawRoute { view: "ok".into(), segments: vec![seg(Kind::Route, r"^ok/\Z", true)] },
+        ]);
+        assert_eq!((t.len(), t.unsupported), (1, 1));
+        assert_eq!(t.resolve("/ok/").as_deref(), Some("ok"));
     }
 }
