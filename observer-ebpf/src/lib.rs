@@ -210,12 +210,30 @@ pub struct ConnOpen {
     pub local: [u8; SOCKADDR_BYTES],
 }
 
+/// Slots of the syscall handler tables (tail calls indexed by syscall number): every
+/// x86_64 syscall the programs handle is below it.
+pub const SYSCALL_SLOTS: u32 = 512;
+
 /// Offsets into kernel structs, resolved by userspace from the kernel's BTF and set at
-/// load time (Rust eBPF has no CO-RE relocations). With `ok == 0` the programs do not
-/// read kernel memory and connection addresses come from syscall arguments only.
+/// load time (Rust eBPF has no CO-RE relocations). The task, signal and register
+/// offsets are required (the load fails without them); with `ok == 0` the socket
+/// offsets are unknown, the programs do not read sockets and connection addresses come
+/// from syscall arguments only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
+    /// `task_struct.tgid`: a forked child is a new process when its tgid is not the
+    /// parent's (sched_process_fork's raw arguments are the two tasks).
+    pub task_tgid: u32,
+    /// `task_struct.signal`, then `signal_struct.live` (an `atomic_t`): do_exit decrements
+    /// `live` before sched_process_exit fires, so 0 there means the last thread is exiting.
+    pub task_signal: u32,
+    pub signal_live: u32,
+    /// `pt_regs` slots of the six syscall arguments (x86_64: di, si, dx, r10, r8, r9) and
+    /// of the syscall number at exit (`orig_ax`): the raw_syscalls tracepoints pass the
+    /// user registers, not the arguments.
+    pub regs_arg: [u32; 6],
+    pub regs_orig_ax: u32,
     pub ok: u32,
     pub task_files: u32,
     pub files_fdt: u32,
@@ -373,7 +391,7 @@ mod host {
 
     const _: () = assert!(size_of::<DataHeader>() == 64);
     const _: () = assert!(size_of::<ConnOpen>() == 48 + 2 * SOCKADDR_BYTES);
-    const _: () = assert!(size_of::<KernelOffsets>() == 72);
+    const _: () = assert!(size_of::<KernelOffsets>() == 112);
     const _: () = assert!(size_of::<ConnFd>() == 32);
     const _: () = assert!(size_of::<FdEpoch>() == 32);
     const _: () = assert!(size_of::<ProcEvent>() == 24);

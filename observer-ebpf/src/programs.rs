@@ -1,17 +1,26 @@
 //! The tracepoint programs. See `lib.rs` for the records they emit.
 //!
-//! Shape of every traced syscall: the `sys_enter_*` program checks that the calling process
+//! Two raw tracepoints, `raw_syscalls:sys_enter` and `sys_exit`, are the only syscall
+//! attachments: each tail-calls the handler of its syscall number (`ENTER`, `EXIT`, filled
+//! by userspace) and returns at once for every other syscall. Raw tracepoints, because a
+//! perf-event tracepoint per syscall waited for RCU grace periods one after the other
+//! when detached (47 of them held the agent's exit for seconds), and because their
+//! arguments are the kernel's own (registers, tasks) with offsets from BTF, not the
+//! record layout of a tracefs format that changes between kernels.
+//!
+//! Shape of every traced syscall: the `sys_enter_*` handler checks that the calling process
 //! is tracked (and, for data syscalls, that the fd is a known connected socket of the
 //! current fd-table epoch) and stashes the arguments in `INFLIGHT` under the thread's
-//! pid_tgid; the `sys_exit_*` program takes the stash back and, on success, emits a record.
-//! Syscall tracepoint records: arguments are 8-byte slots from offset 16; `ret` of an
-//! exit is at offset 16 (see /sys/kernel/tracing/events/syscalls/*/format).
+//! pid_tgid; the `sys_exit_*` handler takes the stash back and, on success, emits a record.
+//! Handlers read the arguments from the user registers (`arg`) and the result from the
+//! raw tracepoint (`ret`). A 32-bit (compat) process has other syscall numbers: it is
+//! never tracked (the selectors pick Python servers, 64-bit on every supported node).
 
 use core::{mem::size_of, ptr::addr_of_mut};
 
 use aya_ebpf::{
-    EbpfContext, Global,
-    bindings::BPF_NOEXIST,
+    Global,
+    bindings::BPF_EXIST,
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{
@@ -19,15 +28,15 @@ use aya_ebpf::{
             bpf_probe_read_kernel as read_kernel_raw, bpf_probe_read_user as read_user_raw,
         },
     },
-    macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    macros::{map, raw_tracepoint},
+    maps::{HashMap, PerCpuArray, ProgramArray, RingBuf},
+    programs::RawTracePointContext,
 };
 use observer_ebpf::{
     ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_NO_SEQ,
     FLAG_TRUNCATED, FdEpoch, KernelOffsets, MAX_CAPTURE, MAX_IOVECS, MAX_MMSG, ProcEvent, ProcVal,
-    ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED, RecordKind, SOCKADDR_BYTES, SockKey, SockVal, Syscall,
-    counter,
+    ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED, RecordKind, SOCKADDR_BYTES, SYSCALL_SLOTS, SockKey, SockVal,
+    Syscall, counter,
 };
 
 #[unsafe(link_section = "license")]
@@ -47,6 +56,11 @@ static OWN_TGID: Global<u32> = Global::new(0);
 /// Kernel struct offsets from the running kernel's BTF (see `KernelOffsets`).
 #[unsafe(no_mangle)]
 static KOFFS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    task_tgid: 0,
+    task_signal: 0,
+    signal_live: 0,
+    regs_arg: [0; 6],
+    regs_orig_ax: 0,
     ok: 0,
     task_files: 0,
     files_fdt: 0,
@@ -121,7 +135,7 @@ struct Inflight {
     enter_ns: u64,
     /// buffer / iovec array / msghdr / sockaddr pointer
     ptr: u64,
-    /// count / vlen / addrlen pointer / new fd / clone flags
+    /// count / vlen / addrlen pointer / new fd
     arg: u64,
     conn_id: u64,
     fd: u32,
@@ -133,7 +147,6 @@ const OP_SOCKET: u8 = 32;
 const OP_CONNECT: u8 = 33;
 const OP_ACCEPT: u8 = 34;
 const OP_DUP: u8 = 35;
-const OP_CLONE: u8 = 36;
 
 const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
@@ -145,7 +158,6 @@ const EINPROGRESS: i64 = 115;
 const EINTR: i64 = 4;
 const EALREADY: i64 = 114;
 const EISCONN: i64 = 106;
-const CLONE_THREAD: u64 = 0x10000;
 const CLOSE_RANGE_CLOEXEC: u64 = 4;
 const F_DUPFD: u64 = 0;
 const F_DUPFD_CLOEXEC: u64 = 1030;
@@ -155,13 +167,19 @@ const NO_FD: u64 = u64::MAX;
 // Small helpers
 // ---------------------------------------------------------------------------------------
 
-/// Reads syscall argument `n` (0-based) of a `sys_enter_*` record, or `ret` (n = 0) of a
-/// `sys_exit_*` record. Tracepoint contexts may be read directly within the record.
+/// Syscall argument `n` (0-based, a constant below 6), from the user registers the raw
+/// tracepoint passes first. 0 when they cannot be read.
 #[inline(always)]
-fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: the tracepoint record holds 8-byte slots from offset 16; n is a constant
-    // below 6 at every call site, so the read stays inside the record.
-    unsafe { core::ptr::read_unaligned((ctx.as_ptr() as *const u8).add(16 + 8 * n) as *const u64) }
+fn arg(ctx: &RawTracePointContext, n: usize) -> u64 {
+    let regs: u64 = ctx.arg(0);
+    let o = KOFFS.load();
+    kread::<u64>(regs + u64::from(o.regs_arg[n])).unwrap_or(0)
+}
+
+/// The syscall's result, at `sys_exit` (the raw tracepoint's second argument).
+#[inline(always)]
+fn ret(ctx: &RawTracePointContext) -> i64 {
+    ctx.arg::<u64>(1) as i64
 }
 
 #[inline(always)]
@@ -180,8 +198,6 @@ fn count(idx: u32, n: u64) {
 
 /// The kernel's answer to an insert into a full hash map.
 const E2BIG: i64 = 7;
-/// The key exists (an insert with BPF_NOEXIST).
-const EEXIST: i64 = 17;
 
 /// Counts a failed map insert under its true reason: the table was full, or the update
 /// failed otherwise.
@@ -336,10 +352,10 @@ enum Shape {
 }
 
 #[inline(always)]
-fn exit_data(ctx: &TracePointContext, sys: Syscall, shape: Shape) {
+fn exit_data(ctx: &RawTracePointContext, sys: Syscall, shape: Shape) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(inf) = unstash(pid_tgid, sys as u8) else { return };
-    let ret = arg(ctx, 0) as i64;
+    let ret = ret(ctx);
     if ret <= 0 {
         return;
     }
@@ -476,15 +492,15 @@ fn exit_data(ctx: &TracePointContext, sys: Syscall, shape: Shape) {
 
 macro_rules! data_programs {
     ($enter:ident, $exit:ident, $sys:expr, $shape:expr, |$ctx:ident| $args:expr) => {
-        #[tracepoint]
-        pub fn $enter($ctx: TracePointContext) -> u32 {
+        #[raw_tracepoint]
+        pub fn $enter($ctx: RawTracePointContext) -> u32 {
             let (fd, ptr, len) = $args;
             enter_data($sys, fd, ptr, len);
             0
         }
 
-        #[tracepoint]
-        pub fn $exit(ctx: TracePointContext) -> u32 {
+        #[raw_tracepoint]
+        pub fn $exit(ctx: RawTracePointContext) -> u32 {
             exit_data(&ctx, $sys, $shape);
             0
         }
@@ -551,28 +567,28 @@ fn enter_recv(sys: Syscall, fd: u64, ptr: u64, len: u64, flags: u64) {
     enter_data(sys, fd, ptr, len);
 }
 
-#[tracepoint]
-pub fn sys_enter_recvfrom(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_recvfrom(c: RawTracePointContext) -> u32 {
     // recvfrom(fd, ubuf, size, flags, addr, addr_len)
     enter_recv(Syscall::Recvfrom, arg(&c, 0), arg(&c, 1), arg(&c, 2), arg(&c, 3));
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_recvfrom(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_recvfrom(c: RawTracePointContext) -> u32 {
     exit_data(&c, Syscall::Recvfrom, Shape::Flat);
     0
 }
 
-#[tracepoint]
-pub fn sys_enter_recvmsg(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_recvmsg(c: RawTracePointContext) -> u32 {
     // recvmsg(fd, msg, flags)
     enter_recv(Syscall::Recvmsg, arg(&c, 0), arg(&c, 1), 0, arg(&c, 2));
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_recvmsg(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_recvmsg(c: RawTracePointContext) -> u32 {
     exit_data(&c, Syscall::Recvmsg, Shape::Msg);
     0
 }
@@ -581,8 +597,8 @@ pub fn sys_exit_recvmsg(c: TracePointContext) -> u32 {
 // Connections: socket, connect, accept, close, dup*, fcntl, close_range
 // ---------------------------------------------------------------------------------------
 
-#[tracepoint]
-pub fn sys_enter_socket(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_socket(c: RawTracePointContext) -> u32 {
     // socket(family, type, protocol): only IPv4, IPv6 and Unix stream sockets.
     let family = arg(&c, 0) as u16;
     let ty = arg(&c, 1);
@@ -596,13 +612,13 @@ pub fn sys_enter_socket(c: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_socket(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_socket(c: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     if unstash(pid_tgid, OP_SOCKET).is_none() {
         return 0;
     }
-    let fd = arg(&c, 0) as i64;
+    let fd = ret(&c);
     let tgid = (pid_tgid >> 32) as u32;
     if fd < 0 {
         return 0;
@@ -790,8 +806,8 @@ fn emit_fd(kind: RecordKind, pid_tgid: u64, fd: u32, conn_id: u64) {
     e.submit(wakeup_flag());
 }
 
-#[tracepoint]
-pub fn sys_enter_connect(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_connect(c: RawTracePointContext) -> u32 {
     // connect(fd, uservaddr, addrlen)
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -806,11 +822,11 @@ pub fn sys_enter_connect(c: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_connect(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_connect(c: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(inf) = unstash(pid_tgid, OP_CONNECT) else { return 0 };
-    let ret = arg(&c, 0) as i64;
+    let ret = ret(&c);
     let tgid = (pid_tgid >> 32) as u32;
     let Some(p) = tracked(tgid) else { return 0 };
     // A non-blocking connect returns EINPROGRESS and completes later: trace it from now,
@@ -857,7 +873,7 @@ pub fn sys_exit_connect(c: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn enter_accept(c: &TracePointContext) {
+fn enter_accept(c: &RawTracePointContext) {
     // accept(fd, upeer_sockaddr, upeer_addrlen) / accept4(..., flags)
     let pid_tgid = bpf_get_current_pid_tgid();
     if tracked((pid_tgid >> 32) as u32).is_some() {
@@ -866,7 +882,7 @@ fn enter_accept(c: &TracePointContext) {
 }
 
 #[inline(always)]
-fn exit_accept(c: &TracePointContext) {
+fn exit_accept(c: &RawTracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // No stash: the thread was already blocked in accept() when the programs attached (or
     // its process was not traced yet). The new socket is still a connection of a traced
@@ -881,7 +897,7 @@ fn exit_accept(c: &TracePointContext) {
         op: OP_ACCEPT,
         _pad: [0; 3],
     });
-    let fd = arg(c, 0) as i64;
+    let fd = ret(c);
     if fd < 0 {
         return;
     }
@@ -922,26 +938,26 @@ fn exit_accept(c: &TracePointContext) {
     );
 }
 
-#[tracepoint]
-pub fn sys_enter_accept(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_accept(c: RawTracePointContext) -> u32 {
     enter_accept(&c);
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_accept(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_accept(c: RawTracePointContext) -> u32 {
     exit_accept(&c);
     0
 }
 
-#[tracepoint]
-pub fn sys_enter_accept4(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_accept4(c: RawTracePointContext) -> u32 {
     enter_accept(&c);
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_accept4(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_accept4(c: RawTracePointContext) -> u32 {
     exit_accept(&c);
     0
 }
@@ -958,8 +974,8 @@ fn forget_fd(pid_tgid: u64, fd: u32, p: &ProcVal) {
     }
 }
 
-#[tracepoint]
-pub fn sys_enter_close(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_close(c: RawTracePointContext) -> u32 {
     // close(fd): the fd is released even when close reports an error (but EBADF).
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(p) = tracked((pid_tgid >> 32) as u32) else { return 0 };
@@ -978,10 +994,10 @@ fn enter_dup(oldfd: u64, newfd: u64) {
 /// After dup/dup2/dup3/fcntl(F_DUPFD*) returned `newfd`: a socket that was at newfd is
 /// gone (dup2/dup3 close it), and newfd now names the same socket as oldfd.
 #[inline(always)]
-fn exit_dup(c: &TracePointContext) {
+fn exit_dup(c: &RawTracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(inf) = unstash(pid_tgid, OP_DUP) else { return };
-    let ret = arg(c, 0) as i64;
+    let ret = ret(c);
     if ret < 0 || ret as u32 == inf.fd {
         return;
     }
@@ -999,44 +1015,44 @@ fn exit_dup(c: &TracePointContext) {
     }
 }
 
-#[tracepoint]
-pub fn sys_enter_dup(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_dup(c: RawTracePointContext) -> u32 {
     enter_dup(arg(&c, 0), NO_FD);
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_dup(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_dup(c: RawTracePointContext) -> u32 {
     exit_dup(&c);
     0
 }
 
-#[tracepoint]
-pub fn sys_enter_dup2(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_dup2(c: RawTracePointContext) -> u32 {
     enter_dup(arg(&c, 0), arg(&c, 1));
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_dup2(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_dup2(c: RawTracePointContext) -> u32 {
     exit_dup(&c);
     0
 }
 
-#[tracepoint]
-pub fn sys_enter_dup3(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_dup3(c: RawTracePointContext) -> u32 {
     enter_dup(arg(&c, 0), arg(&c, 1));
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_dup3(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_dup3(c: RawTracePointContext) -> u32 {
     exit_dup(&c);
     0
 }
 
-#[tracepoint]
-pub fn sys_enter_fcntl(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_fcntl(c: RawTracePointContext) -> u32 {
     // fcntl(fd, cmd, arg): only the duplicating commands matter.
     let cmd = arg(&c, 1);
     if cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC {
@@ -1045,8 +1061,8 @@ pub fn sys_enter_fcntl(c: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_fcntl(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_exit_fcntl(c: RawTracePointContext) -> u32 {
     exit_dup(&c);
     0
 }
@@ -1057,9 +1073,11 @@ pub fn sys_exit_fcntl(c: TracePointContext) -> u32 {
 fn bump_epoch(tgid: u32, p: &ProcVal) -> u32 {
     let epoch = p.epoch.wrapping_add(1);
     let v = ProcVal { epoch, _pad: 0 };
-    // The key exists: an update, which can only fail otherwise than by a full table.
-    if let Err(e) = TRACKED.insert(tgid, v, 0) {
+    // Only an update (BPF_EXIST): a process untracked meanwhile is not tracked again. On
+    // failure the table still holds the old epoch, and the old epoch is what is reported.
+    if let Err(e) = TRACKED.insert(tgid, v, u64::from(BPF_EXIST)) {
         insert_failed(e, counter::PROC_TABLE_FULL, counter::PROC_TABLE_ERROR);
+        return p.epoch;
     }
     epoch
 }
@@ -1068,8 +1086,8 @@ fn bump_epoch(tgid: u32, p: &ProcVal) -> u32 {
 /// `close_range(3, ~0U)` before exec) move the process to a new fd-table epoch.
 const CLOSE_RANGE_LOOP: u32 = 64;
 
-#[tracepoint]
-pub fn sys_enter_close_range(c: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn sys_enter_close_range(c: RawTracePointContext) -> u32 {
     // close_range(fd, max_fd, flags); CLOSE_RANGE_CLOEXEC only marks them (exec closes).
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -1112,43 +1130,8 @@ pub fn sys_enter_close_range(c: TracePointContext) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------
-// Processes: clone flags, fork, exec, exit
+// Processes: fork, exec, exit
 // ---------------------------------------------------------------------------------------
-
-#[tracepoint]
-pub fn sys_enter_clone(c: TracePointContext) -> u32 {
-    // clone(clone_flags, ...) on x86_64
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if tracked((pid_tgid >> 32) as u32).is_some() {
-        stash(pid_tgid, OP_CLONE, 0, 0, arg(&c, 0), 0);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_clone3(c: TracePointContext) -> u32 {
-    // clone3(uargs, size): struct clone_args starts with u64 flags.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if tracked((pid_tgid >> 32) as u32).is_none() {
-        return 0;
-    }
-    // SAFETY: the helper checks the user pointer.
-    let flags = unsafe { bpf_probe_read_user(arg(&c, 0) as *const u64) }.unwrap_or(0);
-    stash(pid_tgid, OP_CLONE, 0, 0, flags, 0);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_clone(_c: TracePointContext) -> u32 {
-    let _ = unstash(bpf_get_current_pid_tgid(), OP_CLONE);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_clone3(_c: TracePointContext) -> u32 {
-    let _ = unstash(bpf_get_current_pid_tgid(), OP_CLONE);
-    0
-}
 
 #[inline(always)]
 fn emit_proc(kind: RecordKind, pid: u32, arg: u32, epoch: u32) {
@@ -1170,29 +1153,26 @@ fn emit_proc(kind: RecordKind, pid: u32, arg: u32, epoch: u32) {
 
 /// A tracked process's new child is tracked too (pre-forked gunicorn/uwsgi workers).
 /// It fires in the parent before the child first runs, so no child syscall is missed.
-#[tracepoint(category = "sched", name = "sched_process_fork")]
-pub fn sched_process_fork(c: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let parent = (pid_tgid >> 32) as u32;
+/// Raw arguments: the parent and the child `task_struct`.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn sched_process_fork(c: RawTracePointContext) -> u32 {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     if tracked(parent).is_none() {
         return 0;
     }
-    // A new thread is not a new process (clone/clone3 with CLONE_THREAD).
-    // SAFETY: the value is copied out at once.
-    if let Some(inf) = unsafe { INFLIGHT.get(pid_tgid).copied() }
-        && inf.op == OP_CLONE
-        && inf.arg & CLONE_THREAD != 0
-    {
+    let task: u64 = c.arg(1);
+    let Some(child) = kread::<u32>(task + u64::from(KOFFS.load().task_tgid)) else {
+        return 0;
+    };
+    // A new thread is not a new process: it shares its parent's tgid.
+    if child == parent {
         return 0;
     }
-    // sched_process_fork: child_pid at offset 20 (i32).
-    // SAFETY: offset 20 is inside this tracepoint's record.
-    let child = unsafe { core::ptr::read_unaligned((c.as_ptr() as *const u8).add(20) as *const u32) };
+    // A new process starts at epoch 0, also over an entry already there (userspace found
+    // it first, or a reused pid whose exit was missed: its old epoch would make every
+    // socket of the child stale).
     let v = ProcVal { epoch: 0, _pad: 0 };
-    // Already tracked (userspace found it first) is no failure: report the fork anyway.
-    if let Err(e) = TRACKED.insert(child, v, u64::from(BPF_NOEXIST))
-        && i64::from(e) != -EEXIST
-    {
+    if let Err(e) = TRACKED.insert(child, v, 0) {
         insert_failed(e, counter::PROC_TABLE_FULL, counter::PROC_TABLE_ERROR);
         return 0;
     }
@@ -1202,8 +1182,8 @@ pub fn sched_process_fork(c: TracePointContext) -> u32 {
 
 /// Every exec is reported (userspace selectors may start tracking the new program). For a
 /// tracked process, exec closed its CLOEXEC fds without close(2): move to a new epoch.
-#[tracepoint(category = "sched", name = "sched_process_exec")]
-pub fn sched_process_exec(_c: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec(_c: RawTracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if own_tgid(tgid) {
         return 0;
@@ -1220,8 +1200,8 @@ pub fn sched_process_exec(_c: TracePointContext) -> u32 {
 
 /// A thread exits: drop its in-flight stash; the last thread of a tracked process drops
 /// the process (userspace then drops its sockets).
-#[tracepoint(category = "sched", name = "sched_process_exit")]
-pub fn sched_process_exit(c: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(_c: RawTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // Slots stay with their thread: drop this one's whether or not its process is still
@@ -1230,12 +1210,52 @@ pub fn sched_process_exit(c: TracePointContext) -> u32 {
     if tracked(tgid).is_none() {
         return 0;
     }
-    // sched_process_exit: group_dead (bool) at offset 32.
-    // SAFETY: offset 32 is inside this tracepoint's record.
-    let group_dead = unsafe { *(c.as_ptr() as *const u8).add(32) } != 0;
-    if group_dead {
+    // The exiting task is current; its signal_struct's live count already excludes it
+    // (the raw arguments differ between kernels: group_dead was added in 6.16).
+    let o = KOFFS.load();
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let Some(signal) = kread::<u64>(task + u64::from(o.task_signal)) else { return 0 };
+    let Some(live) = kread::<i32>(signal + u64::from(o.signal_live)) else { return 0 };
+    if live == 0 {
         let _ = TRACKED.remove(tgid);
         emit_proc(RecordKind::ProcExit, tgid, 0, 0);
+    }
+    0
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatch: the only syscall attachments
+// ---------------------------------------------------------------------------------------
+
+/// Syscall entry handlers by syscall number (userspace fills the slots it handles).
+#[map]
+static ENTER: ProgramArray = ProgramArray::with_max_entries(SYSCALL_SLOTS, 0);
+
+/// Syscall exit handlers by syscall number.
+#[map]
+static EXIT: ProgramArray = ProgramArray::with_max_entries(SYSCALL_SLOTS, 0);
+
+/// Every syscall entry on the machine: a tail call to its handler, if it has one (a tail
+/// call to an empty slot returns here).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(c: RawTracePointContext) -> u32 {
+    let nr: u64 = c.arg(1);
+    if nr < u64::from(SYSCALL_SLOTS) {
+        // SAFETY: the handlers are raw tracepoint programs that take this same context.
+        unsafe { ENTER.tail_call(&c, nr as u32) };
+    }
+    0
+}
+
+/// Every syscall exit: the number is in the saved registers (`orig_ax`).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(c: RawTracePointContext) -> u32 {
+    let regs: u64 = c.arg(0);
+    let Some(nr) = kread::<u64>(regs + u64::from(KOFFS.load().regs_orig_ax)) else { return 0 };
+    if nr < u64::from(SYSCALL_SLOTS) {
+        // SAFETY: as in sys_enter.
+        unsafe { EXIT.tail_call(&c, nr as u32) };
     }
     0
 }

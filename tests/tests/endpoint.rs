@@ -198,3 +198,49 @@ fn a_unix_socket_serves_metrics_replaces_a_stale_one_and_refuses_a_live_one() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the path exists and is not a socket"));
 }
+
+/// The agent is gone within a second of SIGINT or SIGTERM, whatever its scrape clients
+/// do: one idle on a kept-alive connection, one in the middle of a head, one that asked
+/// and never reads. (Perf-event tracepoints once held the exit for 3.8 s: each detach
+/// waited for RCU grace periods, one after the other.)
+#[test]
+fn it_exits_within_a_second_of_a_signal_whatever_the_clients_do() {
+    use std::io::Write as _;
+    if !ebpf_available() {
+        return;
+    }
+    let idle = Idle::start();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut agent = Agent::start(&["--listen", &listen, "--pid", &idle.pid()]);
+        agent.wait_healthy(&["-o", "/dev/null"], &format!("http://{listen}"));
+        let mut kept = std::net::TcpStream::connect(&listen).unwrap();
+        kept.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut first = [0u8; 12];
+        kept.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        let mut half = std::net::TcpStream::connect(&listen).unwrap();
+        half.write_all(b"GET /metrics HTTP/1.1\r\nHo").unwrap();
+        let mut asked = std::net::TcpStream::connect(&listen).unwrap();
+        asked.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+
+        let sent = Instant::now();
+        // SAFETY: signalling our own child, not reaped yet.
+        unsafe { libc::kill(agent.0.id() as i32, signal) };
+        let status = loop {
+            if let Some(status) = agent.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(sent.elapsed() < Duration::from_secs(5), "still running 5 s after signal {signal}");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let took = sent.elapsed();
+        eprintln!("signal {signal}: exited in {took:?} with {status}");
+        assert!(status.success(), "signal {signal}: {status}");
+        assert!(took < Duration::from_secs(1), "signal {signal}: exit took {took:?}");
+        drop((kept, half, asked));
+    }
+}

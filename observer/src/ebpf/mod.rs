@@ -1,19 +1,25 @@
 //! Loader: embeds the kernel object, checks the machine, loads and attaches every program,
 //! and gives typed access to the maps userspace reads and writes.
 //!
-//! Every failure a user can meet on a real machine (not root, no BTF, no tracefs, kernel
-//! too old, a program the verifier rejects) is a [`LoadError`] with a one-line message.
+//! Every failure a user can meet on a real machine (not root, no BTF, kernel too old, a
+//! program the verifier rejects) is a [`LoadError`] with a one-line message.
+//!
+//! Attachments: raw tracepoints only (`sys_enter`, `sys_exit` and three sched events);
+//! the syscall handlers are tail-call targets in the `ENTER`/`EXIT` tables (`syscalls`).
+//! Raw tracepoints detach without waiting for RCU grace periods, so the agent exits at
+//! once, and they need no tracefs.
 
 pub mod btf;
 mod preflight;
 mod stats;
+mod syscalls;
 
 use std::{collections::BTreeMap, io};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, TracePoint, trace_point::TracePointLinkId},
+    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    programs::{ProgramError, RawTracePoint, raw_trace_point::RawTracePointLinkId},
 };
 use observer_ebpf::{KernelOffsets, MAX_CAPTURE, ProcVal, SockKey, SockVal, counter};
 pub use stats::ProgramStats;
@@ -80,19 +86,13 @@ pub enum LoadError {
     },
 }
 
-/// Tracepoints a kernel may lack (added in later kernels); their absence costs the
-/// feature, not the start.
-const OPTIONAL: &[&str] = &["sys_enter_close_range", "sys_enter_clone3", "sys_exit_clone3"];
-
 /// The loaded and attached programs with their maps.
 pub struct Probe {
     ebpf: Ebpf,
     ring: Option<RingBuf<MapData>>,
     attached: Vec<String>,
-    /// Each attached program's link, detached all at once on drop.
-    links: Vec<(String, TracePointLinkId)>,
-    /// Tracepoints this kernel lacks (warned about at load).
-    pub missing: Vec<String>,
+    /// Each attached program's link, detached on drop.
+    links: Vec<(String, RawTracePointLinkId)>,
 }
 
 impl Probe {
@@ -121,7 +121,7 @@ impl Probe {
             }
         }
         let own_tgid = std::process::id();
-        let offsets = kernel_offsets();
+        let offsets = kernel_offsets()?;
         let mut ebpf = EbpfLoader::new()
             .override_global("OWN_TGID", &own_tgid, true)
             .override_global("KOFFS", &offsets, true)
@@ -137,34 +137,49 @@ impl Probe {
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
         let mut attached = Vec::new();
         let mut links = Vec::new();
-        let mut missing = Vec::new();
+        let mut handlers = Vec::new();
         for name in names {
-            let category = if name.starts_with("sched_") { "sched" } else { "syscalls" };
-            if !preflight::tracepoint_exists(category, &name) {
-                if OPTIONAL.contains(&name.as_str()) {
-                    tracing::warn!(tracepoint = %name, "this kernel lacks the tracepoint; not traced");
-                    missing.push(name);
-                    continue;
-                }
-                return Err(LoadError::Preflight(format!(
-                    "this kernel has no tracepoint {category}/{name} (needs CONFIG_FTRACE_SYSCALLS)"
-                )));
-            }
-            let prog: &mut TracePoint =
+            let prog: &mut RawTracePoint =
                 ebpf.program_mut(&name).and_then(|p| p.try_into().ok()).ok_or_else(|| {
-                    LoadError::Rejected { program: name.clone(), reason: "not a tracepoint".into() }
+                    LoadError::Rejected { program: name.clone(), reason: "not a raw tracepoint".into() }
                 })?;
             prog.load().map_err(|e| rejected(&name, e))?;
-            let link = prog
-                .attach(category, &name)
-                .map_err(|source| LoadError::Attach { program: name.clone(), source })?;
-            links.push((name.clone(), link));
-            attached.push(name);
+            match syscalls::slot(&name) {
+                Some((side, syscall)) => {
+                    let nr = syscalls::number(syscall).ok_or_else(|| LoadError::Rejected {
+                        program: name.clone(),
+                        reason: "no syscall number for this handler".into(),
+                    })?;
+                    let fd =
+                        prog.fd().map_err(|e| rejected(&name, e))?.try_clone().map_err(|e| {
+                            LoadError::Rejected { program: name.clone(), reason: e.to_string() }
+                        })?;
+                    handlers.push((side, nr, fd));
+                }
+                None => {
+                    // The program's name is its tracepoint's (sys_enter, sched_process_fork...).
+                    let link = prog
+                        .attach(&name)
+                        .map_err(|source| LoadError::Attach { program: name.clone(), source })?;
+                    links.push((name.clone(), link));
+                    attached.push(name);
+                }
+            }
+        }
+        // Handlers go in before any syscall can reach them: until then a slot is empty
+        // and the dispatcher returns at once.
+        for (side, table) in [(syscalls::Side::Enter, "ENTER"), (syscalls::Side::Exit, "EXIT")] {
+            let map = ebpf.map_mut(table).ok_or(LoadError::MissingMap(table))?;
+            let mut slots =
+                ProgramArray::try_from(map).map_err(|source| LoadError::Map { name: table, source })?;
+            for (_, nr, fd) in handlers.iter().filter(|(s, _, _)| *s == side) {
+                slots.set(*nr, fd, 0).map_err(|source| LoadError::Map { name: table, source })?;
+            }
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?)
             .map_err(|source| LoadError::Map { name: "EVENTS", source })?;
-        tracing::debug!(programs = attached.len(), "eBPF programs attached");
-        Ok(Self { ebpf, ring: Some(ring), attached, links, missing })
+        tracing::debug!(attached = attached.len(), handlers = handlers.len(), "eBPF programs attached");
+        Ok(Self { ebpf, ring: Some(ring), attached, links })
     }
 
     /// The ring buffer, to be read by the event pump (once).
@@ -298,38 +313,46 @@ impl TableError {
 }
 
 impl Drop for Probe {
-    /// Detaches every program at once. Each detach waits for the kernel's RCU grace
-    /// periods (about 70 ms here): one after the other, 47 of them held the agent's exit
-    /// for 3.2 s after SIGTERM; on threads of their own the waits partly overlap (1.8 s:
-    /// the kernel serialises tracepoint unregistration under its event_mutex).
+    /// Detaches the raw tracepoints. Each detach returns at once (the kernel frees the
+    /// probe after an RCU grace period, asynchronously); the handler tables empty when
+    /// their maps close with `ebpf`.
     fn drop(&mut self) {
-        let mut taken = Vec::new();
         for (name, id) in self.links.drain(..) {
-            let prog: Option<&mut TracePoint> = self.ebpf.program_mut(&name).and_then(|p| p.try_into().ok());
-            if let Some(link) = prog.and_then(|p| p.take_link(id).ok()) {
-                taken.push(link);
+            let prog: Option<&mut RawTracePoint> =
+                self.ebpf.program_mut(&name).and_then(|p| p.try_into().ok());
+            if let Some(p) = prog {
+                let _ = p.detach(id);
             }
         }
-        std::thread::scope(|s| {
-            for link in taken {
-                // A failed spawn drops the closure, and the link with it: that detach
-                // then runs here, in turn.
-                let _ = std::thread::Builder::new().spawn_scoped(s, move || drop(link));
-            }
-        });
     }
 }
 
-/// The kernel struct offsets the programs use to read a socket's addresses, from the
-/// running kernel's BTF. Without them (`ok == 0`) addresses come from syscall arguments
-/// and /proc only.
-pub fn kernel_offsets() -> KernelOffsets {
-    let Some(b) = btf::Btf::from_sys_fs() else {
-        tracing::warn!("kernel BTF unreadable: connection addresses from syscall arguments only");
-        return KernelOffsets::default();
+/// The kernel struct offsets the programs use, from the running kernel's BTF. The task,
+/// signal and register offsets are required (fork, exit and every syscall argument need
+/// them); without the socket ones (`ok == 0`) addresses come from syscall arguments and
+/// /proc only.
+pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
+    let b = btf::Btf::from_sys_fs()
+        .ok_or_else(|| LoadError::Preflight("kernel BTF (/sys/kernel/btf/vmlinux) is unreadable".into()))?;
+    let need = |s: &str, path: &[&str]| {
+        b.offset(s, path).ok_or_else(|| {
+            LoadError::Preflight(format!(
+                "this kernel's BTF has no {s}.{}: unsupported kernel",
+                path.join(".")
+            ))
+        })
+    };
+    let reg = |r: &str| need("pt_regs", &[r]);
+    let mut o = KernelOffsets {
+        task_tgid: need("task_struct", &["tgid"])?,
+        task_signal: need("task_struct", &["signal"])?,
+        signal_live: need("signal_struct", &["live"])?,
+        regs_arg: [reg("di")?, reg("si")?, reg("dx")?, reg("r10")?, reg("r8")?, reg("r9")?],
+        regs_orig_ax: reg("orig_ax")?,
+        ..KernelOffsets::default()
     };
     let sk = |m: &str| b.offset("sock", &["__sk_common", m]);
-    let resolved = (|| {
+    let sockets = (|| {
         Some(KernelOffsets {
             ok: 1,
             task_files: b.offset("task_struct", &["files"])?,
@@ -349,12 +372,16 @@ pub fn kernel_offsets() -> KernelOffsets {
             unix_peer: b.offset("unix_sock", &["peer"])?,
             unix_address_len: b.offset("unix_address", &["len"])?,
             unix_address_name: b.offset("unix_address", &["name"])?,
+            ..o
         })
     })();
-    resolved.unwrap_or_else(|| {
-        tracing::warn!("kernel BTF lacks a socket field: connection addresses from syscall arguments only");
-        KernelOffsets::default()
-    })
+    match sockets {
+        Some(full) => o = full,
+        None => tracing::warn!(
+            "kernel BTF lacks a socket field: connection addresses from syscall arguments only"
+        ),
+    }
+    Ok(o)
 }
 
 fn rejected(name: &str, e: ProgramError) -> LoadError {

@@ -4,9 +4,6 @@ use std::{fs, path::Path};
 
 use super::LoadError;
 
-const TRACEFS: &str = "/sys/kernel/tracing";
-const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
-
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_ADMIN: u32 = 21;
@@ -20,12 +17,6 @@ pub(super) fn check() -> Result<(), LoadError> {
         return Err(LoadError::Preflight(
             "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing; needs CONFIG_DEBUG_INFO_BTF=y)"
                 .into(),
-        ));
-    }
-    ensure_tracefs()?;
-    if !tracepoint_exists("syscalls", "sys_enter_write") {
-        return Err(LoadError::Preflight(
-            "this kernel has no syscall tracepoints (events/syscalls is missing; needs CONFIG_FTRACE_SYSCALLS=y)".into(),
         ));
     }
     Ok(())
@@ -72,36 +63,4 @@ fn check_kernel_version() -> Result<(), LoadError> {
         )));
     }
     Ok(())
-}
-
-fn tracing_root() -> Option<&'static str> {
-    [TRACEFS, DEBUGFS_TRACING].into_iter().find(|p| Path::new(p).join("events").is_dir())
-}
-
-/// Mounts tracefs at /sys/kernel/tracing when neither it nor debugfs's copy is there.
-fn ensure_tracefs() -> Result<(), LoadError> {
-    if tracing_root().is_some() {
-        return Ok(());
-    }
-    let ok = {
-        let src = c"nodev";
-        let target = c"/sys/kernel/tracing";
-        let fstype = c"tracefs";
-        // SAFETY: all pointers are valid NUL-terminated strings; data is null.
-        unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) == 0 }
-    };
-    if ok && tracing_root().is_some() {
-        tracing::info!("mounted tracefs at {TRACEFS}");
-        return Ok(());
-    }
-    Err(LoadError::Preflight(format!(
-        "tracefs is not mounted and mounting it failed ({}): run `mount -t tracefs nodev {TRACEFS}`",
-        std::io::Error::last_os_error()
-    )))
-}
-
-/// Whether `events/<category>/<name>` exists in tracefs.
-pub(super) fn tracepoint_exists(category: &str, name: &str) -> bool {
-    tracing_root()
-        .is_some_and(|root| Path::new(root).join("events").join(category).join(name).join("id").exists())
 }

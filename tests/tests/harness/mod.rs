@@ -32,11 +32,6 @@ pub fn ebpf_available() -> bool {
         Some("not root")
     } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         Some("no kernel BTF")
-    } else if !Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
-        && !Path::new("/sys/kernel/debug/tracing/events/syscalls").is_dir()
-        && !mount_tracefs()
-    {
-        Some("no tracefs with syscall tracepoints")
     } else {
         None
     };
@@ -66,14 +61,6 @@ pub fn skip(why: &str) {
 fn unsafe_geteuid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
-}
-
-fn mount_tracefs() -> bool {
-    Command::new("mount")
-        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-        .status()
-        .is_ok_and(|s| s.success())
-        && Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
 }
 
 /// A temporary directory, removed on drop.
