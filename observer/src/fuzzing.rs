@@ -353,7 +353,7 @@ fn cache(new: fn(CacheLimits) -> Box<dyn CacheParser>, detect: fn(&[u8]) -> bool
 pub fn proc_tables(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let _ = procfs::parse_tcp(&text);
-    let _ = procfs::parse_unix(&text);
+    let _ = procfs::parse_unix(data);
     let _ = procfs::status_ppid(&text);
     let _ = procfs::socket_inode(&text);
 }

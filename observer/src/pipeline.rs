@@ -327,7 +327,10 @@ fn listen_addr(pid: u32) -> Option<String> {
     if let Some(p) = port {
         return Some(p.to_string());
     }
-    net.unix.iter().filter(|r| r.listening && owned(r.inode)).find_map(|r| r.path.clone())
+    net.unix
+        .iter()
+        .filter(|r| r.listening && owned(r.inode))
+        .find_map(|r| r.path.as_deref().map(|p| String::from_utf8_lossy(p).into_owned()))
 }
 
 fn alive(pid: u32) -> bool {

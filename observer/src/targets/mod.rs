@@ -161,8 +161,7 @@ impl NetTables {
         if let Ok(t6) = fs::read_to_string(format!("{base}/tcp6")) {
             tcp.extend(procfs::parse_tcp(&t6));
         }
-        let unix =
-            fs::read_to_string(format!("{base}/unix")).map(|t| procfs::parse_unix(&t)).unwrap_or_default();
+        let unix = fs::read(format!("{base}/unix")).map(|t| procfs::parse_unix(&t)).unwrap_or_default();
         let same_netns =
             fs::read_link(format!("/proc/{pid}/ns/net")).ok() == fs::read_link("/proc/self/ns/net").ok();
         let unix_peers = if same_netns { unix_diag::peers().unwrap_or_default() } else { HashMap::new() };
@@ -342,7 +341,7 @@ mod tests {
     #[test]
     fn accepted_unix_socket_carries_listener_path() {
         let u = procfs::parse_unix(
-            "h
+            b"h
 0000000000000000: 00000002 00000000 00010000 0001 01 1 /tmp/app.sock
 0000000000000000: 00000003 00000000 00000000 0001 03 2 /tmp/app.sock
 0000000000000000: 00000003 00000000 00000000 0001 03 3

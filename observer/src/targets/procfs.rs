@@ -1,7 +1,10 @@
 //! Pure parsers for the /proc files the observer reads: `net/tcp`, `net/tcp6`, `net/unix`,
 //! `status` and fd links. No I/O here; `targets` reads the files.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use crate::events::SockAddr;
 
@@ -82,8 +85,9 @@ pub struct UnixRow {
     pub sock_type: u16,
     pub state: u8,
     pub inode: u64,
-    /// The bound name; `@name` for the abstract namespace, as the kernel prints it.
-    pub path: Option<String>,
+    /// The bound name, bytes as the kernel prints them (any bytes but NUL; `@name` for
+    /// the abstract namespace).
+    pub path: Option<Vec<u8>>,
 }
 
 impl UnixRow {
@@ -94,39 +98,54 @@ impl UnixRow {
     pub fn addr(&self) -> SockAddr {
         match &self.path {
             None => SockAddr::UnixUnnamed,
-            Some(p) => match p.strip_prefix('@') {
-                Some(name) => SockAddr::UnixAbstract(name.as_bytes().to_vec()),
-                None => SockAddr::UnixPath(p.as_bytes().to_vec()),
+            Some(p) => match p.strip_prefix(b"@") {
+                Some(name) => SockAddr::UnixAbstract(name.to_vec()),
+                None => SockAddr::UnixPath(p.clone()),
             },
         }
     }
 }
 
-/// Parses /proc/net/unix. Malformed rows are skipped.
-pub fn parse_unix(text: &str) -> Vec<UnixRow> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut f = line.split_whitespace();
-            let _num = f.next()?;
-            let _refs = f.next()?;
-            let _proto = f.next()?;
-            let flags = u32::from_str_radix(f.next()?, 16).ok()?;
-            let sock_type = u16::from_str_radix(f.next()?, 16).ok()?;
-            let state = u8::from_str_radix(f.next()?, 16).ok()?;
-            let inode = f.next()?;
-            // The path is the rest of the line (it may contain spaces).
-            let after_inode = inode.as_ptr() as usize - line.as_ptr() as usize + inode.len();
-            let path = line.get(after_inode..).map(str::trim).filter(|p| !p.is_empty()).map(String::from);
-            Some(UnixRow {
-                listening: flags & SO_ACCEPTCON != 0,
-                sock_type,
-                state,
-                inode: inode.parse().ok()?,
-                path,
-            })
-        })
-        .collect()
+/// Parses /proc/net/unix, as bytes: a socket name is any bytes an app chose (invalid
+/// UTF-8 in one name must not empty the table). Malformed rows are skipped. A name may
+/// hold a newline, and so forge a row of its choosing: an inode seen in two rows is
+/// trusted in neither (a forged row names an inode that also has its real row).
+pub fn parse_unix(text: &[u8]) -> Vec<UnixRow> {
+    let mut rows: Vec<UnixRow> = text.split(|&b| b == b'\n').skip(1).filter_map(unix_row).collect();
+    let mut seen = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        *seen.entry(r.inode).or_insert(0u32) += 1;
+    }
+    rows.retain(|r| seen.get(&r.inode) == Some(&1));
+    rows
+}
+
+fn unix_row(line: &[u8]) -> Option<UnixRow> {
+    // Fields: Num RefCount Protocol Flags Type St Inode [Path]; the path is the rest of
+    // the line (it may contain spaces).
+    let mut rest = line;
+    let mut field = || -> Option<&str> {
+        let start = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+        let len = rest[start..].iter().position(u8::is_ascii_whitespace).unwrap_or(rest.len() - start);
+        let f = &rest[start..start + len];
+        rest = &rest[start + len..];
+        std::str::from_utf8(f).ok()
+    };
+    let _num = field()?;
+    let _refs = field()?;
+    let _proto = field()?;
+    let flags = u32::from_str_radix(field()?, 16).ok()?;
+    let sock_type = u16::from_str_radix(field()?, 16).ok()?;
+    let state = u8::from_str_radix(field()?, 16).ok()?;
+    let inode = field()?.parse().ok()?;
+    let path = rest.trim_ascii();
+    Some(UnixRow {
+        listening: flags & SO_ACCEPTCON != 0,
+        sock_type,
+        state,
+        inode,
+        path: (!path.is_empty()).then(|| path.to_vec()),
+    })
 }
 
 /// The inode of an fd link target `socket:[12345]`.
@@ -189,7 +208,7 @@ mod tests {
 
     #[test]
     fn unix_rows() {
-        let rows = parse_unix(UNIX);
+        let rows = parse_unix(UNIX.as_bytes());
         assert_eq!(rows.len(), 4);
         assert!(rows[0].listening);
         assert_eq!(rows[1].state, SS_CONNECTED);
@@ -197,6 +216,26 @@ mod tests {
         assert_eq!(rows[2].path, None);
         assert!(!rows[3].is_stream());
         assert_eq!(rows[3].addr().to_string(), "unix:@abstract name");
+    }
+
+    /// An app's socket name is any bytes: one that is not UTF-8 costs nothing to the
+    /// other rows (read as text, it emptied the table), and one holding a newline that
+    /// forges a row for another socket's inode leaves that inode trusted by no row.
+    #[test]
+    fn hostile_unix_names_neither_empty_nor_forge_the_table() {
+        let mut t = b"Num       RefCount Protocol Flags    Type St Inode Path\n".to_vec();
+        t.extend_from_slice(b"0000000000000000: 00000002 00000000 00010000 0001 01 7 /tmp/\xff\xfe.sock\n");
+        t.extend_from_slice(
+            b"0000000000000000: 00000003 00000000 00000000 0001 03 8 /run/postgresql/.s.PGSQL.5432\n",
+        );
+        // A name with a newline: its own row, and a forged one claiming inode 8.
+        t.extend_from_slice(b"0000000000000000: 00000002 00000000 00010000 0001 01 9 /tmp/x\n");
+        t.extend_from_slice(b"0000000000000000: 00000003 00000000 00000000 0001 03 8 /tmp/forged\n");
+        let rows = parse_unix(&t);
+        let inodes: Vec<u64> = rows.iter().map(|r| r.inode).collect();
+        assert_eq!(inodes, [7, 9]);
+        assert_eq!(rows[0].path.as_deref(), Some(&b"/tmp/\xff\xfe.sock"[..]));
+        assert!(rows[0].listening);
     }
 
     #[test]
@@ -213,7 +252,7 @@ mod tests {
         #[test]
         fn parsers_never_panic(text in "[ -~\n]{0,400}") {
             let _ = parse_tcp(&text);
-            let _ = parse_unix(&text);
+            let _ = parse_unix(text.as_bytes());
             let _ = status_ppid(&text);
             let _ = socket_inode(&text);
         }
@@ -232,6 +271,6 @@ mod tests {
     #[test]
     fn garbage_is_skipped() {
         assert!(parse_tcp("header\nnot a row\n   0: zz:zz").is_empty());
-        assert!(parse_unix("header\n0000: 1 2").is_empty());
+        assert!(parse_unix(b"header\n0000: 1 2").is_empty());
     }
 }
