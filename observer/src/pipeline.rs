@@ -597,7 +597,7 @@ impl Pipeline {
                     // psycopg: OperationalError when the connection broke, the base class
                     // for an error without a SQLSTATE.
                     Failure::ConnectionLost => sqlstate::NO_SQLSTATE,
-                    Failure::Unknown => "DatabaseError",
+                    Failure::Unknown | Failure::Desync => "DatabaseError",
                 });
                 f.db.observe(&DbObservation {
                     alias: &alias,
@@ -1175,11 +1175,17 @@ fn observe(t: &mut Target, ex: &Exchange) -> Option<Arc<str>> {
     }
     let charset = resp.charset.clone().unwrap_or_else(|| t.settings.default_charset.clone());
     let latency_s = ex.latency_s();
-    // request.is_secure() with SECURE_PROXY_SSL_HEADER: the header has exactly that value.
+    // request.is_secure() with SECURE_PROXY_SSL_HEADER.
     let secure = t
         .settings
         .secure_header()
-        .is_some_and(|(name, value)| req.proxy_headers.iter().any(|(n, v)| *n == name && *v == value));
+        // Django reads the first element of the (comma-joined) header, stripped.
+        .is_some_and(|(name, value)| {
+            req.proxy_headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .is_some_and(|(_, v)| v.split(',').next().unwrap_or_default().trim() == value)
+        });
     http.observe(&HttpObservation {
         method: &req.method,
         view: &label,
@@ -1187,7 +1193,7 @@ fn observe(t: &mut Target, ex: &Exchange) -> Option<Arc<str>> {
         secure,
         ajax: req.ajax,
         status,
-        request_body: req.content_length.unwrap_or(0),
+        request_body: req.declared_length,
         response_body,
         charset: &charset,
         latency_s,

@@ -45,7 +45,7 @@ pub struct HttpObservation<'a> {
     pub ajax: bool,
     pub status: u16,
     /// The request's Content-Length header value (0 when absent).
-    pub request_body: u64,
+    pub request_body: f64,
     pub response_body: Body,
     pub charset: &'a str,
     /// Seconds from the request's first byte read to the response's last byte written.
@@ -256,7 +256,7 @@ impl HttpMetrics {
         if o.resolved {
             self.by_view_transport_method.with_label_values(&[o.view, transport, method]).inc();
         }
-        self.request_body.observe(o.request_body as f64);
+        self.request_body.observe(o.request_body);
         self.by_status.with_label_values(&[status.as_str()]).inc();
         self.by_status_view_method.with_label_values(&[status.as_str(), o.view, method]).inc();
         match o.response_body {
@@ -281,7 +281,7 @@ mod tests {
             secure: false,
             ajax: false,
             status,
-            request_body: 0,
+            request_body: 0.0,
             response_body: Body::Size(5),
             charset: "utf-8",
             latency_s: 0.003,
@@ -303,7 +303,7 @@ mod tests {
         m.observe(&obs("GET", "shop:item", 200));
         m.observe(&HttpObservation {
             ajax: true,
-            request_body: 300,
+            request_body: 300.0,
             ..obs("PROPFIND", "demo.views.dav", 405)
         });
         m.observe(&HttpObservation { response_body: Body::Streaming, ..obs("GET", UNNAMED_VIEW, 404) });

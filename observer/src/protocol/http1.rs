@@ -51,7 +51,7 @@ const MAX_HEADERS: usize = 128;
 const MAX_CHUNK_LINE: usize = 1024;
 
 /// A request as read by the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     /// The method token as sent (`GET`, `PROPFIND`, ...).
     pub method: String,
@@ -61,6 +61,9 @@ pub struct Request {
     pub minor_version: u8,
     /// The Content-Length header's value, when present and valid.
     pub content_length: Option<u64>,
+    /// The Content-Length as django-prometheus observes it (digits beyond u64 too, 0
+    /// without a number).
+    pub declared_length: f64,
     /// `X-Requested-With: XMLHttpRequest`.
     pub ajax: bool,
     /// Proxy headers kept for deciding later whether Django considers the request secure
@@ -93,7 +96,7 @@ pub struct Response {
 }
 
 /// A request and its response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Exchange {
     pub request: Request,
     pub response: Response,
@@ -143,7 +146,7 @@ impl ParseError {
 }
 
 /// What a chunk produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Exchange(Exchange),
     Error(ParseError),

@@ -69,6 +69,21 @@ pub(super) fn content_length(headers: &[httparse::Header<'_>]) -> Option<u64> {
     found
 }
 
+/// The Content-Length as django-prometheus observes it (`int(value)`, a float in the
+/// histogram): digits beyond u64 too; 0 when absent or not a number.
+pub(super) fn declared_length(headers: &[httparse::Header<'_>], cl: Option<u64>) -> f64 {
+    if let Some(n) = cl {
+        return n as f64;
+    }
+    let mut values = header(headers, "content-length");
+    match (values.next().map(<[u8]>::trim_ascii), values.next()) {
+        (Some(d), None) if !d.is_empty() && d.iter().all(u8::is_ascii_digit) => {
+            std::str::from_utf8(d).ok().and_then(|d| d.parse().ok()).unwrap_or(0.0)
+        }
+        _ => 0.0,
+    }
+}
+
 pub(super) fn is_chunked(headers: &[httparse::Header<'_>]) -> bool {
     header(headers, "transfer-encoding")
         .last()
@@ -165,6 +180,12 @@ pub(super) fn parse_request(buf: &[u8], config: &Config) -> HeadResult<(Request,
         return HeadResult::Invalid;
     }
     let hs = &*req.headers;
+    // Content-Lengths that disagree: a framing error servers answer with their own 400
+    // (RFC 9112 6.3; gunicorn and uvicorn's h11 alike), never passing it to Django.
+    let lengths: Vec<&[u8]> = header(hs, "content-length").collect();
+    if lengths.windows(2).any(|w| w[0].trim_ascii() != w[1].trim_ascii()) {
+        return HeadResult::Invalid;
+    }
     let ajax = header(hs, "x-requested-with").any(|v| v == b"XMLHttpRequest");
     let proxy_headers: Vec<(String, String)> = hs
         .iter()
@@ -189,6 +210,7 @@ pub(super) fn parse_request(buf: &[u8], config: &Config) -> HeadResult<(Request,
         path: target_path(target),
         minor_version: minor,
         content_length: cl,
+        declared_length: declared_length(hs, cl),
         ajax,
         proxy_headers,
         start_ns: 0,

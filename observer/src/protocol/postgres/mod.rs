@@ -71,6 +71,9 @@ pub enum Failure {
     ConnectionLost,
     /// An ErrorResponse whose SQLSTATE was not captured.
     Unknown,
+    /// The answer broke the protocol (an impossible message length): libpq's "lost
+    /// synchronization with server", which psycopg raises as DatabaseError.
+    Desync,
 }
 
 /// One completed unit with statements the app executed.
@@ -225,6 +228,8 @@ enum Phase {
 #[derive(Debug)]
 struct Msg {
     tag: u8,
+    /// The length field as sent.
+    len: u32,
     /// The startup code (startup-type messages only).
     code: u32,
     remaining: u64,
@@ -554,7 +559,19 @@ impl PgParser {
         let Some(body) = body.filter(|_| len <= MAX_MESSAGE && (size == 8 || tags.contains(&tag))) else {
             out.push(Event::Error(ParseError::BadMessage));
             self.framer(dir).reset(false);
+            if dir == Direction::Recv && self.phase == Phase::Ready {
+                // libpq gives the statement in flight up: "lost synchronization".
+                if let Some(u) = self.pending.front_mut() {
+                    u.failure.get_or_insert(Failure::Desync);
+                }
+            }
             if self.phase != Phase::Ready {
+                // An answer to the startup that cannot be framed: the client gives the
+                // attempt up ("expected authentication request", "invalid message length").
+                if dir == Direction::Recv && self.began {
+                    self.attempt(None, None, out);
+                    out.push(Event::AttemptFailed { sqlstate: None });
+                }
                 // Not PostgreSQL after all (or garbage in the startup): stop.
                 self.phase = Phase::Done;
             }
@@ -563,7 +580,7 @@ impl PgParser {
         let keep_max = keep_for(dir, tag, size == 8);
         let f = self.framer(dir);
         f.hdr_len = 0;
-        f.msg = Some(Msg { tag, code, remaining: u64::from(body), keep: Vec::new(), keep_max });
+        f.msg = Some(Msg { tag, len, code, remaining: u64::from(body), keep: Vec::new(), keep_max });
         true
     }
 
@@ -612,6 +629,9 @@ impl PgParser {
             }
             _ => {
                 out.push(Event::Error(ParseError::BadMessage));
+                // libpq: "received invalid response to SSL negotiation": the attempt failed.
+                self.attempt(None, None, out);
+                out.push(Event::AttemptFailed { sqlstate: None });
                 self.phase = Phase::Done;
             }
         }
@@ -794,6 +814,9 @@ impl PgParser {
                 out.push(Event::AttemptFailed { sqlstate: error_sqlstate(&m.keep) });
                 self.phase = Phase::Done;
             }
+            // A ReadyForQuery is 5 bytes: libpq reads its status byte past a shorter one
+            // and waits on; the statement is not answered.
+            (_, b'Z') if m.len != 5 => out.push(Event::Error(ParseError::BadMessage)),
             (Phase::Auth, b'Z') => self.phase = Phase::Ready,
             (Phase::Ready, b'Z') => match self.pending.pop_front() {
                 Some(u) => self.complete(u, c.exit_ns, out),

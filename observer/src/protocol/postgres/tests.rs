@@ -221,6 +221,7 @@ fn summary(ev: &[Event]) -> Summary {
                         Failure::Server(x) => x.class_name().to_string(),
                         Failure::ConnectionLost => "lost".into(),
                         Failure::Unknown => "unknown".into(),
+                        Failure::Desync => "desync".into(),
                     };
                     *s.failures.entry(k).or_default() += 1;
                 }

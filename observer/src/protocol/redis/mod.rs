@@ -441,6 +441,16 @@ impl RedisParser {
             self.back_line.clear();
             if !ok {
                 out.push(Event::Error(ParseError::BadMessage));
+                // The reply that breaks the protocol is the oldest command's: its client
+                // fails on it (neither a hit nor a miss), now; what follows is unknown.
+                if !self.top_push
+                    && !self.top_attr
+                    && self.skip_replies == 0
+                    && let Some(Pending { want: Want::Get(key), start_ns }) = self.pending.pop_front()
+                {
+                    let end_ns = c.exit_ns.max(start_ns);
+                    out.push(Event::Get(KeyGet { key, outcome: Outcome::Unknown, start_ns, end_ns }));
+                }
                 self.desync_back();
                 return;
             }
@@ -481,10 +491,13 @@ impl RedisParser {
                 self.element_done(c, out);
             }
             b'$' | b'!' | b'=' => match lines::parse_int(rest) {
-                Some(n) if n < 0 => {
+                // -1 is the RESP2 null; any other negative length is not RESP (redis-py
+                // reads it as an empty value, which Django fails to decode).
+                Some(-1) => {
                     mark_null(self);
                     self.element_done(c, out);
                 }
+                Some(n) if n < 0 => return false,
                 Some(n) => {
                     self.payload_left = n as u64;
                     self.crlf_left = 2;
@@ -498,6 +511,8 @@ impl RedisParser {
                 let n = if matches!(t, b'%' | b'|') { n.saturating_mul(2) } else { n };
                 if attr_inside && n <= 0 {
                     // An empty attribute: nothing, and no element of its parent.
+                } else if n < -1 {
+                    return false;
                 } else if n < 0 {
                     mark_null(self);
                     self.element_done(c, out);
