@@ -58,22 +58,8 @@ fn traced(server: &Server, extra: &[&str]) -> (ObserverRun, u64) {
     args.extend_from_slice(extra);
     let obs = ObserverRun::start(&args);
     ok_requests(server, &obs, 3);
-    let idle = rss_kib(obs.pid());
+    let idle = obs.status_kib("VmRSS:");
     (obs, idle)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// A size line of /proc/PID/status (VmRSS now, VmHWM its peak).
-fn status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent alive");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 fn exchanges(m: &Metrics) -> f64 {
@@ -102,32 +88,15 @@ fn ok_requests(server: &Server, obs: &ObserverRun, n: usize) {
 /// After a hostile case: alive, healthy, within `grown_mib` of its idle RSS, no panic in
 /// its log, and exact on ordinary traffic again. Returns the last scrape.
 fn still_sound(server: &Server, obs: &ObserverRun, idle_kib: u64, grown_mib: u64) -> Metrics {
-    quiet(obs);
+    obs.wait_quiet(Duration::from_secs(60));
     assert_eq!(http_status(obs.port, "/healthz"), Some(200), "healthy:\n{}", obs.log());
-    let (rss, peak) = (rss_kib(obs.pid()), status_kib(obs.pid(), "VmHWM:"));
+    let (rss, peak) = (obs.status_kib("VmRSS:"), obs.status_kib("VmHWM:"));
     eprintln!("agent RSS {idle_kib} KiB idle, {peak} KiB at its peak, {rss} KiB after");
     assert!(peak <= idle_kib + grown_mib * 1024, "RSS peaked at {peak} KiB, {idle_kib} KiB idle");
     ok_requests(server, obs, 10);
     let log = obs.log();
     assert!(!log.contains("panicked") && !log.contains("ERROR"), "{log}");
     obs.metrics()
-}
-
-/// Waits until the agent has taken in everything (its record count holds still across two
-/// of its once-a-second reports).
-fn quiet(obs: &ObserverRun) {
-    let records = |m: &Metrics| m.sum("observer_records_total", &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = records(&obs.metrics());
-    loop {
-        thread::sleep(Duration::from_millis(2100));
-        let now = records(&obs.metrics());
-        if now == last {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the agent never caught up");
-        last = now;
-    }
 }
 
 /// Deterministic bytes (xorshift), so a failure can be replayed.
@@ -337,7 +306,7 @@ fn a_connection_flood_hits_the_connection_bound() {
     // The server still has churned connections in its accept backlog when the clients
     // are done: wait until it has taken and closed them all (a request that comes while
     // the table is full is rightly not traced), then the bound lets go.
-    quiet(&obs);
+    obs.wait_quiet(Duration::from_secs(60));
     obs.wait_until("the table drained", |m| m.sum("observer_connections", &[]) <= 4.0);
     still_sound(&server, &obs, idle, 64);
 }

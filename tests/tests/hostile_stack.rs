@@ -54,33 +54,6 @@ use serde_json::json;
 
 // ---- the agent's own numbers ----------------------------------------------------------
 
-/// A size line of /proc/PID/status, in KiB (VmRSS now, VmHWM its peak).
-fn status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent alive");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a size line")
-}
-
-/// Waits until the agent has taken in everything: its record count holds still across
-/// two of its once-a-second reports.
-fn quiet(obs: &ObserverRun) {
-    let records = |m: &Metrics| m.sum("observer_records_total", &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = records(&obs.metrics());
-    loop {
-        thread::sleep(Duration::from_millis(2100));
-        let now = records(&obs.metrics());
-        if now == last {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the agent never caught up");
-        last = now;
-    }
-}
-
 /// One app's series of a family in the agent's scrape (its `instance` ends with the
 /// app's port), keyed by their labels without the target labels, zeros left out.
 fn ours(m: &Metrics, name: &str, port: u16) -> BTreeMap<String, f64> {
@@ -701,7 +674,7 @@ struct Snapshot {
 
 fn snapshot(apps: &[App], obs: &ObserverRun) -> Snapshot {
     let theirs = apps.iter().map(|a| Metrics::parse(&http_get(a.gunicorn.port, "/metrics"))).collect();
-    quiet(obs);
+    obs.wait_quiet(Duration::from_secs(30));
     Snapshot { theirs, ours: obs.metrics() }
 }
 
@@ -845,7 +818,7 @@ fn hostile_traffic_on_the_real_stack() {
         m.sum("observer_route_discovery_total", &[("result", "success")]) == 3.0
     });
     let s0 = snapshot(&apps, &obs);
-    let idle_kib = status_kib(obs.pid(), "VmRSS:");
+    let idle_kib = obs.status_kib("VmRSS:");
     eprintln!("setup took {:.1}s; agent RSS {idle_kib} KiB idle", started.elapsed().as_secs_f64());
 
     // The catalogue. The app on the real stack also serves its database and cache views.
@@ -1031,7 +1004,7 @@ fn hostile_traffic_on_the_real_stack() {
 
     // Memory: the peak within hostile.rs's bound (64 MiB over idle) and the README's
     // 64 MiB.
-    let (rss, peak) = (status_kib(obs.pid(), "VmRSS:"), status_kib(obs.pid(), "VmHWM:"));
+    let (rss, peak) = (obs.status_kib("VmRSS:"), obs.status_kib("VmHWM:"));
     eprintln!("agent RSS {idle_kib} KiB idle, {peak} KiB at its peak, {rss} KiB now");
     if peak > idle_kib + 64 * 1024 || peak > 64 * 1024 {
         report.push(format!("agent RSS peaked at {peak} KiB ({idle_kib} KiB idle)"));

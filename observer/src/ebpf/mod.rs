@@ -90,7 +90,6 @@ pub enum LoadError {
 pub struct Probe {
     ebpf: Ebpf,
     ring: Option<RingBuf<MapData>>,
-    attached: Vec<String>,
     /// Each attached program's link, detached on drop.
     links: Vec<(String, RawTracePointLinkId)>,
 }
@@ -135,7 +134,6 @@ impl Probe {
             .map_err(LoadError::Object)?;
 
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
-        let mut attached = Vec::new();
         let mut links = Vec::new();
         let mut handlers = Vec::new();
         for name in names {
@@ -161,8 +159,7 @@ impl Probe {
                     let link = prog
                         .attach(&name)
                         .map_err(|source| LoadError::Attach { program: name.clone(), source })?;
-                    links.push((name.clone(), link));
-                    attached.push(name);
+                    links.push((name, link));
                 }
             }
         }
@@ -178,18 +175,13 @@ impl Probe {
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?)
             .map_err(|source| LoadError::Map { name: "EVENTS", source })?;
-        tracing::debug!(attached = attached.len(), handlers = handlers.len(), "eBPF programs attached");
-        Ok(Self { ebpf, ring: Some(ring), attached, links })
+        tracing::debug!(attached = links.len(), handlers = handlers.len(), "eBPF programs attached");
+        Ok(Self { ebpf, ring: Some(ring), links })
     }
 
     /// The ring buffer, to be read by the event pump (once).
     pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.ring.take()
-    }
-
-    /// Names of the attached programs.
-    pub fn programs(&self) -> &[String] {
-        &self.attached
     }
 
     fn tracked_map(&mut self) -> Result<HashMap<&mut MapData, u32, ProcVal>, LoadError> {

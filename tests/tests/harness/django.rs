@@ -185,6 +185,33 @@ impl ObserverRun {
         super::stop(&mut self.child, libc::SIGKILL);
     }
 
+    /// Waits until it has taken in everything: its record count holds still across two
+    /// of its once-a-second reports. Fails if it does not within `within`.
+    pub fn wait_quiet(&self, within: Duration) {
+        let records = |m: &Metrics| m.sum("observer_records_total", &[]);
+        let deadline = Instant::now() + within;
+        let mut last = records(&self.metrics());
+        loop {
+            std::thread::sleep(Duration::from_millis(2100));
+            let now = records(&self.metrics());
+            if now == last {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the agent never caught up");
+            last = now;
+        }
+    }
+
+    /// A size line of its /proc/PID/status, in KiB (`VmRSS:` now, `VmHWM:` its peak).
+    pub fn status_kib(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("agent alive");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} line"))
+    }
+
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

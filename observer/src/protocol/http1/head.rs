@@ -182,8 +182,10 @@ pub(super) fn parse_request(buf: &[u8], config: &Config) -> HeadResult<(Request,
     let hs = &*req.headers;
     // Content-Lengths that disagree: a framing error servers answer with their own 400
     // (RFC 9112 6.3; gunicorn and uvicorn's h11 alike), never passing it to Django.
-    let lengths: Vec<&[u8]> = header(hs, "content-length").collect();
-    if lengths.windows(2).any(|w| w[0].trim_ascii() != w[1].trim_ascii()) {
+    let mut lengths = header(hs, "content-length").map(<[u8]>::trim_ascii);
+    if let Some(first) = lengths.next()
+        && lengths.any(|v| v != first)
+    {
         return HeadResult::Invalid;
     }
     let ajax = header(hs, "x-requested-with").any(|v| v == b"XMLHttpRequest");
