@@ -72,6 +72,9 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Leave observer/fuzz/corpus as it is (CI): no `cargo fuzz cmin` afterwards.
+        #[arg(long)]
+        no_minimize: bool,
         /// Only these targets (default: all).
         targets: Vec<String>,
     },
@@ -94,7 +97,7 @@ fn main() -> Result<()> {
             bench::soak::soak(minutes, interval)
         }
         Cmd::BenchConns { cmd } => bench::scale::helper(cmd),
-        Cmd::Fuzz { seconds, targets } => fuzz(seconds, &targets),
+        Cmd::Fuzz { seconds, no_minimize, targets } => fuzz(seconds, !no_minimize, &targets),
     }
 }
 
@@ -158,9 +161,13 @@ fn test(extra: &[String]) -> Result<()> {
 /// `cargo fuzz` on every target of observer/fuzz (its own workspace, nightly), then
 /// `cargo fuzz cmin` so that observer/fuzz/corpus keeps the smallest set with the same
 /// coverage (committed; `cargo test` replays it, see observer::fuzzing). The kernel
-/// object is not needed to fuzz parsers: AYA_BUILD_SKIP=1. Prints each target's
-/// executions from libFuzzer's own count; full logs in target/fuzz/.
-fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+/// object is not needed to fuzz parsers: AYA_BUILD_SKIP=1. Every target runs even when
+/// one fails, and the run fails at the end if any did, naming the crashing input that
+/// libFuzzer kept (observer/fuzz/artifacts/<target>/): copy it to
+/// observer/fuzz/regressions/<target>/ under a name saying what broke, so that `cargo
+/// test` replays it. Prints each target's executions and final coverage from
+/// libFuzzer's own lines; full logs in target/fuzz/.
+fn fuzz(seconds: u64, minimize: bool, only: &[String]) -> Result<()> {
     setup::all()?;
     setup::cargo_fuzz()?;
     let manifest = std::fs::read_to_string(root().join("observer/fuzz/Cargo.toml"))?;
@@ -175,36 +182,85 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
     }
     let logs = root().join("target/fuzz");
     std::fs::create_dir_all(&logs)?;
+    let fuzz = |args: &[&str]| {
+        let mut c = Command::new("cargo");
+        c.arg("+nightly")
+            .arg("fuzz")
+            .args(args)
+            .current_dir(root().join("observer"))
+            .env("AYA_BUILD_SKIP", "1");
+        c
+    };
+    // Built once up front, so that each target's budget is spent fuzzing.
+    run(&mut fuzz(&["build"]))?;
     let mut rows = Vec::new();
+    let mut failed = Vec::new();
     for t in targets {
         let log_path = logs.join(format!("{t}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let fuzz = |args: &[&str]| {
-            let mut c = Command::new("cargo");
-            c.arg("+nightly")
-                .arg("fuzz")
-                .args(args)
-                .current_dir(root().join("observer"))
-                .env("AYA_BUILD_SKIP", "1");
-            c
-        };
         let budget = format!("-max_total_time={seconds}");
-        run(fuzz(&["run", t, "--", &budget]).stderr(log))
-            .with_context(|| format!("fuzz target {t} (log: {})", log_path.display()))?;
+        let outcome = run(fuzz(&["run", t, "--", &budget]).stderr(log));
         let text = std::fs::read_to_string(&log_path)?;
-        let runs = fuzz_runs(&text).with_context(|| format!("no run count in {}", log_path.display()))?;
-        run(fuzz(&["cmin", t]).stderr(std::fs::File::create(logs.join(format!("{t}.cmin.log")))?))?;
+        if let Err(e) = outcome {
+            let artifact = text
+                .lines()
+                .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim().to_string()))
+                .unwrap_or_else(|| "no artifact".into());
+            eprintln!("xtask: fuzz target {t} failed: {e:#}; input: {artifact}; log: {}", log_path.display());
+            failed.push(format!("{t} ({artifact})"));
+            continue;
+        }
+        let done = fuzz_done(&text).with_context(|| format!("no closing line in {}", log_path.display()))?;
+        if minimize {
+            run(fuzz(&["cmin", t]).stderr(std::fs::File::create(logs.join(format!("{t}.cmin.log")))?))?;
+        }
         let kept = std::fs::read_dir(root().join("observer/fuzz/corpus").join(t))?.count();
-        rows.push((t.clone(), runs, kept));
+        rows.push((t.clone(), done, kept));
     }
-    println!("| target | executions | seconds | corpus kept |\n|---|---:|---:|---:|");
-    for (t, runs, kept) in rows {
-        println!("| {t} | {runs} | {seconds} | {kept} |");
+    println!("| target | seconds | executions | cov | ft | corpus kept |\n|---|---:|---:|---:|---:|---:|");
+    for (t, d, kept) in rows {
+        println!("| {t} | {seconds} | {} | {} | {} | {kept} |", d.runs, d.cov, d.ft);
+    }
+    if !failed.is_empty() {
+        bail!("fuzz targets failed: {}", failed.join(", "));
     }
     Ok(())
 }
 
-/// libFuzzer's closing line: `Done 1234567 runs in 60 second(s)`.
-fn fuzz_runs(log: &str) -> Option<u64> {
-    log.lines().rev().find_map(|l| l.strip_prefix("Done ")?.split_whitespace().next()?.parse().ok())
+/// What libFuzzer says at the end of a run.
+#[derive(Debug, PartialEq)]
+struct FuzzDone {
+    runs: u64,
+    /// Coverage points (edges) and features reached, from its last status line.
+    cov: u64,
+    ft: u64,
+}
+
+/// libFuzzer's last status line (`#1234567 DONE cov: 812 ft: 3018 corp: ...`) and its
+/// closing line (`Done 1234567 runs in 60 second(s)`).
+fn fuzz_done(log: &str) -> Option<FuzzDone> {
+    let runs =
+        log.lines().rev().find_map(|l| l.strip_prefix("Done ")?.split_whitespace().next()?.parse().ok())?;
+    let status = log.lines().rev().find(|l| l.contains(" cov: ") && l.contains(" ft: "))?;
+    let field = |name: &str| -> Option<u64> {
+        let mut words = status.split_whitespace();
+        words.find(|w| *w == name)?;
+        words.next()?.parse().ok()
+    };
+    Some(FuzzDone { runs, cov: field("cov:")?, ft: field("ft:")? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_done_reads_libfuzzers_last_lines() {
+        let log = "INFO: Seed: 1\n#2\tINITED cov: 10 ft: 11 corp: 1/1b\n\
+                   #65536\tpulse  cov: 700 ft: 2900 corp: 90/3Kb\n\
+                   #99001\tDONE   cov: 812 ft: 3018 corp: 93/4Kb lim: 4096 exec/s: 1650 rss: 60Mb\n\
+                   Done 99001 runs in 60 second(s)\n";
+        assert_eq!(fuzz_done(log), Some(FuzzDone { runs: 99001, cov: 812, ft: 3018 }));
+        assert_eq!(fuzz_done("==1== ERROR: libFuzzer: deadly signal\n"), None);
+    }
 }
