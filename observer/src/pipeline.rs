@@ -864,7 +864,9 @@ impl Pipeline {
                     if !self.materialize(root, None) {
                         continue;
                     }
-                    let Some(f) = self.targets.get(&root).and_then(|t| t.families.as_ref()) else { continue };
+                    let Some(f) = self.targets.get_mut(&root).and_then(|t| t.families.as_mut()) else {
+                        continue;
+                    };
                     for (alias, m) in aliases {
                         match m {
                             AliasMigrations::Counts { applied, unapplied } => {
@@ -1410,11 +1412,13 @@ impl Sink for Pipeline {
         for (root, t) in &self.targets {
             let o = t.families.as_ref().map(|f| f.http.overflows).unwrap_or_default();
             let models = t.families.as_ref().map_or(0, |f| f.models.overflowed);
+            let migrations = t.families.as_ref().map_or(0, |f| f.migrations.overflowed);
             for (label, now) in [
                 ("view", t.views.overflowed),
                 ("method", o.methods),
                 ("charset", o.charsets),
                 ("model", models),
+                ("connection", migrations),
             ] {
                 let seen = self.overflow_seen.entry((*root, label)).or_default();
                 *self.stats.label_overflow.entry(label).or_default() += now.saturating_sub(*seen);

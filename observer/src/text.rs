@@ -15,6 +15,26 @@ pub fn lossy(b: &[u8], max: usize) -> String {
     cut(&text, max).to_owned()
 }
 
+/// Text another process wrote (an exception message of the app's own code) made fit for
+/// a log line: at most `max` bytes of it, with control characters escaped so that it can
+/// neither forge log lines nor drive the operator's terminal.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        let start = out.len();
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() > max {
+            out.truncate(start);
+            break;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -31,6 +51,14 @@ mod tests {
         assert_eq!(lossy(b"a\xc3\xa9", 3), "aé");
         assert_eq!(lossy(b"\xff\xfe", 10), "\u{fffd}\u{fffd}");
         assert_eq!(lossy(b"\xff\xfe", 4), "\u{fffd}");
+    }
+
+    #[test]
+    fn printable_escapes_controls_and_stays_bounded() {
+        assert_eq!(printable("a\nb\x1b[2Jé", 99), "a\\nb\\u{1b}[2Jé");
+        assert_eq!(printable("abcé", 4), "abc");
+        assert_eq!(printable("ab\n", 3), "ab");
+        assert!(printable(&"\u{7}".repeat(1000), 512).len() <= 512);
     }
 
     proptest! {

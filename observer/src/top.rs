@@ -185,12 +185,14 @@ fn app_name(root: u32) -> String {
     let cmdline = std::fs::read(format!("/proc/{root}/cmdline")).unwrap_or_default();
     let name = cmdline
         .split(|&b| b == 0)
-        .filter_map(|a| std::str::from_utf8(a).ok())
-        .map(|a| a.rsplit('/').next().unwrap_or(a))
+        .map(String::from_utf8_lossy)
+        .map(|a| a.rsplit('/').next().unwrap_or(&a).to_string())
         .find(|a| !a.is_empty() && !a.starts_with("python") && !a.starts_with('-'))
-        .map(str::to_string)
         .unwrap_or_else(|| {
-            std::fs::read_to_string(format!("/proc/{root}/comm")).unwrap_or_default().trim().to_string()
+            crate::targets::read_proc_text(format!("/proc/{root}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
         });
     format!("{name} (pid {root})")
 }
@@ -205,7 +207,17 @@ fn percentile(xs: &VecDeque<f64>, q: f64) -> f64 {
     v[i]
 }
 
+/// At most `width` characters of `s` for the terminal: names, views and statement shapes
+/// come from other processes and from the wire, so their control characters are escaped
+/// (a name cannot move the cursor or clear the screen).
 fn clip(s: &str, width: usize) -> String {
+    let escaped;
+    let s = if s.chars().any(char::is_control) {
+        escaped = crate::text::printable(s, s.len().saturating_mul(10));
+        escaped.as_str()
+    } else {
+        s
+    };
     if s.chars().count() <= width {
         return s.to_string();
     }
@@ -225,6 +237,13 @@ mod tests {
             shapes: shapes.iter().map(|(h, n, t)| (*h, *n, Some(Box::from(*t)))).collect(),
             ..Profile::default()
         }
+    }
+
+    #[test]
+    fn names_cannot_drive_the_terminal() {
+        assert_eq!(clip("app\x1b[2J\r", 80), "app\\u{1b}[2J\\r");
+        assert_eq!(clip("abcdef", 4), "abc…");
+        assert_eq!(clip("\x1b\x1b", 4), "\\u{…");
     }
 
     #[test]

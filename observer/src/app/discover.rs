@@ -94,7 +94,7 @@ pub fn parse_output(out: &str) -> Result<Discovery, String> {
 fn parse_line(line: &str) -> Result<Discovery, String> {
     let o: Output = serde_json::from_str(line).map_err(|e| format!("discovery output: {e}"))?;
     if let Some(e) = o.error {
-        return Err(e);
+        return Err(crate::text::printable(&e, super::MAX_ERROR));
     }
     o.discovery.ok_or_else(|| "empty discovery output".into())
 }

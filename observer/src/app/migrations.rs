@@ -32,9 +32,15 @@ pub fn count(pid: u32, timeout: Duration) -> Result<BTreeMap<String, AliasMigrat
 fn parse_line(line: &str) -> Result<BTreeMap<String, AliasMigrations>, String> {
     let o: Output = serde_json::from_str(line).map_err(|e| format!("migrations output: {e}"))?;
     if let Some(e) = o.error {
-        return Err(e);
+        return Err(crate::text::printable(&e, super::MAX_ERROR));
     }
-    o.aliases.ok_or_else(|| "empty migrations output".into())
+    let mut aliases = o.aliases.ok_or("empty migrations output")?;
+    for m in aliases.values_mut() {
+        if let AliasMigrations::Failed { error } = m {
+            *error = crate::text::printable(error, super::MAX_ERROR);
+        }
+    }
+    Ok(aliases)
 }
 
 #[cfg(test)]
@@ -50,6 +56,12 @@ mod tests {
         assert_eq!(m["default"], AliasMigrations::Counts { applied: 19, unapplied: 1 });
         assert!(matches!(&m["broken"], AliasMigrations::Failed { error } if error.contains("refused")));
         assert!(parse_line(r#"{"error": "ImproperlyConfigured: x"}"#).is_err());
+        // The app's exception text is logged bounded and with its controls escaped.
+        let long = format!(r#"{{"aliases": {{"x": {{"error": "a\u001b[2J{}"}}}}}}"#, "é".repeat(2000));
+        let AliasMigrations::Failed { error } = &parse_line(&long).unwrap()["x"] else { panic!() };
+        assert!(error.starts_with("a\\u{1b}[2J") && error.len() <= super::super::MAX_ERROR, "{error}");
+        let e = parse_line(&format!(r#"{{"error": "{}\n"}}"#, "x".repeat(5000))).unwrap_err();
+        assert_eq!(e.len(), super::super::MAX_ERROR);
         assert!(parse_line(r#"{"aliases": {}}"#).unwrap().is_empty());
     }
 }

@@ -8,10 +8,10 @@ pub mod discover;
 pub mod migrations;
 
 use std::{
-    ffi::CString,
+    ffi::{CString, OsString},
     fs,
     io::Read as _,
-    os::unix::process::CommandExt as _,
+    os::unix::{ffi::OsStringExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -21,6 +21,8 @@ use crate::targets::detect::HELPER_ENV;
 
 /// Largest output read from a helper.
 const MAX_OUTPUT: usize = 32 << 20;
+/// The longest error message of a helper (the app's exception text) the agent logs.
+const MAX_ERROR: usize = 512;
 
 /// The start every helper script shares: finding the settings, `django.setup()`, and
 /// printing the marked result.
@@ -31,7 +33,7 @@ const COMMON: &str = include_str!("common.py");
 struct Launch {
     python: PathBuf,
     argv: Vec<String>,
-    env: Vec<(String, String)>,
+    env: Vec<(OsString, OsString)>,
     cwd: PathBuf,
     uid: u32,
     gid: u32,
@@ -54,13 +56,18 @@ fn is_python(path: &str) -> bool {
 fn launch_for(pid: u32) -> Result<Launch, String> {
     let proc_ = format!("/proc/{pid}");
     let argv = nul_split(&fs::read(format!("{proc_}/cmdline")).map_err(|e| format!("cmdline: {e}"))?);
-    let env: Vec<(String, String)> =
-        nul_split(&fs::read(format!("{proc_}/environ")).map_err(|e| format!("environ: {e}"))?)
-            .into_iter()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-            .collect();
+    // The environment exactly as the app has it (its values are any bytes), so that the
+    // helper imports the same settings from the same paths.
+    let env: Vec<(OsString, OsString)> = fs::read(format!("{proc_}/environ"))
+        .map_err(|e| format!("environ: {e}"))?
+        .split(|&c| c == 0)
+        .filter_map(|kv| {
+            let eq = kv.iter().position(|&c| c == b'=')?;
+            Some((OsString::from_vec(kv[..eq].to_vec()), OsString::from_vec(kv[eq + 1..].to_vec())))
+        })
+        .collect();
     let cwd = fs::read_link(format!("{proc_}/cwd")).map_err(|e| format!("cwd: {e}"))?;
-    let status = fs::read_to_string(format!("{proc_}/status")).map_err(|e| format!("status: {e}"))?;
+    let status = crate::targets::read_proc_text(format!("{proc_}/status")).ok_or("status unreadable")?;
     // The interpreter named in the command line (a virtualenv's bin/python), not
     // /proc/PID/exe (the base interpreter, which misses the virtualenv).
     let exe = fs::read_link(format!("{proc_}/exe")).ok();

@@ -255,9 +255,17 @@ impl ModelMetrics {
     }
 }
 
+/// The most DATABASES aliases one app's migration gauges keep. The aliases come from the
+/// app's own settings through a helper that runs the app's code, so they are bounded
+/// like any other label: beyond this, new aliases are counted, not exported.
+pub const MAX_MIGRATION_ALIASES: usize = 64;
+
 pub struct MigrationMetrics {
     applied: IntGaugeVec,
     unapplied: IntGaugeVec,
+    aliases: std::collections::BTreeSet<String>,
+    /// Aliases refused for [`MAX_MIGRATION_ALIASES`] (`observer_label_overflow_total{label="connection"}`).
+    pub overflowed: u64,
 }
 
 impl MigrationMetrics {
@@ -276,10 +284,19 @@ impl MigrationMetrics {
                 "django_migrations_applied_total",
                 "Count of applied migrations by database connection",
             )?,
+            aliases: Default::default(),
+            overflowed: 0,
         })
     }
 
-    pub fn set(&self, alias: &str, applied: u64, unapplied: u64) {
+    pub fn set(&mut self, alias: &str, applied: u64, unapplied: u64) {
+        if !self.aliases.contains(alias) {
+            if self.aliases.len() >= MAX_MIGRATION_ALIASES {
+                self.overflowed += 1;
+                return;
+            }
+            self.aliases.insert(alias.to_owned());
+        }
         self.applied.with_label_values(&[alias]).set(i64::try_from(applied).unwrap_or(i64::MAX));
         self.unapplied.with_label_values(&[alias]).set(i64::try_from(unapplied).unwrap_or(i64::MAX));
     }
@@ -366,11 +383,26 @@ mod tests {
     #[test]
     fn migration_gauges() {
         let r = Registry::new();
-        let m = MigrationMetrics::new(&r).unwrap();
+        let mut m = MigrationMetrics::new(&r).unwrap();
         m.set("default", 19, 1);
         let t = text(&r);
         assert!(t.contains("# TYPE django_migrations_applied_total gauge"), "{t}");
         assert!(t.contains("django_migrations_applied_total{connection=\"default\"} 19"), "{t}");
         assert!(t.contains("django_migrations_unapplied_total{connection=\"default\"} 1"), "{t}");
+    }
+
+    #[test]
+    fn migration_aliases_are_bounded_and_known_ones_still_update() {
+        let r = Registry::new();
+        let mut m = MigrationMetrics::new(&r).unwrap();
+        for i in 0..MAX_MIGRATION_ALIASES + 10 {
+            m.set(&format!("db{i}"), 1, 0);
+        }
+        assert_eq!(m.overflowed, 10);
+        m.set("db0", 7, 2);
+        assert_eq!(m.overflowed, 10);
+        let t = text(&r);
+        assert_eq!(t.matches("django_migrations_applied_total{").count(), MAX_MIGRATION_ALIASES, "{t}");
+        assert!(t.contains("django_migrations_applied_total{connection=\"db0\"} 7"), "{t}");
     }
 }

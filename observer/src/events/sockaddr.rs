@@ -79,11 +79,17 @@ impl fmt::Display for SockAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Inet(a) => write!(f, "{a}"),
-            Self::UnixPath(p) => write!(f, "unix:{}", String::from_utf8_lossy(p)),
-            Self::UnixAbstract(p) => write!(f, "unix:@{}", String::from_utf8_lossy(p)),
+            // A socket's name is any bytes its creator chose: shown with controls escaped,
+            // so that a name printed in a log or a terminal cannot forge or drive either.
+            Self::UnixPath(p) => write!(f, "unix:{}", printable(p)),
+            Self::UnixAbstract(p) => write!(f, "unix:@{}", printable(p)),
             Self::UnixUnnamed => write!(f, "unix:(unnamed)"),
         }
     }
+}
+
+fn printable(name: &[u8]) -> String {
+    crate::text::printable(&String::from_utf8_lossy(name), usize::MAX)
 }
 
 #[cfg(test)]
@@ -108,6 +114,12 @@ mod tests {
         let mut abs = AF_UNIX.to_ne_bytes().to_vec();
         abs.extend_from_slice(b"\0redis");
         assert_eq!(SockAddr::from_raw(&abs).unwrap().to_string(), "unix:@redis");
+        let mut hostile = AF_UNIX.to_ne_bytes().to_vec();
+        hostile.extend_from_slice(b"\0x\x1b[2J\nlevel=ERROR \xff");
+        assert_eq!(
+            SockAddr::from_raw(&hostile).unwrap().to_string(),
+            "unix:@x\\u{1b}[2J\\nlevel=ERROR \u{fffd}"
+        );
     }
 
     #[test]

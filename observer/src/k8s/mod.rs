@@ -119,7 +119,7 @@ impl PodStore {
 
     /// The labels of a running process (its `/proc/PID/cgroup`).
     pub fn labels_for_pid(&self, pid: u32) -> Option<PodLabels> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let text = crate::targets::read_proc_text(format!("/proc/{pid}/cgroup"))?;
         self.labels_for_cgroup(&text)
     }
 }

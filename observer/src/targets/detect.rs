@@ -60,7 +60,7 @@ fn nul_split(b: &[u8]) -> Vec<String> {
 
 /// Reads a process's evidence from /proc (`None` if it is gone or unreadable).
 pub fn evidence(pid: u32) -> Option<Evidence> {
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim_end().to_string();
+    let comm = super::read_proc_text(format!("/proc/{pid}/comm"))?.trim_end().to_string();
     let argv = nul_split(&fs::read(format!("/proc/{pid}/cmdline")).ok()?);
     let env_keys = nul_split(&fs::read(format!("/proc/{pid}/environ")).unwrap_or_default())
         .into_iter()

@@ -28,13 +28,21 @@ pub struct ProcInfo {
     pub comm: String,
 }
 
+/// A /proc file as text. A process chooses its own name (prctl, setproctitle) and so the
+/// bytes of `comm` and of status's `Name:`: invalid UTF-8 there becomes U+FFFD instead of
+/// making the whole file unreadable (and the process invisible).
+pub fn read_proc_text(path: impl AsRef<std::path::Path>) -> Option<String> {
+    let b = fs::read(path).ok()?;
+    Some(String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
 /// Reads one process; `None` if it is gone or is a thread id.
 pub fn read_process(pid: u32) -> Option<ProcInfo> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = read_proc_text(format!("/proc/{pid}/status"))?;
     if procfs::status_tgid(&status) != Some(pid) {
         return None;
     }
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let comm = read_proc_text(format!("/proc/{pid}/comm"))?;
     Some(ProcInfo { pid, ppid: procfs::status_ppid(&status)?, comm: comm.trim_end().to_string() })
 }
 
@@ -295,6 +303,21 @@ mod tests {
 
     fn p(pid: u32, ppid: u32, comm: &str) -> ProcInfo {
         ProcInfo { pid, ppid, comm: comm.into() }
+    }
+
+    #[test]
+    fn a_name_of_invalid_utf8_leaves_the_process_readable() {
+        // A thread names itself with bytes that are not UTF-8, as any process may.
+        let seen = std::thread::spawn(|| {
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"gunicorn\xff\xfe".as_ptr()) };
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            read_proc_text(format!("/proc/self/task/{tid}/comm"))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen.as_deref(), Some("gunicorn\u{fffd}\u{fffd}\n"));
     }
 
     #[test]
