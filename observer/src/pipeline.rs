@@ -1177,17 +1177,7 @@ fn observe(t: &mut Target, ex: &Exchange) -> Option<Arc<str>> {
     }
     let charset = resp.charset.clone().unwrap_or_else(|| t.settings.default_charset.clone());
     let latency_s = ex.latency_s();
-    // request.is_secure() with SECURE_PROXY_SSL_HEADER.
-    let secure = t
-        .settings
-        .secure_header()
-        // Django reads the first element of the (comma-joined) header, stripped.
-        .is_some_and(|(name, value)| {
-            req.proxy_headers
-                .iter()
-                .find(|(n, _)| *n == name)
-                .is_some_and(|(_, v)| v.split(',').next().unwrap_or_default().trim() == value)
-        });
+    let secure = crate::django::http::is_secure(&req.proxy_headers, t.settings.secure_header());
     http.observe(&HttpObservation {
         method: &req.method,
         view: &label,

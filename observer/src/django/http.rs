@@ -268,9 +268,39 @@ impl HttpMetrics {
     }
 }
 
+/// Django's `request.is_secure()` under `SECURE_PROXY_SSL_HEADER` (`header`: the
+/// header's lower-case name and the value that means HTTPS): the first element of the
+/// header, stripped, must equal the value. The server joins repeated headers with commas
+/// before Django sees them, so the first header's first element is what counts.
+pub fn is_secure(proxy_headers: &[(String, String)], header: Option<(String, String)>) -> bool {
+    header.is_some_and(|(name, value)| {
+        proxy_headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .is_some_and(|(_, v)| v.split(',').next().unwrap_or_default().trim() == value)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the hostile end-to-end test ([9a]): the header was matched whole, so
+    /// `https, http` (a proxy chain) was not secure to the agent and was to Django.
+    #[test]
+    fn is_secure_reads_the_first_element_of_the_first_header() {
+        let h = || Some(("x-forwarded-proto".to_string(), "https".to_string()));
+        let hs = |vs: &[&str]| -> Vec<(String, String)> {
+            vs.iter().map(|v| ("x-forwarded-proto".to_string(), v.to_string())).collect()
+        };
+        assert!(is_secure(&hs(&["https"]), h()));
+        assert!(is_secure(&hs(&[" https , http"]), h()));
+        assert!(!is_secure(&hs(&["http, https"]), h()));
+        assert!(!is_secure(&hs(&["http", "https"]), h()));
+        assert!(!is_secure(&hs(&["HTTPS"]), h()));
+        assert!(!is_secure(&hs(&["https"]), None));
+        assert!(!is_secure(&[], h()));
+    }
     use crate::django::expo;
 
     fn obs<'a>(method: &'a str, view: &'a str, status: u16) -> HttpObservation<'a> {

@@ -14,6 +14,8 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::fault::lock;
+
 pub use watch::spawn;
 
 /// The annotation (or label) that names a pod's `job`.
@@ -67,6 +69,9 @@ pub struct PodLabels {
 }
 
 /// The pods of this node by UID, shared between the watch and the pipeline.
+/// Shared by the watch thread and the pipeline. A panic in either while holding the lock
+/// (contained by crate::fault) leaves the map whole (every change is one insert, remove
+/// or swap), so a poisoned lock is used as it is instead of blinding the labels for good.
 #[derive(Debug, Clone, Default)]
 pub struct PodStore {
     pods: Arc<Mutex<HashMap<String, PodMeta>>>,
@@ -74,29 +79,25 @@ pub struct PodStore {
 
 impl PodStore {
     pub fn apply(&self, pod: &Pod) {
-        if let Some((uid, meta)) = PodMeta::from_pod(pod)
-            && let Ok(mut p) = self.pods.lock()
-        {
-            p.insert(uid, meta);
+        if let Some((uid, meta)) = PodMeta::from_pod(pod) {
+            lock(&self.pods).insert(uid, meta);
         }
     }
 
     pub fn delete(&self, pod: &Pod) {
-        if let (Some(uid), Ok(mut p)) = (&pod.metadata.uid, self.pods.lock()) {
-            p.remove(uid);
+        if let Some(uid) = &pod.metadata.uid {
+            lock(&self.pods).remove(uid);
         }
     }
 
     /// A fresh list replaces what was known (the watch restarted).
     pub fn replace(&self, pods: &[Pod]) {
         let fresh: HashMap<String, PodMeta> = pods.iter().filter_map(PodMeta::from_pod).collect();
-        if let Ok(mut p) = self.pods.lock() {
-            *p = fresh;
-        }
+        *lock(&self.pods) = fresh;
     }
 
     pub fn len(&self) -> usize {
-        self.pods.lock().map(|p| p.len()).unwrap_or(0)
+        lock(&self.pods).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -106,7 +107,7 @@ impl PodStore {
     /// The labels of a process with this cgroup file content.
     pub fn labels_for_cgroup(&self, cgroup_text: &str) -> Option<PodLabels> {
         let pc = cgroup::parse(cgroup_text)?;
-        let pods = self.pods.lock().ok()?;
+        let pods = lock(&self.pods);
         let meta = pods.get(&pc.pod_uid)?;
         let container = pc.container_id.and_then(|id| meta.containers.get(&id).cloned()).unwrap_or_default();
         Some(PodLabels {

@@ -70,11 +70,13 @@ impl Profile {
     fn add(&mut self, w: Work) -> bool {
         match w {
             Work::Db { executes, seconds, shape, text } => {
-                self.statements += executes;
+                // Counts from the wire (an executemany's parameter sets): saturating, a
+                // request cannot make them wrap.
+                self.statements = self.statements.saturating_add(executes);
                 self.db_seconds += seconds;
                 if let Some(h) = shape {
                     if let Some(e) = self.shapes.iter_mut().find(|(x, _, _)| *x == h) {
-                        e.1 += 1;
+                        e.1 = e.1.saturating_add(1);
                     } else if self.shapes.len() < MAX_SHAPES {
                         self.shapes.push((h, 1, text));
                     }
@@ -87,7 +89,7 @@ impl Profile {
                 self.cache.push(c);
             }
         }
-        self.works += 1;
+        self.works = self.works.saturating_add(1);
         true
     }
 }
@@ -160,7 +162,8 @@ impl Attribution {
     pub fn counted(&mut self, p: &Profile) {
         let cache = p.cache.len() as u64;
         *self.attributed.entry("cache").or_default() += cache;
-        *self.attributed.entry("db").or_default() += p.works - cache;
+        // Every cache lookup kept is one of `works`; saturating all the same.
+        *self.attributed.entry("db").or_default() += p.works.saturating_sub(cache);
     }
 
     /// A statement or lookup finished on thread `tid` of process `tgid`.
@@ -193,7 +196,7 @@ impl Attribution {
         if let Some(p) = self.work.remove(&conn) {
             let cache = p.cache.len() as u64;
             *self.unattributed.entry(("cache", "unfinished")).or_default() += cache;
-            *self.unattributed.entry(("db", "unfinished")).or_default() += p.works - cache;
+            *self.unattributed.entry(("db", "unfinished")).or_default() += p.works.saturating_sub(cache);
         }
     }
 

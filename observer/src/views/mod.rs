@@ -266,6 +266,7 @@ impl RouteTable {
 pub struct ViewResolver {
     table: Option<RouteTable>,
     cache: HashMap<String, Option<Arc<str>>>,
+    cache_bytes: usize,
     templated: HashMap<String, Arc<str>>,
     max_views: usize,
     /// Templated paths not kept because `max_views` was reached.
@@ -274,6 +275,13 @@ pub struct ViewResolver {
 
 /// Paths cached per target (a cache: cleared when full).
 const CACHE: usize = 10_000;
+/// ... and the bytes of their keys: paths are up to MAX_PATH (4 KiB) each and chosen
+/// by clients, so a count alone would let them make it 40 MiB per app.
+const CACHE_BYTES: usize = 1 << 20;
+/// The longest templated view label: past it the template is cut (on a character
+/// boundary), so that a client's path of 4 KiB of short segments cannot make a label
+/// of 4 KiB.
+pub const MAX_TEMPLATE: usize = 256;
 
 /// What a path resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,7 +296,14 @@ pub enum View {
 
 impl ViewResolver {
     pub fn new(table: Option<RouteTable>, max_views: usize) -> Self {
-        Self { table, cache: HashMap::new(), templated: HashMap::new(), max_views, overflowed: 0 }
+        Self {
+            table,
+            cache: HashMap::new(),
+            cache_bytes: 0,
+            templated: HashMap::new(),
+            max_views,
+            overflowed: 0,
+        }
     }
 
     pub fn has_routes(&self) -> bool {
@@ -298,6 +313,7 @@ impl ViewResolver {
     pub fn set_table(&mut self, table: Option<RouteTable>) {
         self.table = table;
         self.cache.clear();
+        self.cache_bytes = 0;
     }
 
     pub fn table(&self) -> Option<&RouteTable> {
@@ -310,9 +326,11 @@ impl ViewResolver {
             return hit.clone().map_or(View::Unresolved, View::Resolved);
         }
         let v = table.resolve(path);
-        if self.cache.len() >= CACHE {
+        if self.cache.len() >= CACHE || self.cache_bytes + path.len() > CACHE_BYTES {
             self.cache.clear();
+            self.cache_bytes = 0;
         }
+        self.cache_bytes += path.len();
         self.cache.insert(path.to_string(), v.clone());
         v.map_or(View::Unresolved, View::Resolved)
     }
@@ -363,7 +381,9 @@ pub fn template_path(path: &str) -> String {
             }
         })
         .collect();
-    segs.join("/")
+    let mut t = segs.join("/");
+    t.truncate(crate::text::cut(&t, MAX_TEMPLATE).len());
+    t
 }
 
 #[cfg(test)]
@@ -466,6 +486,26 @@ mod tests {
         assert_eq!(v.resolve("/b"), View::Templated(Arc::from("<other>")));
         assert_eq!(v.overflowed, 1);
         assert_eq!(v.resolve("/u/5/posts/6/"), View::Templated(Arc::from("/u/{int}/posts/{int}/")), "known");
+    }
+
+    #[test]
+    fn templates_of_long_paths_are_cut_on_a_character_boundary() {
+        let path = format!("/{}", "é/".repeat(2000));
+        let t = template_path(&path);
+        assert!(t.len() <= MAX_TEMPLATE && t.len() > MAX_TEMPLATE - 4, "{}", t.len());
+        assert!(path.starts_with(&t));
+    }
+
+    #[test]
+    fn the_path_cache_is_bounded_in_bytes() {
+        let table = RouteTable::new(&[]);
+        let mut v = ViewResolver::new(Some(table), 10);
+        for i in 0..2000 {
+            let path = format!("/{i}/{}", "a".repeat(4000));
+            assert_eq!(v.resolve(&path), View::Unresolved);
+            assert!(v.cache_bytes <= CACHE_BYTES);
+            assert_eq!(v.cache_bytes, v.cache.keys().map(String::len).sum::<usize>());
+        }
     }
 
     #[test]

@@ -645,3 +645,28 @@ fn heads_are_parsed_only_up_to_their_complete_lines() {
     assert_eq!(head::complete_lines(b"GET", 0), None);
     assert_eq!(head::complete_lines(b"", 0), None);
 }
+
+/// Found by the hostile end-to-end test ([9a]): django-prometheus observes `int()` of
+/// the Content-Length, so one beyond u64 is observed as sent (not as 0); Content-Lengths
+/// that disagree are a framing error servers answer themselves, never a request.
+#[test]
+fn content_lengths_beyond_u64_and_in_disagreement() {
+    let mut p = Http1Parser::new(Limits::default(), Config::default());
+    let big = b"GET /a HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
+    let ev = run(&mut p, &[(R, big), (S, OK)]);
+    let ex = exchanges(&ev);
+    assert_eq!(ex.len(), 1, "{ev:?}");
+    assert_eq!(ex[0].request.content_length, None);
+    assert_eq!(ex[0].request.declared_length, 1e23);
+
+    let mut p = Http1Parser::new(Limits::default(), Config::default());
+    let two = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd";
+    let ev = run(&mut p, &[(R, two)]);
+    assert!(exchanges(&ev).is_empty(), "{ev:?}");
+    assert_eq!(errors(&ev), vec![ParseError::InvalidHead]);
+    // The same value twice is one length (RFC 9112 allows the repetition).
+    let mut p = Http1Parser::new(Limits::default(), Config::default());
+    let same = b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nContent-Length:  3\r\n\r\nabc";
+    let ex_ev = run(&mut p, &[(R, same), (S, OK)]);
+    assert_eq!(exchanges(&ex_ev)[0].request.declared_length, 3.0);
+}

@@ -298,3 +298,71 @@ proptest! {
         p.close(&mut out);
     }
 }
+
+/// Splits each step's bytes at the given cut points, both directions.
+fn resplit(steps: &[(Direction, Vec<u8>)], cuts: &[usize]) -> Vec<(Direction, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut cuts = cuts.iter().copied().cycle();
+    for (dir, b) in steps {
+        let mut rest = &b[..];
+        while !rest.is_empty() {
+            let n = cuts.next().unwrap_or(rest.len()).clamp(1, rest.len());
+            out.push((*dir, rest[..n].to_vec()));
+            rest = &rest[n..];
+        }
+    }
+    out
+}
+
+proptest! {
+    /// `get` of keys of any bytes memcached allows (no space or control character),
+    /// past KEY_HEAD and past memcached's own 250, answered with data of any bytes
+    /// (`\r\nEND\r\n` inside it) or a miss, between `set`s whose data holds command
+    /// lines, split anywhere in both directions: each get is counted once with its
+    /// outcome and its key cut at KEY_HEAD bytes, whatever the split.
+    #[test]
+    fn gets_past_key_head_in_any_split(
+        ops in proptest::collection::vec(
+            (proptest::collection::vec(0x21u8..=0xff, 1..300), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..2000)), any::<bool>()),
+            1..6,
+        ),
+        cuts in proptest::collection::vec(1usize..700, 1..8),
+    ) {
+        let mut steps = Vec::new();
+        let mut want = Vec::new();
+        for (key, value, set_first) in &ops {
+            let data = value.clone().unwrap_or_else(|| b"\r\nget x\r\nEND\r\n".to_vec());
+            if *set_first {
+                let mut set = [b"set ", &key[..], format!(" 0 0 {}\r\n", data.len()).as_bytes()].concat();
+                set.extend_from_slice(&data);
+                set.extend_from_slice(b"\r\n");
+                steps.push((S, set));
+                steps.push((R, b"STORED\r\n".to_vec()));
+            }
+            steps.push((S, [b"get ", &key[..], b"\r\n"].concat()));
+            let answer = match value {
+                Some(v) => {
+                    let mut a = [b"VALUE ", &key[..], format!(" 0 {}\r\n", v.len()).as_bytes()].concat();
+                    a.extend_from_slice(v);
+                    a.extend_from_slice(b"\r\nEND\r\n");
+                    a
+                }
+                None => b"END\r\n".to_vec(),
+            };
+            steps.push((R, answer));
+            let outcome = if value.is_some() { Outcome::Hit } else { Outcome::Miss };
+            want.push((String::from_utf8_lossy(&key[..key.len().min(KEY_HEAD)]).into_owned(), outcome));
+        }
+        let run_steps = |steps: &[(Direction, Vec<u8>)]| {
+            let mut p = MemcachedParser::new(Limits::default());
+            let borrowed: Vec<(Direction, &[u8])> = steps.iter().map(|(d, b)| (*d, &b[..])).collect();
+            run(&mut p, &borrowed)
+        };
+        let whole = run_steps(&steps);
+        prop_assert!(errors(&whole).is_empty(), "{:?}", errors(&whole));
+        prop_assert_eq!(gets(&whole), want.clone());
+        let split = run_steps(&resplit(&steps, &cuts));
+        prop_assert!(errors(&split).is_empty(), "{:?}", errors(&split));
+        prop_assert_eq!(gets(&split), want);
+    }
+}

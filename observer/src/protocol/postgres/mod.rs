@@ -564,6 +564,9 @@ impl PgParser {
                 if let Some(u) = self.pending.front_mut() {
                     u.failure.get_or_insert(Failure::Desync);
                 }
+                // As after any desync of the answers: what waits is being answered, and
+                // completes before the client's next write (never with its answer).
+                self.move_pending_to_limbo();
             }
             if self.phase != Phase::Ready {
                 // An answer to the startup that cannot be framed: the client gives the

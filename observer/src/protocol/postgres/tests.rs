@@ -895,3 +895,136 @@ fn shape_texts_are_kept_only_when_asked() {
         assert_eq!(text.as_deref(), keep.then_some("SELECT a FROM t WHERE id = ?"));
     }
 }
+
+/// A Query message of arbitrary bytes (no NUL: it ends the C string).
+fn q_bytes(sql: &[u8]) -> Vec<u8> {
+    let mut body = sql.to_vec();
+    body.push(0);
+    msg(b'Q', &body)
+}
+
+/// Statement text at and past SQL_HEAD: literals and quoted table names of any
+/// characters (multi-byte ones wherever SQL_HEAD falls), or arbitrary bytes.
+fn sql_text() -> impl Strategy<Value = Vec<u8>> {
+    let text = "[^\0]{0,400}";
+    prop_oneof![
+        text.prop_map(|s| format!("SELECT '{}'", s.replace('\'', "''")).into_bytes()),
+        (text, text).prop_map(|(t, s)| format!(
+            "INSERT INTO \"{}\" VALUES ('{}')",
+            t.replace('"', "\"\""),
+            s.replace('\'', "''")
+        )
+        .into_bytes()),
+        proptest::collection::vec(1u8..=255, 0..(3 * SQL_HEAD)),
+    ]
+}
+
+/// Splits each step's bytes at the given cut points, both directions.
+fn resplit(steps: &[(Direction, Vec<u8>)], cuts: &[usize]) -> Vec<(Direction, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut cuts = cuts.iter().copied().cycle();
+    for (dir, b) in steps {
+        let mut rest = &b[..];
+        while !rest.is_empty() {
+            let n = cuts.next().unwrap_or(rest.len()).clamp(1, rest.len());
+            out.push((*dir, rest[..n].to_vec()));
+            rest = &rest[n..];
+        }
+    }
+    out
+}
+
+proptest! {
+    /// Simple-protocol statements whose text goes past SQL_HEAD with any characters or
+    /// bytes, answered by success or a server error, with reads and writes split
+    /// anywhere: every statement is counted once with its outcome, the same whatever the
+    /// split, and a write's table name is whole text (never cut inside a character).
+    #[test]
+    fn statements_past_sql_head_in_any_split(
+        stmts in proptest::collection::vec((sql_text(), any::<bool>()), 1..6),
+        cuts in proptest::collection::vec(1usize..700, 1..8),
+    ) {
+        let mut steps = Vec::new();
+        for (sql, fails) in &stmts {
+            steps.push((S, q_bytes(sql)));
+            let answer = if *fails { error("23505") } else { complete("INSERT 0 1") };
+            steps.push((R, cat(&[answer, ready()])));
+        }
+        let whole = run(&mut connected(), &steps);
+        let split = run(&mut connected(), &resplit(&steps, &cuts));
+        let (w, s) = (summary(&whole), summary(&split));
+        prop_assert_eq!(w.errors, 0);
+        prop_assert_eq!(w.executes as usize, stmts.len());
+        let fails = stmts.iter().filter(|(_, f)| *f).count() as u32;
+        prop_assert_eq!(w.failures.get("UniqueViolation").copied().unwrap_or(0), fails);
+        // A table name is whole text of the statement (never cut inside a character
+        // nor made lossy), as PostgreSQL would name it (unquoted ones fold to lower case).
+        // (A quoted name's doubled quotes stand for one.)
+        let all: Vec<u8> = stmts
+            .iter()
+            .flat_map(|(sql, _)| String::from_utf8_lossy(sql).replace("\"\"", "\"").to_ascii_lowercase().into_bytes())
+            .collect();
+        for (_, table) in w.writes.keys() {
+            let t = table.to_ascii_lowercase();
+            prop_assert!(!t.is_empty() && t.len() <= 63, "{table:?}");
+            prop_assert!(all.windows(t.len()).any(|x| x == t.as_bytes()), "{table:?}");
+        }
+        prop_assert_eq!(w, s);
+    }
+}
+
+/// Found by the hostile end-to-end test ([9a]): an answer to the startup that cannot be
+/// framed (a length of 0, 4 or 0xFFFFFFFF) is a failed connection attempt, as libpq
+/// gives it up ("invalid message length"); so is an SSL answer other than S or N.
+#[test]
+fn an_unframable_startup_answer_is_a_failed_attempt() {
+    for len in [0u32, 3, 0xFFFF_FFFF] {
+        let mut bad = vec![b'R'];
+        bad.extend_from_slice(&len.to_be_bytes());
+        let mut p = PgParser::new(Limits::default());
+        let ev = run(&mut p, &[(S, startup("u", "d")), (R, bad)]);
+        assert_eq!(
+            ev,
+            vec![
+                Event::Attempt { user: Some("u".into()), database: Some("d".into()) },
+                Event::Error(ParseError::BadMessage),
+                Event::AttemptFailed { sqlstate: None },
+            ],
+            "length {len}"
+        );
+    }
+    let mut p = PgParser::new(Limits::default());
+    let ev = run(&mut p, &[(S, ssl_request()), (R, b"X".to_vec())]);
+    assert_eq!(
+        ev,
+        vec![
+            Event::Error(ParseError::BadMessage),
+            Event::Attempt { user: None, database: None },
+            Event::AttemptFailed { sqlstate: None },
+        ]
+    );
+}
+
+/// Found by the hostile end-to-end test ([9a]): a statement whose answer breaks the
+/// protocol fails with libpq's "lost synchronization" (psycopg's DatabaseError), and a
+/// ReadyForQuery of the wrong length answers nothing.
+#[test]
+fn a_broken_answer_fails_the_statement_and_a_long_ready_completes_nothing() {
+    let mut p = connected();
+    let mut bad = vec![b'D'];
+    bad.extend_from_slice(&0xFFFF_FFFFu32.to_be_bytes());
+    let ev = run(
+        &mut p,
+        &[(S, q("SELECT 1")), (R, bad), (S, q("SELECT 2")), (R, cat(&[complete("SELECT 1"), ready()]))],
+    );
+    let st = statements(&ev);
+    assert_eq!(st.len(), 2, "{ev:?}");
+    assert_eq!(st[0].failure, Some(Failure::Desync));
+    assert_eq!(st[1].failure, None);
+    assert_eq!(errors(&ev), vec![ParseError::BadMessage]);
+
+    let mut p = connected();
+    let ev = run(&mut p, &[(S, q("SELECT 1")), (R, cat(&[complete("SELECT 1"), msg(b'Z', b"II")]))]);
+    assert!(statements(&ev).is_empty(), "{ev:?}");
+    assert_eq!(errors(&ev), vec![ParseError::BadMessage]);
+}

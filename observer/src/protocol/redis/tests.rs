@@ -361,3 +361,92 @@ fn an_attribute_inside_an_aggregate_is_not_an_element() {
     assert!(errors(&ev).is_empty(), "{ev:?}");
     assert_eq!(gets(&ev), vec![("k".into(), Outcome::Hit), ("b".into(), Outcome::Miss)]);
 }
+
+/// Splits each step's bytes at the given cut points, both directions.
+fn resplit(steps: &[(Direction, Vec<u8>)], cuts: &[usize]) -> Vec<(Direction, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut cuts = cuts.iter().copied().cycle();
+    for (dir, b) in steps {
+        let mut rest = &b[..];
+        while !rest.is_empty() {
+            let n = cuts.next().unwrap_or(rest.len()).clamp(1, rest.len());
+            out.push((*dir, rest[..n].to_vec()));
+            rest = &rest[n..];
+        }
+    }
+    out
+}
+
+proptest! {
+    /// GET and MGET of keys of any bytes past KEY_HEAD (invalid UTF-8, CR, LF, `$`),
+    /// answered by values of any bytes (RESP framing inside them) or by nil in both
+    /// RESP versions, split anywhere in both directions: each GET is counted once with
+    /// its outcome, its key cut at KEY_HEAD bytes, whatever the split (an MGET is
+    /// django-redis's get_many, which django-prometheus does not count: it must only
+    /// keep the framing).
+    #[test]
+    fn lookups_past_key_head_in_any_split(
+        lookups in proptest::collection::vec(
+            proptest::collection::vec(
+                (proptest::collection::vec(any::<u8>(), 0..600), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..2000)), any::<bool>()),
+                1..4,
+            ),
+            1..5,
+        ),
+        cuts in proptest::collection::vec(1usize..700, 1..8),
+    ) {
+        let mut steps = Vec::new();
+        let mut want = Vec::new();
+        for keys in &lookups {
+            let answer = |(value, resp3): &(Option<Vec<u8>>, bool)| match value {
+                Some(v) => bulk(v),
+                None if *resp3 => b"_\r\n".to_vec(),
+                None => b"$-1\r\n".to_vec(),
+            };
+            if let [(key, value, resp3)] = &keys[..] {
+                steps.push((S, cmd(&[b"GET", key])));
+                steps.push((R, answer(&(value.clone(), *resp3))));
+            } else {
+                let mut args: Vec<&[u8]> = vec![b"MGET"];
+                args.extend(keys.iter().map(|(k, _, _)| &k[..]));
+                steps.push((S, cmd(&args)));
+                let mut r = format!("*{}\r\n", keys.len()).into_bytes();
+                for (_, v, resp3) in keys {
+                    r.extend(answer(&(v.clone(), *resp3)));
+                }
+                steps.push((R, r));
+            }
+            if let [(key, value, _)] = &keys[..] {
+                let outcome = if value.is_some() { Outcome::Hit } else { Outcome::Miss };
+                want.push((String::from_utf8_lossy(&key[..key.len().min(KEY_HEAD)]).into_owned(), outcome));
+            }
+        }
+        let whole = run(&mut RedisParser::new(Limits::default()), &steps);
+        prop_assert!(errors(&whole).is_empty(), "{:?}", errors(&whole));
+        prop_assert_eq!(gets(&whole), want.clone());
+        let split = run(&mut RedisParser::new(Limits::default()), &resplit(&steps, &cuts));
+        prop_assert!(errors(&split).is_empty(), "{:?}", errors(&split));
+        prop_assert_eq!(gets(&split), want);
+    }
+}
+
+/// Found by the hostile end-to-end test ([9a]): a length of -2 (or any negative but
+/// -1) is not RESP. redis-py reads `$-2` as an empty value that Django then fails to
+/// decode: the GET is neither a hit nor a miss, and the framing is lost.
+#[test]
+fn negative_lengths_other_than_minus_one_are_protocol_errors() {
+    for reply in [&b"$-2\r\n"[..], b"*-2\r\n", b"$-9223372036854775808\r\n"] {
+        let ev = run(
+            &mut RedisParser::new(Limits::default()),
+            &[(S, cmd(&[b"GET", b":1:k"])), (R, reply.to_vec())],
+        );
+        assert_eq!(gets(&ev), vec![(":1:k".into(), Outcome::Unknown)], "{reply:?}");
+        assert_eq!(errors(&ev), vec![ParseError::BadMessage], "{reply:?}");
+    }
+    // -1 stays the RESP2 null: a miss.
+    let ev = run(
+        &mut RedisParser::new(Limits::default()),
+        &[(S, cmd(&[b"GET", b":1:k"])), (R, b"*-1\r\n".to_vec())],
+    );
+    assert_eq!(gets(&ev), vec![(":1:k".into(), Outcome::Miss)]);
+}
