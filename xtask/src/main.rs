@@ -70,7 +70,7 @@ enum Cmd {
     /// Run every fuzz target (observer/fuzz) for a time budget each.
     Fuzz {
         /// Seconds per target.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, alias = "time", default_value_t = 60)]
         seconds: u64,
         /// Leave observer/fuzz/corpus as it is (CI): no `cargo fuzz cmin` afterwards.
         #[arg(long)]

@@ -1,6 +1,5 @@
 //! `cargo xtask setup`: everything the project needs, installed only when missing.
 //!
-//! - tracefs mounted at /sys/kernel/tracing;
 //! - rust-src for the nightly toolchain (the eBPF crate is built with -Zbuild-std=core);
 //! - Debian packages: LLVM 22 (bpf-linker links against it), the services the tests run
 //!   (postgresql, redis-server, memcached, prometheus for promtool and a real server,
@@ -51,21 +50,12 @@ const PYTHON: &str = "/usr/bin/python3";
 
 pub fn all() -> Result<()> {
     let started = Instant::now();
-    mount_tracefs()?;
     rust_src()?;
     debian_packages()?;
     bpf_linker()?;
     venv()?;
     eprintln!("xtask: setup complete in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
-}
-
-fn mount_tracefs() -> Result<()> {
-    if Path::new("/sys/kernel/tracing/events").is_dir() {
-        return Ok(());
-    }
-    run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
-        .context("mounting tracefs (are we root?)")
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
