@@ -271,6 +271,11 @@ impl Http1Parser {
 
     /// Feeds one syscall's bytes.
     pub fn feed(&mut self, chunk: &Chunk<'_>, out: &mut Vec<Event>) {
+        // A syscall that moved no bytes says nothing (not even who spoke first). The
+        // kernel side records none; a split of the same stream never has one.
+        if chunk.total_len == 0 {
+            return;
+        }
         if self.mode == Mode::Other {
             return;
         }

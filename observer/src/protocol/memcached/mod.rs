@@ -154,6 +154,11 @@ impl MemcachedParser {
     }
 
     pub fn feed(&mut self, c: &Chunk<'_>, out: &mut Vec<Event>) {
+        // A syscall that moved no bytes says nothing (not even who spoke first). The
+        // kernel side records none; a split of the same stream never has one.
+        if c.total_len == 0 {
+            return;
+        }
         match c.dir {
             Direction::Send => self.feed_commands(c, out),
             Direction::Recv => {

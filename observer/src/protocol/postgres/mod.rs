@@ -432,6 +432,11 @@ impl PgParser {
     }
 
     pub fn feed(&mut self, c: &Chunk<'_>, out: &mut Vec<Event>) {
+        // A syscall that moved no bytes says nothing (not even who spoke first). The
+        // kernel side records none; a split of the same stream never has one.
+        if c.total_len == 0 {
+            return;
+        }
         if self.phase == Phase::Done {
             return;
         }
