@@ -6,6 +6,8 @@
 //! the syscall's true length into the ring buffer, and count every loss. All parsing is in
 //! userspace. Every helper is `#[inline(always)]` so each program is verified on its own.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// For `asm!` (programs.rs, `verifier_len`): how a bound reaches the verifier of 6.1.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod programs;

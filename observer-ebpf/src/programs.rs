@@ -307,7 +307,7 @@ fn capture_limit() -> u64 {
 /// Returns false on a fault.
 #[inline(always)]
 fn read_into(data: *mut u8, off: u64, len: u64, src: u64) -> bool {
-    let o = (off & (MAX_CAPTURE as u64 - 1)) as usize;
+    let o = verifier_off(off) as usize;
     let mut l = len;
     if l > MAX_CAPTURE as u64 {
         l = MAX_CAPTURE as u64;
@@ -317,7 +317,45 @@ fn read_into(data: *mut u8, off: u64, len: u64, src: u64) -> bool {
     }
     // SAFETY: o < MAX_CAPTURE and l <= MAX_CAPTURE, and data points to 2 * MAX_CAPTURE
     // bytes of the scratch map value; the helper checks the user pointer itself.
-    unsafe { read_user_raw(data.add(o).cast(), l as u32, src as *const _) == 0 }
+    unsafe { read_user_raw(data.add(o).cast(), verifier_len(l), src as *const _) == 0 }
+}
+
+/// `len` (already in 1..=MAX_CAPTURE) as a value every kernel's verifier knows is in
+/// 1..=MAX_CAPTURE. The compiler may spill a length to the stack before its bound check
+/// and reload it after; verifiers before 6.2 or so keep no bounds for a scalar that was
+/// unbounded when spilled (6.1: "R2 min value is negative"). `((len - 1) & (MAX - 1)) +
+/// 1`, an identity on 1..=MAX_CAPTURE, in `asm!` so that the compiler, which knows the
+/// range already, cannot drop it: the verifier sees the range on the very register passed
+/// to the helper. (Real instructions: an empty template gets a line-info entry at the
+/// same offset as the next, which 6.1 refuses.)
+#[inline(always)]
+fn verifier_off(off: u64) -> u64 {
+    let mut v = off;
+    // `off & (MAX_CAPTURE - 1)`, kept for the verifier as in `verifier_len`: the
+    // compiler drops a plain mask when the loop's `got < want` already bounds it, and
+    // verifiers before 6.8 do not learn a bound from a comparison of two registers.
+    // SAFETY: one ALU instruction on one register; no memory, no flags.
+    unsafe {
+        core::arch::asm!("{0} &= {mask}", inout(reg) v, mask = const MAX_CAPTURE - 1, options(pure, nomem, nostack))
+    };
+    v
+}
+
+#[inline(always)]
+fn verifier_len(len: u64) -> u32 {
+    let mut v = len;
+    // SAFETY: three ALU instructions on one register; no memory, no flags.
+    unsafe {
+        core::arch::asm!(
+            "{0} += -1",
+            "{0} &= {mask}",
+            "{0} += 1",
+            inout(reg) v,
+            mask = const MAX_CAPTURE - 1,
+            options(pure, nomem, nostack),
+        )
+    };
+    v as u32
 }
 
 // ---------------------------------------------------------------------------------------
