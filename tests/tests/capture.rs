@@ -4,7 +4,7 @@
 
 mod harness;
 
-use harness::{Observer, Peer, TempDir, Trace, b64d, ebpf_available};
+use harness::{Observer, Peer, TempDir, Trace, b64d, ebpf_available, patience};
 use serde_json::Value;
 
 /// Runs `scenario` in a sockpeer traced by an observer started with `args`.
@@ -326,7 +326,7 @@ fn comm_selector_picks_up_a_process_that_starts_later() {
     assert_eq!(obs.ready["pids"], serde_json::json!([]), "nothing runs under that name yet");
     let peer = Peer::spawn_as(link.to_str().unwrap(), "exchange", "unix", &dir, &[]);
     let pid = peer.pid;
-    obs.wait_for_log(&format!("pid={pid}"), std::time::Duration::from_secs(10));
+    obs.wait_for_log(&format!("pid={pid}"), patience(10));
     let result = peer.go();
     let trace = obs.stop();
     trace.assert_exact(pid, &ops(&result), usize::MAX);

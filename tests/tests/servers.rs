@@ -18,6 +18,7 @@ use harness::{
     django::{Metrics, ObserverRun, Response, free_port, raw_exchange, read_response, root, venv_bin},
     ebpf_available,
     mix::{Body, Req, assert_metrics, req, single_requests},
+    patience,
 };
 
 /// An app server we started (and stop, by its PID).
@@ -36,7 +37,7 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
         let mut s = Self { child, stop };
-        let deadline = Instant::now() + Duration::from_secs(40);
+        let deadline = Instant::now() + patience(40);
         while !ready() {
             if let Ok(Some(status)) = s.child.try_wait() {
                 panic!("{cmd:?} exited with {status}");
@@ -53,15 +54,7 @@ impl Server {
 
     /// Its worker processes now.
     fn children(&self) -> BTreeSet<u32> {
-        let mut out = BTreeSet::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if status.lines().any(|l| l == format!("PPid:\t{}", self.pid())) {
-                out.insert(pid);
-            }
-        }
-        out
+        children_of(self.pid())
     }
 }
 
@@ -111,7 +104,7 @@ fn send(port: u16, reqs: Vec<Req>, keep_alive: bool) -> Vec<(Req, Response)> {
         .collect();
     if keep_alive {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(patience(20))).unwrap();
         let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
         for (i, r) in
             [req("GET", "/"), req("GET", "/shop/items/1/"), req("GET", "/nope")].into_iter().enumerate()
@@ -180,6 +173,75 @@ fn gunicorn_sync_4_workers_recycling_every_50_requests() {
     assert_eq!(after.len(), 4);
     assert!(before.is_disjoint(&after), "all 4 workers were recycled ({before:?} -> {after:?})");
     eprintln!("gunicorn sync x4 --max-requests 50: {} requests sent and counted", done.len());
+}
+
+/// A supervisor that forks and execs its app server, as supervisord, honcho or a shell
+/// wrapper do; SIGTERM is passed on.
+const SUPERVISOR: &str = "import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGTERM))
+os.waitpid(pid, 0)
+";
+
+/// [9k] A tree deeper than one fork, recycling while traced: the tracked root is a
+/// supervisor, its child the gunicorn master, and the master's workers are replaced
+/// every 30 requests or so, each new one forked two levels below the root after the
+/// agent started. Every request is counted exactly, on every kernel of the matrix.
+#[test]
+fn a_supervisor_whose_gunicorn_recycles_its_workers() {
+    if !ebpf_available() {
+        return;
+    }
+    let port = free_port();
+    let gunicorn_bin = venv_bin("gunicorn");
+    let bind = format!("127.0.0.1:{port}");
+    let server = Server::start(
+        python(&[
+            "-c",
+            SUPERVISOR,
+            gunicorn_bin.to_str().unwrap(),
+            "--log-level",
+            "warning",
+            "--bind",
+            &bind,
+            "--workers",
+            "2",
+            "--max-requests",
+            "30",
+            "--max-requests-jitter",
+            "5",
+            "testproj.wsgi:application",
+        ]),
+        libc::SIGTERM,
+        tcp_ready(port),
+    );
+    let masters = server.children();
+    assert_eq!(masters.len(), 1, "the supervisor's one child: {masters:?}");
+    let workers = |m: &BTreeSet<u32>| -> BTreeSet<u32> { m.iter().flat_map(|&p| children_of(p)).collect() };
+    let before = workers(&masters);
+    // 6 rounds of the mix: ~140 requests, each of the 2 workers replaced at least twice.
+    let reqs: Vec<Req> = (0..6).flat_map(|_| single_requests()).collect();
+    let (done, _) = check(&server, port, reqs, false);
+    let after = workers(&server.children());
+    assert_eq!(server.children(), masters, "the master stayed");
+    assert_eq!(after.len(), 2);
+    assert!(before.is_disjoint(&after), "both workers were recycled ({before:?} -> {after:?})");
+    eprintln!("supervisor -> gunicorn -> 2 recycling workers: {} requests sent and counted", done.len());
+}
+
+/// The children of `pid` now.
+fn children_of(pid: u32) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        if status.lines().any(|l| l == format!("PPid:\t{pid}")) {
+            out.insert(p);
+        }
+    }
+    out
 }
 
 #[test]
@@ -420,7 +482,7 @@ fn workers_crash_and_scale_while_the_series_stay_exact_until_the_app_goes() {
             libc::SIGTERM,
             tcp_ready(port),
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience(20);
         while !obs.log().contains(&format!("pid={} why=\"started and runs gunicorn\"", s.pid())) {
             assert!(Instant::now() < deadline, "the app was not traced:\n{}", obs.log());
             std::thread::sleep(Duration::from_millis(50));
@@ -428,7 +490,7 @@ fn workers_crash_and_scale_while_the_series_stay_exact_until_the_app_goes() {
         s
     };
     let wait_workers = |s: &Server, n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience(20);
         while s.children().len() != n {
             assert!(Instant::now() < deadline, "gunicorn did not get to {n} workers");
             std::thread::sleep(Duration::from_millis(50));

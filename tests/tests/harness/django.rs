@@ -29,7 +29,7 @@ pub fn free_port() -> u16 {
 }
 
 pub fn wait_for_port(port: u16, child: &mut Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + super::patience(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("{what} exited with {status} before listening");
@@ -159,7 +159,7 @@ impl ObserverRun {
         wait_for_port(port, &mut child, "observer run");
         let obs = Self { child, port, log };
         // /healthz turns 200 once the pump runs: the selected processes are traced.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + super::patience(30);
         while http_status(port, "/healthz") != Some(200) {
             assert!(Instant::now() < deadline, "observer run never became healthy:\n{}", obs.log());
             std::thread::sleep(Duration::from_millis(50));
@@ -223,7 +223,7 @@ impl ObserverRun {
 
     /// Polls /metrics until `f` holds (e.g. route discovery finished).
     pub fn wait_until(&self, what: &str, f: impl Fn(&Metrics) -> bool) -> Metrics {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + super::patience(30);
         loop {
             let m = self.metrics();
             if f(&m) {
@@ -394,7 +394,7 @@ pub fn read_response<R: std::io::Read>(r: &mut BufReader<R>, head_request: bool)
 /// answers to HEAD).
 pub fn raw_exchange(port: u16, bytes: &[u8], heads: &[bool]) -> Vec<Response> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_read_timeout(Some(super::patience(20))).unwrap();
     s.write_all(bytes).expect("send");
     let mut r = BufReader::new(s);
     heads.iter().map(|&h| read_response(&mut r, h)).collect()
@@ -418,7 +418,7 @@ pub fn http_get(port: u16, path: &str) -> String {
 /// A GET with extra header lines (each ending in CRLF); returns the body.
 pub fn http_get_with(port: u16, path: &str, headers: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_read_timeout(Some(super::patience(20))).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");

@@ -199,7 +199,7 @@ pub fn drive(port: u16, keep_alive: bool) -> Vec<(Req, Response)> {
         // Keep-alive: three requests one after the other on one connection.
         let seq = [req("GET", "/"), req("GET", "/shop/items/1/"), req("GET", "/nope")];
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(super::patience(20))).unwrap();
         let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
         for r in seq {
             std::io::Write::write_all(&mut s, &r.bytes()).unwrap();

@@ -86,11 +86,21 @@ impl Drop for TempDir {
     }
 }
 
+/// How long to wait for something that takes `secs` seconds at most on this machine:
+/// scaled by `OBSERVER_TEST_SLOWDOWN` (an integer, 1 when unset), which the kernel matrix
+/// (`cargo xtask test --kernel`) sets for guests under software emulation, where every
+/// process runs many times slower. Waits only: what a test counts never scales.
+pub fn patience(secs: u64) -> Duration {
+    let slowdown =
+        std::env::var("OBSERVER_TEST_SLOWDOWN").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
+    Duration::from_secs(secs.saturating_mul(slowdown.max(1)))
+}
+
 /// Stops a child we started: `signal`, then SIGKILL if it has not exited within 10 s.
 pub fn stop(child: &mut Child, signal: i32) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, signal) };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return;
@@ -208,7 +218,7 @@ impl Observer {
             .expect("spawn observer");
         let stdout = line_reader(child.stdout.take().expect("stdout"));
         let stderr = line_reader(child.stderr.take().expect("stderr"));
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + patience(60);
         loop {
             match stdout.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {

@@ -48,7 +48,7 @@ fn postmaster(dir: &TempDir, port: u16, tls_args: &[String]) -> Child {
         .stderr(log)
         .spawn()
         .expect("start postgres");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + super::patience(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(s)) = child.try_wait() {
             panic!(

@@ -26,7 +26,7 @@ pub struct Prometheus {
 /// A GET as HTTP/1.0 (so the body is never chunked); returns the body.
 fn get(port: u16, path: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to prometheus");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_read_timeout(Some(super::patience(30))).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).expect("prometheus response");
@@ -70,7 +70,7 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .expect("start prometheus (cargo xtask setup installs it)");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + super::patience(30);
         while http_status(port, "/-/ready") != Some(200) {
             if let Ok(Some(s)) = child.try_wait() {
                 panic!(
