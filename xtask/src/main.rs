@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod kernels;
 mod services;
 mod setup;
 
@@ -27,9 +28,19 @@ struct Cli {
 enum Cmd {
     /// Install toolchain pieces, Debian packages and the Python venv the tests use.
     Setup,
-    /// Set up, then run every check and test: fmt, clippy (host and bpf), unit and end-to-end.
+    /// Set up, then run every check and test: fmt, clippy (host and bpf), unit and
+    /// end-to-end on this machine's kernel, then the eBPF tests on each kernel of the
+    /// matrix (Debian 12's 6.1 and 6.12) in a qemu guest.
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Only these kernels: `host` (this machine's), `6.1`, `6.12`, or a path to a
+        /// vmlinuz (modules under ../lib/modules). Default: all three.
+        #[arg(long = "kernel", value_name = "KERNEL")]
+        kernels: Vec<String>,
+        /// What a guest runs: `core` (the kernel-facing tests; the default under software
+        /// emulation) or `full` (every test; the default under KVM).
+        #[arg(long, value_parser = ["core", "full"])]
+        kernel_suite: Option<String>,
+        /// Extra arguments for `cargo test` on the host (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
     },
@@ -82,8 +93,16 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Setup => setup::all(),
-        Cmd::Test { cargo_test_args } => test(&cargo_test_args),
+        Cmd::Setup => {
+            setup::all()?;
+            let names: Vec<String> = kernels::DEFAULT.iter().map(|k| k.name.to_string()).collect();
+            kernels::setup(&names).map(drop)
+        }
+        Cmd::Test { kernels, kernel_suite, cargo_test_args } => {
+            let suite =
+                kernel_suite.map(|s| if s == "full" { kernels::Suite::Full } else { kernels::Suite::Core });
+            test(&kernels, suite, &cargo_test_args)
+        }
         Cmd::Demo { serve } => {
             setup::all()?;
             demo::demo(serve)
@@ -124,8 +143,28 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-fn test(extra: &[String]) -> Result<()> {
+fn test(wanted: &[String], suite: Option<kernels::Suite>, extra: &[String]) -> Result<()> {
     setup::all()?;
+    let wanted: Vec<String> = if wanted.is_empty() {
+        std::iter::once("host".to_string())
+            .chain(kernels::DEFAULT.iter().map(|k| k.name.to_string()))
+            .collect()
+    } else {
+        wanted.to_vec()
+    };
+    let guests: Vec<String> = wanted.iter().filter(|k| *k != "host").cloned().collect();
+    // Fetched first, so that a kernel Debian lacks fails the run before the long part.
+    let images = kernels::setup(&guests)?;
+    if wanted.iter().any(|k| k == "host") {
+        host_suite(extra)?;
+    }
+    if !images.is_empty() {
+        kernels::matrix(&images, suite)?;
+    }
+    Ok(())
+}
+
+fn host_suite(extra: &[String]) -> Result<()> {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;

@@ -40,6 +40,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     // observer top's test drives it in a terminal.
     "tmux",
+    // The kernel matrix: qemu guests by virtme-ng, whose initramfs is busybox; depmod.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
     // cargo xtask bench: the load generator, and perf for its profile.
     "wrk",
     "linux-perf",

@@ -175,7 +175,19 @@ impl Probe {
         }
         let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?)
             .map_err(|source| LoadError::Map { name: "EVENTS", source })?;
-        tracing::debug!(attached = links.len(), handlers = handlers.len(), "eBPF programs attached");
+        // What an operator needs to know of this kernel at start: which it is, and what of
+        // the optional parts are in use (socket addresses from the kernel's own structs,
+        // else from the syscalls' arguments and /proc).
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        tracing::info!(
+            kernel = release.trim(),
+            tracepoints = links.len(),
+            syscall_handlers = handlers.len(),
+            socket_offsets = offsets.ok == 1,
+            ring_buffer_bytes = opts.ring_bytes,
+            capture_bytes = opts.capture_bytes,
+            "eBPF programs loaded and attached"
+        );
         Ok(Self { ebpf, ring: Some(ring), links })
     }
 
@@ -403,6 +415,26 @@ fn page_size() -> usize {
 #[cfg(test)]
 mod tests {
     use super::TableError;
+
+    /// Every offset the programs read comes from the running kernel's BTF: on each kernel
+    /// of the matrix (`cargo xtask test --kernel`), every one of them is found.
+    #[test]
+    fn every_kernel_offset_resolves_on_the_running_kernel() {
+        if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+            assert!(std::env::var_os("OBSERVER_REQUIRE_EBPF").is_none(), "no kernel BTF here");
+            eprintln!("SKIPPED every_kernel_offset_resolves_on_the_running_kernel: no kernel BTF");
+            return;
+        }
+        let o = super::kernel_offsets().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(o.ok, 1, "the socket offsets resolved too");
+        assert!(o.task_tgid > 0 && o.task_signal > 0 && o.signal_live > 0);
+        // pt_regs: di, si, dx, r10, r8, r9 are distinct 8-byte slots.
+        let mut regs = o.regs_arg.to_vec();
+        regs.sort_unstable();
+        regs.dedup();
+        assert_eq!(regs.len(), 6);
+        assert!(regs.iter().all(|r| r.is_multiple_of(8)) && o.regs_orig_ax.is_multiple_of(8));
+    }
 
     /// A full table and a refused update are told apart by the kernel's errno: each is
     /// counted under its own reason.
