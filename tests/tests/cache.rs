@@ -63,7 +63,7 @@ fn pass(
     let after_theirs = Metrics::parse(&http_get(app.port, "/metrics"));
     let theirs: BTreeMap<&str, Family> =
         FAMILIES.iter().map(|n| (*n, delta(&after_theirs, &before_theirs, n))).collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + harness::patience(20);
     let mut ours = obs.metrics();
     while !expect(&FAMILIES.iter().map(|n| (*n, family(&ours, n))).collect())
         && std::time::Instant::now() < deadline

@@ -49,7 +49,7 @@ struct Conn {
 impl Conn {
     fn open(port: u16, bytes: &Arc<std::sync::atomic::AtomicU64>) -> Self {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(harness::patience(20))).unwrap();
         let r = BufReader::new(Counted { inner: s.try_clone().unwrap(), n: bytes.clone() });
         Self { w: s, r, bytes: bytes.clone() }
     }
@@ -130,7 +130,7 @@ fn a_killed_agent_leaves_nothing_attached_and_a_new_one_picks_up_open_connection
     obs.kill();
     // Its file descriptors closed with it: the tracepoints detach and the programs and
     // maps are freed (after an RCU grace period).
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + harness::patience(20);
     loop {
         let left: Vec<u32> = programs.iter().copied().filter(|&id| bpf_exists("prog", id)).collect();
         let maps_left: Vec<u32> = maps.iter().copied().filter(|&id| bpf_exists("map", id)).collect();
@@ -273,7 +273,7 @@ fn postgresql_and_redis_restarted_under_load_count_errors_and_then_exactly_again
         .chain(CACHE.iter().map(|f| (*f, &start_ours, delta(&end_theirs, &start_theirs, f))))
         .collect();
     let mut ours = obs.metrics();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + harness::patience(20);
     while checks.iter().any(|(f, base, w)| &delta(&ours, base, f) != w) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(200));
         ours = obs.metrics();

@@ -99,7 +99,7 @@ fn side_by_side(pg: &Postgres, s: &Setup) -> Outcome {
     let exact_now = |m: &Metrics| {
         EXACT.iter().all(|n| (s.pool && *n == "django_db_new_connections_total") || family(m, n) == theirs[n])
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + harness::patience(20);
     let mut ours = obs.metrics();
     while !exact_now(&ours) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(200));

@@ -33,7 +33,7 @@ impl Server {
         let child = cmd
             .current_dir(app_dir())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(harness::child_log("server"))
             .spawn()
             .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
         let mut s = Self { child, stop };
@@ -80,7 +80,7 @@ fn python(module_args: &[&str]) -> Command {
 
 fn gunicorn(args: &[&str]) -> Command {
     let mut c = python(&[venv_bin("gunicorn").to_str().unwrap()]);
-    c.args(["--log-level", "warning"]).args(args);
+    c.args(["--log-level", "warning", "--timeout", &harness::gunicorn_timeout()]).args(args);
     c
 }
 
@@ -204,6 +204,8 @@ fn a_supervisor_whose_gunicorn_recycles_its_workers() {
             gunicorn_bin.to_str().unwrap(),
             "--log-level",
             "warning",
+            "--timeout",
+            &harness::gunicorn_timeout(),
             "--bind",
             &bind,
             "--workers",

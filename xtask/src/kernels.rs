@@ -272,9 +272,14 @@ pub fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
 fn script(bins: &[(String, PathBuf)], suite: Suite, slowdown: u32) -> Result<String> {
     let mut s = format!(
         "cd {root}\nexport CI=true OBSERVER_REQUIRE_EBPF=1 OBSERVER_TEST_SLOWDOWN={slowdown} \
-         RUST_BACKTRACE=1 PATH=\"$PATH:/usr/sbin:/sbin\"\nuname -r > /tmp/kernels-out/uname\n",
+         OBSERVER_TEST_LOG_DIR=/tmp/kernels-out/children RUST_BACKTRACE=1 PATH=\"$PATH:/usr/sbin:/sbin\"\n\
+         mkdir -p /tmp/kernels-out/children\nuname -r > /tmp/kernels-out/uname\n",
         root = root().display()
     );
+    // One test binary that hangs must not take the guest's whole budget: each gets what
+    // its slowest test needs here (under a minute) scaled by the slowdown, and exit 124
+    // (timeout's) in the results when it ran out.
+    let limit = 60 * u64::from(slowdown);
     let picks: Vec<(String, &Path, &str)> = match suite {
         Suite::Full => bins
             .iter()
@@ -294,7 +299,7 @@ fn script(bins: &[(String, PathBuf)], suite: Suite, slowdown: u32) -> Result<Str
     };
     for (tag, bin, filter) in picks {
         s.push_str(&format!(
-            "{bin} {filter} --test-threads=1 > /tmp/kernels-out/{tag}.log 2>&1\n\
+            "timeout -k 10 {limit} {bin} {filter} --test-threads=1 > /tmp/kernels-out/{tag}.log 2>&1\n\
              echo \"{tag} $?\" >> /tmp/kernels-out/results\n",
             bin = bin.display()
         ));

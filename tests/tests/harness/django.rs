@@ -89,9 +89,10 @@ impl Gunicorn {
             .args(["--bind", &format!("127.0.0.1:{port}")])
             .args(["--workers", &workers.to_string(), "--worker-class", worker_class, "--threads", "4"])
             .args(["--keep-alive", "30", "--log-level", "warning"])
+            .args(["--timeout", &super::gunicorn_timeout()])
             .arg(application)
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(super::child_log("gunicorn"));
         if django_prometheus {
             cmd.env("OBSERVER_TEST_DJANGO_PROMETHEUS", "1");
         }
@@ -403,7 +404,7 @@ pub fn raw_exchange(port: u16, bytes: &[u8], heads: &[bool]) -> Vec<Response> {
 /// The status of a GET, `None` if the connection fails.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(super::patience(5))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;

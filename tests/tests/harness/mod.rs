@@ -86,6 +86,22 @@ impl Drop for TempDir {
     }
 }
 
+/// Where a child's stderr goes: a new file under `OBSERVER_TEST_LOG_DIR` when it is set
+/// (the kernel matrix keeps them with each guest's logs), else nowhere.
+pub fn child_log(name: &str) -> std::process::Stdio {
+    let Some(dir) = std::env::var_os("OBSERVER_TEST_LOG_DIR") else { return std::process::Stdio::null() };
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::path::Path::new(&dir).join(format!("{}-{n}-{name}.log", std::process::id()));
+    std::fs::File::create(&path).map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from)
+}
+
+/// gunicorn's `--timeout` (a worker silent this long is killed; 30 s by default), scaled
+/// like every wait: under emulation a worker importing Django takes longer than that.
+pub fn gunicorn_timeout() -> String {
+    patience(30).as_secs().to_string()
+}
+
 /// How long to wait for something that takes `secs` seconds at most on this machine:
 /// scaled by `OBSERVER_TEST_SLOWDOWN` (an integer, 1 when unset), which the kernel matrix
 /// (`cargo xtask test --kernel`) sets for guests under software emulation, where every
