@@ -98,3 +98,19 @@ pub fn tally(ev: &[CacheEvent]) -> BTreeMap<&'static str, usize> {
     }
     t
 }
+
+/// Splits each step's bytes at the given cut points (cycled; each piece at least one
+/// byte), both directions: the same stream delivered in other syscalls.
+pub fn resplit(steps: &[(Direction, Vec<u8>)], cuts: &[usize]) -> Vec<(Direction, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut cuts = cuts.iter().copied().cycle();
+    for (dir, b) in steps {
+        let mut rest = &b[..];
+        while !rest.is_empty() {
+            let n = cuts.next().unwrap_or(rest.len()).clamp(1, rest.len());
+            out.push((*dir, rest[..n].to_vec()));
+            rest = &rest[n..];
+        }
+    }
+    out
+}

@@ -299,20 +299,7 @@ proptest! {
     }
 }
 
-/// Splits each step's bytes at the given cut points, both directions.
-fn resplit(steps: &[(Direction, Vec<u8>)], cuts: &[usize]) -> Vec<(Direction, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut cuts = cuts.iter().copied().cycle();
-    for (dir, b) in steps {
-        let mut rest = &b[..];
-        while !rest.is_empty() {
-            let n = cuts.next().unwrap_or(rest.len()).clamp(1, rest.len());
-            out.push((*dir, rest[..n].to_vec()));
-            rest = &rest[n..];
-        }
-    }
-    out
-}
+use crate::protocol::fixtures::resplit;
 
 proptest! {
     /// `get` of keys of any bytes memcached allows (no space or control character),

@@ -919,20 +919,7 @@ fn sql_text() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// Splits each step's bytes at the given cut points, both directions.
-fn resplit(steps: &[(Direction, Vec<u8>)], cuts: &[usize]) -> Vec<(Direction, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut cuts = cuts.iter().copied().cycle();
-    for (dir, b) in steps {
-        let mut rest = &b[..];
-        while !rest.is_empty() {
-            let n = cuts.next().unwrap_or(rest.len()).clamp(1, rest.len());
-            out.push((*dir, rest[..n].to_vec()));
-            rest = &rest[n..];
-        }
-    }
-    out
-}
+use crate::protocol::fixtures::resplit;
 
 proptest! {
     /// Simple-protocol statements whose text goes past SQL_HEAD with any characters or

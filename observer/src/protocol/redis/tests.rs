@@ -362,20 +362,7 @@ fn an_attribute_inside_an_aggregate_is_not_an_element() {
     assert_eq!(gets(&ev), vec![("k".into(), Outcome::Hit), ("b".into(), Outcome::Miss)]);
 }
 
-/// Splits each step's bytes at the given cut points, both directions.
-fn resplit(steps: &[(Direction, Vec<u8>)], cuts: &[usize]) -> Vec<(Direction, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut cuts = cuts.iter().copied().cycle();
-    for (dir, b) in steps {
-        let mut rest = &b[..];
-        while !rest.is_empty() {
-            let n = cuts.next().unwrap_or(rest.len()).clamp(1, rest.len());
-            out.push((*dir, rest[..n].to_vec()));
-            rest = &rest[n..];
-        }
-    }
-    out
-}
+use crate::protocol::fixtures::resplit;
 
 proptest! {
     /// GET and MGET of keys of any bytes past KEY_HEAD (invalid UTF-8, CR, LF, `$`),
