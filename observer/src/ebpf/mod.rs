@@ -178,9 +178,8 @@ impl Probe {
         // What an operator needs to know of this kernel at start: which it is, and what of
         // the optional parts are in use (socket addresses from the kernel's own structs,
         // else from the syscalls' arguments and /proc).
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         tracing::info!(
-            kernel = release.trim(),
+            kernel = preflight::kernel_release(),
             tracepoints = links.len(),
             syscall_handlers = handlers.len(),
             socket_offsets = offsets.ok == 1,

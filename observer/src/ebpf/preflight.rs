@@ -51,15 +51,19 @@ fn check_privileges() -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The running kernel's release (`uname -r`), empty if unreadable.
+pub(super) fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
+}
+
 /// Ring buffers need Linux 5.8.
 fn check_kernel_version() -> Result<(), LoadError> {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let release = kernel_release();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < (5, 8) {
         return Err(LoadError::Preflight(format!(
-            "kernel {} is too old: observer needs Linux 5.8 or later (BPF ring buffer)",
-            release.trim()
+            "kernel {release} is too old: observer needs Linux 5.8 or later (BPF ring buffer)"
         )));
     }
     Ok(())
