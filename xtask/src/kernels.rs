@@ -58,7 +58,7 @@ const CORE: &[(&str, &str)] = &[
 ];
 
 /// What one guest is asked to run.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Suite {
     Core,
     Full,

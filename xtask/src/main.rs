@@ -38,8 +38,8 @@ enum Cmd {
         kernels: Vec<String>,
         /// What a guest runs: `core` (the kernel-facing tests; the default under software
         /// emulation) or `full` (every test; the default under KVM).
-        #[arg(long, value_parser = ["core", "full"])]
-        kernel_suite: Option<String>,
+        #[arg(long, value_enum)]
+        kernel_suite: Option<kernels::Suite>,
         /// Extra arguments for `cargo test` on the host (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         cargo_test_args: Vec<String>,
@@ -99,9 +99,7 @@ fn main() -> Result<()> {
             kernels::setup(&names).map(drop)
         }
         Cmd::Test { kernels, kernel_suite, cargo_test_args } => {
-            let suite =
-                kernel_suite.map(|s| if s == "full" { kernels::Suite::Full } else { kernels::Suite::Core });
-            test(&kernels, suite, &cargo_test_args)
+            test(&kernels, kernel_suite, &cargo_test_args)
         }
         Cmd::Demo { serve } => {
             setup::all()?;
