@@ -51,8 +51,8 @@ const CORE: &[(&str, &str)] = &[
     ("capture", ""),
     ("servers", "gunicorn_sync_4_workers_recycling_every_50_requests"),
     ("servers", "a_supervisor_whose_gunicorn_recycles_its_workers"),
-    ("postgres", "postgres_metrics_match_django_prometheus_for_each_connection_setup"),
-    ("cache", "redis_backends_match_django_prometheus"),
+    ("postgres", "postgres_metrics_match_django_prometheus_over_tcp_and_unix_sockets"),
+    ("cache", "django_redis_matches_django_prometheus"),
     ("cache", "memcached_matches_django_prometheus_except_failures"),
     ("faults", "a_killed_agent_leaves_nothing_attached_and_a_new_one_picks_up_open_connections"),
 ];
