@@ -57,8 +57,6 @@ pub struct Request {
     pub method: String,
     /// The path of the request target, query and fragment removed, still percent-encoded.
     pub path: String,
-    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
-    pub minor_version: u8,
     /// The Content-Length header's value, when present and valid.
     pub content_length: Option<u64>,
     /// The Content-Length as django-prometheus observes it (digits beyond u64 too, 0
@@ -71,8 +69,6 @@ pub struct Request {
     pub proxy_headers: Vec<(String, String)>,
     /// When the server read the request's first byte (exit of that read).
     pub start_ns: u64,
-    /// Part of the head was not captured: headers after the capture are unknown.
-    pub head_truncated: bool,
 }
 
 /// A response as written by the server.
@@ -89,8 +85,6 @@ pub struct Response {
     pub close_delimited: bool,
     /// Body bytes written (by length: the parts not captured count too).
     pub body_bytes: u64,
-    /// The Location header, for redirects.
-    pub location: Option<String>,
     /// When the server wrote the response's last byte (exit of that write).
     pub end_ns: u64,
 }
@@ -330,7 +324,6 @@ impl Http1Parser {
                             out.push(Event::Error(ParseError::HeadNotCaptured));
                             if let Some((mut req, _)) = t {
                                 self.mode = Mode::Http;
-                                req.head_truncated = true;
                                 req.start_ns = self.head_start_ns.unwrap_or(ts);
                                 self.push_request(req, out);
                             }
@@ -565,7 +558,7 @@ impl Http1Parser {
     }
 
     fn start_response(&mut self, head: ResponseHead, ts: u64, out: &mut Vec<Event>) {
-        let ResponseHead { status, content_length, chunked, charset, location, minor_version, close } = head;
+        let ResponseHead { status, content_length, chunked, charset } = head;
         if (100..200).contains(&status) && status != 101 {
             // Informational (100 Continue, 103 Early Hints): the final response follows.
             self.send = Framing::Head { buf: Vec::new() };
@@ -585,7 +578,6 @@ impl Http1Parser {
                 chunked: chunked && !no_body,
                 close_delimited: false,
                 body_bytes: 0,
-                location,
                 end_ns: ts,
             },
             paired,
@@ -602,13 +594,9 @@ impl Http1Parser {
             Framing::Chunked(Chunked::Size { line: Vec::new() })
         } else if let Some(n) = content_length {
             Framing::Length { remaining: n }
-        } else if minor_version == 0 || close {
-            if let Some(c) = &mut self.current {
-                c.response.close_delimited = true;
-            }
-            Framing::UntilClose
         } else {
-            // HTTP/1.1 without length or chunking: only close can end it.
+            // Neither a length nor chunking (HTTP/1.0, `Connection: close`, or an
+            // HTTP/1.1 server that just closes): only the close can end it.
             if let Some(c) = &mut self.current {
                 c.response.close_delimited = true;
             }

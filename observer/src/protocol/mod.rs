@@ -32,8 +32,6 @@ pub struct KeyGet {
     /// The key's first bytes (enough to tell a Django cache key).
     pub key: Box<[u8]>,
     pub outcome: Outcome,
-    pub start_ns: u64,
-    pub end_ns: u64,
 }
 
 /// Bytes of a cache key kept.

@@ -160,9 +160,6 @@ pub(super) struct ResponseHead {
     pub(super) content_length: Option<u64>,
     pub(super) chunked: bool,
     pub(super) charset: Option<String>,
-    pub(super) location: Option<String>,
-    pub(super) minor_version: u8,
-    pub(super) close: bool,
 }
 
 pub(super) fn parse_request(buf: &[u8], config: &Config) -> HeadResult<(Request, Framing)> {
@@ -173,7 +170,7 @@ pub(super) fn parse_request(buf: &[u8], config: &Config) -> HeadResult<(Request,
         Ok(httparse::Status::Partial) => return HeadResult::Partial,
         Err(_) => return HeadResult::Invalid,
     };
-    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+    let (Some(method), Some(target), Some(_)) = (req.method, req.path, req.version) else {
         return HeadResult::Invalid;
     };
     if method.len() > MAX_METHOD {
@@ -210,13 +207,11 @@ pub(super) fn parse_request(buf: &[u8], config: &Config) -> HeadResult<(Request,
     let request = Request {
         method: method.to_string(),
         path: target_path(target),
-        minor_version: minor,
         content_length: cl,
         declared_length: declared_length(hs, cl),
         ajax,
         proxy_headers,
         start_ns: 0,
-        head_truncated: false,
     };
     HeadResult::Complete((request, framing), n)
 }
@@ -229,18 +224,14 @@ pub(super) fn parse_response(buf: &[u8]) -> HeadResult<ResponseHead> {
         Ok(httparse::Status::Partial) => return HeadResult::Partial,
         Err(_) => return HeadResult::Invalid,
     };
-    let (Some(status), Some(minor)) = (res.code, res.version) else { return HeadResult::Invalid };
+    let (Some(status), Some(_)) = (res.code, res.version) else { return HeadResult::Invalid };
     let hs = &*res.headers;
-    let close = header(hs, "connection").any(|v| v.eq_ignore_ascii_case(b"close"));
     HeadResult::Complete(
         ResponseHead {
             status,
             content_length: content_length(hs),
             chunked: is_chunked(hs),
             charset: header(hs, "content-type").last().and_then(charset),
-            location: header(hs, "location").last().map(|v| text::lossy(v, MAX_VALUE)),
-            minor_version: minor,
-            close,
         },
         n,
     )

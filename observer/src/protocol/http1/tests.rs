@@ -261,10 +261,8 @@ fn head_in_the_hole_keeps_what_was_captured_and_resyncs() {
     p.feed(&chunk(S, 4, OK), &mut out);
     let ex = exchanges(&out);
     assert_eq!(ex.len(), 2, "{out:?}");
-    assert!(ex[0].request.head_truncated);
     assert_eq!(ex[0].request.path, "/x");
     assert!(ex[0].request.ajax, "headers before the cut are kept");
-    assert!(!ex[1].request.head_truncated);
 }
 
 #[test]
@@ -286,7 +284,7 @@ fn response_head_longer_than_capture_is_assumed_to_end_with_its_write() {
     let ex = exchanges(&out);
     assert_eq!(ex.len(), 1, "{out:?}");
     assert_eq!(ex[0].response.status, 302);
-    assert_eq!(ex[0].response.location.as_deref(), Some("/next/"));
+    assert_eq!(ex[0].response.content_length, Some(4), "headers before the cut are kept");
     assert_eq!(ex[0].response.end_ns, 3);
 }
 

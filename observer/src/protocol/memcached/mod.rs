@@ -82,7 +82,6 @@ struct Pending {
     want: Want,
     /// A meta command (answers VA/HD/EN/...).
     meta: bool,
-    start_ns: u64,
     /// A VALUE/VA line was read for it; `none` when its value was a pickled None.
     value: bool,
     none: bool,
@@ -108,7 +107,6 @@ pub struct MemcachedParser {
     value_head: Vec<u8>,
     value_len: u64,
     value_pickled: bool,
-    last_recv_ns: u64,
 }
 
 impl MemcachedParser {
@@ -128,7 +126,6 @@ impl MemcachedParser {
             value_head: Vec::new(),
             value_len: 0,
             value_pickled: false,
-            last_recv_ns: 0,
         }
     }
 
@@ -146,9 +143,8 @@ impl MemcachedParser {
     pub fn close(&mut self, out: &mut Vec<Event>) {
         self.flush_limbo(out);
         for p in std::mem::take(&mut self.pending) {
-            let end_ns = self.last_recv_ns.max(p.start_ns);
             if let Want::Get(key) = p.want {
-                out.push(Event::Get(KeyGet { key, outcome: Outcome::Fail, start_ns: p.start_ns, end_ns }));
+                out.push(Event::Get(KeyGet { key, outcome: Outcome::Fail }));
             }
         }
     }
@@ -161,10 +157,7 @@ impl MemcachedParser {
         }
         match c.dir {
             Direction::Send => self.feed_commands(c, out),
-            Direction::Recv => {
-                self.last_recv_ns = self.last_recv_ns.max(c.exit_ns);
-                self.feed_answers(c, out);
-            }
+            Direction::Recv => self.feed_answers(c, out),
         }
     }
 
@@ -189,8 +182,7 @@ impl MemcachedParser {
     fn flush_limbo(&mut self, out: &mut Vec<Event>) {
         for p in std::mem::take(&mut self.limbo) {
             if let Want::Get(key) = p.want {
-                let end_ns = self.last_recv_ns.max(p.start_ns);
-                out.push(Event::Get(KeyGet { key, outcome: Outcome::Unknown, start_ns: p.start_ns, end_ns }));
+                out.push(Event::Get(KeyGet { key, outcome: Outcome::Unknown }));
             }
         }
     }
@@ -220,7 +212,7 @@ impl MemcachedParser {
                 Line::Complete => {}
             }
             let line = std::mem::take(&mut self.front_line);
-            let ok = self.command(&line, c.enter_ns, out);
+            let ok = self.command(&line, out);
             self.front_line = line;
             self.front_line.clear();
             if !ok {
@@ -232,7 +224,7 @@ impl MemcachedParser {
     }
 
     /// One command line; false when it is not memcached.
-    fn command(&mut self, line: &[u8], start_ns: u64, out: &mut Vec<Event>) -> bool {
+    fn command(&mut self, line: &[u8], out: &mut Vec<Event>) -> bool {
         let words: Vec<&[u8]> = line.split(|&b| b == b' ').filter(|w| !w.is_empty()).collect();
         let Some(&name) = words.first() else { return true };
         let noreply = words.last() == Some(&&b"noreply"[..]);
@@ -286,7 +278,7 @@ impl MemcachedParser {
                 return true;
             }
             let meta = name.len() == 2 && name[0] == b'm';
-            self.pending.push_back(Pending { want, meta, start_ns, value: false, none: false });
+            self.pending.push_back(Pending { want, meta, value: false, none: false });
             if !self.back_synced {
                 self.back_armed = true;
             }
@@ -316,7 +308,7 @@ impl MemcachedParser {
                     p.none = none;
                     if p.meta {
                         // A meta answer ends with its value.
-                        self.answer_done(c.exit_ns, false, out);
+                        self.answer_done(false, out);
                     } else if matches!(p.want, Want::Get(_)) {
                         self.back_end = Some(0);
                     }
@@ -338,7 +330,7 @@ impl MemcachedParser {
                 cur.advance(n as u64);
                 if done + n == END.len() {
                     self.back_end = None;
-                    self.answer_done(c.exit_ns, false, out);
+                    self.answer_done(false, out);
                 } else {
                     self.back_end = Some(done + n);
                 }
@@ -354,7 +346,7 @@ impl MemcachedParser {
                 Line::Complete => {}
             }
             let line = std::mem::take(&mut self.back_line);
-            self.answer_line(&line, c.exit_ns, out);
+            self.answer_line(&line, out);
             self.back_line = line;
             self.back_line.clear();
             if !self.back_synced {
@@ -363,7 +355,7 @@ impl MemcachedParser {
         }
     }
 
-    fn answer_line(&mut self, line: &[u8], end_ns: u64, out: &mut Vec<Event>) {
+    fn answer_line(&mut self, line: &[u8], out: &mut Vec<Event>) {
         let words: Vec<&[u8]> = line.split(|&b| b == b' ').filter(|w| !w.is_empty()).collect();
         let first = words.first().copied().unwrap_or_default();
         let Some(p) = self.pending.front_mut() else {
@@ -383,11 +375,11 @@ impl MemcachedParser {
             while self.pending.front().is_some_and(|p| matches!(p.want, Want::Quiet)) {
                 self.pending.pop_front();
             }
-            self.answer_line(line, end_ns, out);
+            self.answer_line(line, out);
             return;
         }
         if matches!(first, b"ERROR" | b"CLIENT_ERROR" | b"SERVER_ERROR") {
-            self.answer_done(end_ns, true, out);
+            self.answer_done(true, out);
             return;
         }
         // The value's length: VALUE <key> <flags> <bytes> [<cas>], or VA <bytes> <flags>*.
@@ -415,20 +407,20 @@ impl MemcachedParser {
             // Classic lookups end with END; stats lines come before it.
             (false, Want::Get(_) | Want::UntilEnd) => {
                 if first == b"END" {
-                    self.answer_done(end_ns, false, out);
+                    self.answer_done(false, out);
                 }
             }
             // Meta: HD is a hit without the value, EN a miss; one line ends the answer.
             (true, _) => {
                 p.value |= first == b"HD";
-                self.answer_done(end_ns, false, out);
+                self.answer_done(false, out);
             }
-            (false, Want::Line | Want::Quiet) => self.answer_done(end_ns, false, out),
+            (false, Want::Line | Want::Quiet) => self.answer_done(false, out),
         }
     }
 
     /// The oldest command was answered (`error`: with an error line).
-    fn answer_done(&mut self, end_ns: u64, error: bool, out: &mut Vec<Event>) {
+    fn answer_done(&mut self, error: bool, out: &mut Vec<Event>) {
         let Some(p) = self.pending.pop_front() else { return };
         if let Want::Get(key) = p.want {
             let outcome = match (error, p.value, p.none) {
@@ -436,9 +428,7 @@ impl MemcachedParser {
                 (false, true, false) => Outcome::Hit,
                 _ => Outcome::Miss,
             };
-            // Clocks of different CPUs may disagree by a little: never a negative time.
-            let end_ns = end_ns.max(p.start_ns);
-            out.push(Event::Get(KeyGet { key, outcome, start_ns: p.start_ns, end_ns }));
+            out.push(Event::Get(KeyGet { key, outcome }));
         }
     }
 }

@@ -61,7 +61,6 @@ enum Want {
 #[derive(Debug, Clone)]
 struct Pending {
     want: Want,
-    start_ns: u64,
 }
 
 /// The first type line of a reply (or of an EXEC element).
@@ -102,7 +101,6 @@ struct Command {
     nargs: u64,
     payload_left: u64,
     crlf_left: u64,
-    start_ns: u64,
 }
 
 #[derive(Debug)]
@@ -136,7 +134,6 @@ pub struct RedisParser {
     /// The current bulk's length and first bytes.
     value_len: u64,
     value_head: Vec<u8>,
-    last_recv_ns: u64,
 }
 
 impl RedisParser {
@@ -165,7 +162,6 @@ impl RedisParser {
             crlf_left: 0,
             value_len: 0,
             value_head: Vec::new(),
-            last_recv_ns: 0,
         }
     }
 
@@ -192,24 +188,13 @@ impl RedisParser {
     pub fn close(&mut self, out: &mut Vec<Event>) {
         self.flush_limbo(out);
         for p in std::mem::take(&mut self.pending) {
-            let end_ns = self.last_recv_ns.max(p.start_ns);
             match p.want {
                 Want::Exec(keys) => {
                     for key in keys.into_iter().flatten() {
-                        out.push(Event::Get(KeyGet {
-                            key,
-                            outcome: Outcome::Fail,
-                            start_ns: p.start_ns,
-                            end_ns,
-                        }));
+                        out.push(Event::Get(KeyGet { key, outcome: Outcome::Fail }));
                     }
                 }
-                want => self.complete(
-                    Pending { want, start_ns: p.start_ns },
-                    Kind { t: b'-', null: false },
-                    end_ns,
-                    out,
-                ),
+                want => self.complete(Pending { want }, Kind { t: b'-', null: false }, out),
             }
         }
         self.done = true;
@@ -226,10 +211,7 @@ impl RedisParser {
         }
         match c.dir {
             Direction::Send => self.feed_commands(c, out),
-            Direction::Recv => {
-                self.last_recv_ns = self.last_recv_ns.max(c.exit_ns);
-                self.feed_replies(c, out);
-            }
+            Direction::Recv => self.feed_replies(c, out),
         }
     }
 
@@ -262,8 +244,7 @@ impl RedisParser {
     fn flush_limbo(&mut self, out: &mut Vec<Event>) {
         for p in std::mem::take(&mut self.limbo) {
             if let Want::Get(key) = p.want {
-                let end_ns = self.last_recv_ns.max(p.start_ns);
-                out.push(Event::Get(KeyGet { key, outcome: Outcome::Unknown, start_ns: p.start_ns, end_ns }));
+                out.push(Event::Get(KeyGet { key, outcome: Outcome::Unknown }));
             }
         }
     }
@@ -313,12 +294,7 @@ impl RedisParser {
                 if let Some(n) = line.strip_prefix(b"*") {
                     match lines::parse_int(n) {
                         Some(n) if n > 0 => {
-                            self.cmd = Command {
-                                args_left: n as u64,
-                                nargs: n as u64,
-                                start_ns: c.enter_ns,
-                                ..Command::default()
-                            };
+                            self.cmd = Command { args_left: n as u64, nargs: n as u64, ..Command::default() };
                         }
                         Some(_) => {}
                         None => {
@@ -335,7 +311,6 @@ impl RedisParser {
                         name: word(0, 16).unwrap_or_default(),
                         key: word(1, KEY_HEAD).unwrap_or_default(),
                         nargs: words.len() as u64,
-                        start_ns: c.enter_ns,
                         ..Command::default()
                     };
                     self.command(out);
@@ -396,7 +371,7 @@ impl RedisParser {
             self.skip_replies = self.skip_replies.saturating_add(1);
             out.push(Event::Error(ParseError::PendingOverflow));
         }
-        self.pending.push_back(Pending { want, start_ns: cmd.start_ns });
+        self.pending.push_back(Pending { want });
         if !self.back_synced {
             self.back_armed = true;
         }
@@ -428,7 +403,7 @@ impl RedisParser {
                 if self.stack.is_empty() && self.value_len <= 8 && is_pickled_none(&self.value_head) {
                     self.top.null = true;
                 }
-                self.element_done(c, out);
+                self.element_done(out);
                 continue;
             }
             match lines::read_line(&mut cur, &mut self.back_line) {
@@ -441,7 +416,7 @@ impl RedisParser {
                 Line::Complete => {}
             }
             let line = std::mem::take(&mut self.back_line);
-            let ok = self.type_line(&line, c, out);
+            let ok = self.type_line(&line, out);
             self.back_line = line;
             self.back_line.clear();
             if !ok {
@@ -451,10 +426,9 @@ impl RedisParser {
                 if !self.top_push
                     && !self.top_attr
                     && self.skip_replies == 0
-                    && let Some(Pending { want: Want::Get(key), start_ns }) = self.pending.pop_front()
+                    && let Some(Pending { want: Want::Get(key) }) = self.pending.pop_front()
                 {
-                    let end_ns = c.exit_ns.max(start_ns);
-                    out.push(Event::Get(KeyGet { key, outcome: Outcome::Unknown, start_ns, end_ns }));
+                    out.push(Event::Get(KeyGet { key, outcome: Outcome::Unknown }));
                 }
                 self.desync_back();
                 return;
@@ -463,7 +437,7 @@ impl RedisParser {
     }
 
     /// One type line of a reply; false when it is not RESP.
-    fn type_line(&mut self, line: &[u8], c: &Chunk<'_>, out: &mut Vec<Event>) -> bool {
+    fn type_line(&mut self, line: &[u8], out: &mut Vec<Event>) -> bool {
         let Some((&t, rest)) = line.split_first() else { return false };
         let depth = self.stack.len();
         // RESP3 allows an attribute before any element, inside aggregates too.
@@ -490,17 +464,17 @@ impl RedisParser {
             }
         };
         match t {
-            b'+' | b'-' | b':' | b'#' | b',' | b'(' => self.element_done(c, out),
+            b'+' | b'-' | b':' | b'#' | b',' | b'(' => self.element_done(out),
             b'_' => {
                 mark_null(self);
-                self.element_done(c, out);
+                self.element_done(out);
             }
             b'$' | b'!' | b'=' => match lines::parse_int(rest) {
                 // -1 is the RESP2 null; any other negative length is not RESP (redis-py
                 // reads it as an empty value, which Django fails to decode).
                 Some(-1) => {
                     mark_null(self);
-                    self.element_done(c, out);
+                    self.element_done(out);
                 }
                 Some(n) if n < 0 => return false,
                 Some(n) => {
@@ -520,9 +494,9 @@ impl RedisParser {
                     return false;
                 } else if n < 0 {
                     mark_null(self);
-                    self.element_done(c, out);
+                    self.element_done(out);
                 } else if n == 0 {
-                    self.element_done(c, out);
+                    self.element_done(out);
                 } else {
                     if self.stack.len() >= MAX_DEPTH {
                         return false;
@@ -537,11 +511,11 @@ impl RedisParser {
 
     /// An element (or a whole aggregate) ended: count it in its parents; a top-level
     /// reply that ended answers the oldest command.
-    fn element_done(&mut self, c: &Chunk<'_>, out: &mut Vec<Event>) {
+    fn element_done(&mut self, out: &mut Vec<Event>) {
         loop {
             match self.stack.last_mut() {
                 None => {
-                    self.reply_done(c.exit_ns, out);
+                    self.reply_done(out);
                     return;
                 }
                 Some(frame) => {
@@ -558,7 +532,7 @@ impl RedisParser {
         }
     }
 
-    fn reply_done(&mut self, end_ns: u64, out: &mut Vec<Event>) {
+    fn reply_done(&mut self, out: &mut Vec<Event>) {
         self.collecting = false;
         // Push messages are out of band; an attribute precedes the real reply.
         if self.top_push || self.top_attr {
@@ -579,28 +553,22 @@ impl RedisParser {
                 for (i, key) in keys.iter().enumerate() {
                     if let Some(key) = key {
                         let outcome = self.elems.get(i).map_or(Outcome::Unknown, |k| k.outcome());
-                        let end_ns = end_ns.max(p.start_ns);
-                        let g = KeyGet { key: key.clone(), outcome, start_ns: p.start_ns, end_ns };
-                        out.push(Event::Get(g));
+                        out.push(Event::Get(KeyGet { key: key.clone(), outcome }));
                     }
                 }
             } else if top.t == b'-' {
                 for key in keys.iter().flatten() {
-                    let end_ns = end_ns.max(p.start_ns);
-                    let g = KeyGet { key: key.clone(), outcome: Outcome::Fail, start_ns: p.start_ns, end_ns };
-                    out.push(Event::Get(g));
+                    out.push(Event::Get(KeyGet { key: key.clone(), outcome: Outcome::Fail }));
                 }
             }
             return;
         }
-        self.complete(p, top, end_ns, out);
+        self.complete(p, top, out);
     }
 
-    fn complete(&mut self, p: Pending, kind: Kind, end_ns: u64, out: &mut Vec<Event>) {
+    fn complete(&mut self, p: Pending, kind: Kind, out: &mut Vec<Event>) {
         if let Want::Get(key) = p.want {
-            // Clocks of different CPUs may disagree by a little: never a negative time.
-            let end_ns = end_ns.max(p.start_ns);
-            out.push(Event::Get(KeyGet { key, outcome: kind.outcome(), start_ns: p.start_ns, end_ns }));
+            out.push(Event::Get(KeyGet { key, outcome: kind.outcome() }));
         }
     }
 }
