@@ -17,9 +17,10 @@ use std::{
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use observer::{
     events::Role,
-    pipeline::{Exposition, Pipeline},
+    pipeline::Pipeline,
     protocol::{CacheLimits, CacheParser, Chunk, fixtures, http1, memcached, postgres, redis},
     replay::{self, Item, Recording},
+    server::Exposition,
 };
 
 /// Feeds one chunk to a PostgreSQL parser; returns how many events it gave.

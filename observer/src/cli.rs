@@ -370,7 +370,7 @@ async fn top(args: TopArgs) -> Result<()> {
     let probe = Probe::load(&opts)?;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let screen = crate::top::Top::new(Box::new(std::io::stdout()), tty, terminal_width().unwrap_or(160));
-    let shared = std::sync::Arc::new(std::sync::Mutex::new(pipeline::Exposition::default()));
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(crate::server::Exposition::default()));
     let mut pipeline = Pipeline::new(settings, shared).with_top(screen);
     let mut pump = Pump::new(probe, selector, opts.max_connections as usize, false);
     pump.start(&mut pipeline);
@@ -519,7 +519,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let shutdown = Shutdown::install()?;
     // Bound before the programs load: a port in use or a bad certificate stops the agent
     // before it touches the kernel. /healthz says 503 until the pump reports.
-    let shared = std::sync::Arc::new(std::sync::Mutex::new(pipeline::Exposition::default()));
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(crate::server::Exposition::default()));
     let bound = crate::server::serve(&listen, tls.as_ref(), shared.clone()).await?;
     tracing::info!(address = %bound, tls = tls.is_some(), "serving /metrics and /healthz");
     let opts = args.probe.options(&file);

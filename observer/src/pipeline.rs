@@ -29,7 +29,7 @@ use crate::{
     django::{
         TargetLabels,
         aliases::{AliasTable, ConfigAlias},
-        cache::{CacheMetrics, CacheTable, ConfigCache, Wire},
+        cache::{CacheMetrics, CacheTable, ConfigCache},
         db::{DbMetrics, DbObservation, MigrationMetrics, ModelMap, ModelMetrics, POSTGRESQL},
         http::{Body, HttpMetrics, HttpObservation, UNNAMED_VIEW},
     },
@@ -38,7 +38,7 @@ use crate::{
     loss::LossReport,
     profile::{Attribution, CacheWork, Profile, ViewProfileMetrics, Work, metrics::ViewObservation},
     protocol::{
-        self, CacheParser, Chunk, KeyGet,
+        self, CacheParser, Chunk, KeyGet, Wire,
         http1::{self, Event, Exchange, Http1Parser, Mode},
         memcached::{self, MemcachedParser},
         postgres::{self, Failure, PgParser, sqlstate},
@@ -46,6 +46,7 @@ use crate::{
     },
     pump::{Live, Sink},
     selfmetrics::SelfStats,
+    server::Exposition,
     targets::{self, procfs},
     top::{Sample as TopSample, Top},
     views::{AppSettings, RouteTable, View, ViewResolver},
@@ -121,15 +122,6 @@ impl Default for Settings {
     }
 }
 
-/// What the `/metrics` endpoint reads: every target's registry and the agent's stats.
-#[derive(Default)]
-pub struct Exposition {
-    pub registries: BTreeMap<u32, Registry>,
-    pub stats: SelfStats,
-    /// When the pump last reported (for /healthz).
-    pub last_report: Option<Instant>,
-}
-
 /// Exchanges and database events kept per target while it is being discovered.
 const BACKLOG: usize = 10_000;
 
@@ -195,10 +187,7 @@ impl Backlogged {
         match self {
             Self::Http(..) => "http",
             Self::Db(_) => "postgresql",
-            Self::Cache(c) => match c.wire {
-                Wire::Redis => "redis",
-                Wire::Memcached => "memcached",
-            },
+            Self::Cache(c) => c.wire.name(),
             Self::Refused(_) => "connect",
         }
     }
@@ -258,8 +247,7 @@ impl Proto {
         match self {
             Self::Http(_) => "http",
             Self::Postgres(_) => "postgresql",
-            Self::Cache(Wire::Redis, _) => "redis",
-            Self::Cache(Wire::Memcached, _) => "memcached",
+            Self::Cache(wire, _) => wire.name(),
             Self::Other => "other",
             Self::Faulted => "faulted",
         }
@@ -953,10 +941,7 @@ impl Pipeline {
 
     /// What a Redis or memcached connection's parser reported.
     fn handle_cache_events(&mut self, target: u32, wire: Wire, peer: Option<&SockAddr>, thread: (u32, u32)) {
-        let protocol = match wire {
-            Wire::Redis => "redis",
-            Wire::Memcached => "memcached",
-        };
+        let protocol = wire.name();
         let mut events = std::mem::take(&mut self.cache_events);
         for ev in events.drain(..) {
             match ev {

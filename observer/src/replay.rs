@@ -217,7 +217,7 @@ mod tests {
     use super::*;
 
     /// Sums of each family's samples in what the pipeline exports.
-    fn totals(shared: &std::sync::Mutex<crate::pipeline::Exposition>) -> impl Fn(&str) -> f64 {
+    fn totals(shared: &std::sync::Mutex<crate::server::Exposition>) -> impl Fn(&str) -> f64 {
         let e = crate::fault::lock(shared);
         let families: Vec<_> = e.registries.values().flat_map(|r| r.gather()).collect();
         let samples = crate::django::expo::parse_text(&crate::django::expo::encode_text(&families));
@@ -293,7 +293,7 @@ mod tests {
     fn the_bench_recording_gives_the_counts_that_were_sent() {
         use std::sync::{Arc, Mutex};
 
-        use crate::pipeline::{Exposition, Pipeline};
+        use crate::{pipeline::Pipeline, server::Exposition};
         let rec = django_gunicorn();
         let settings = django_gunicorn_settings();
         let shared = Arc::new(Mutex::new(Exposition::default()));
@@ -315,7 +315,7 @@ mod tests {
     fn a_panicking_parser_costs_its_connection_only() {
         use std::sync::{Arc, Mutex};
 
-        use crate::pipeline::{Exposition, Pipeline};
+        use crate::{pipeline::Pipeline, server::Exposition};
         const FAULTY: &[u8] = b"GET /shop/items/7/ ";
         crate::fault::install_hook();
         let rec = django_gunicorn();

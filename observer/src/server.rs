@@ -21,7 +21,17 @@ use axum::{
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-use crate::{django::expo, pipeline::Exposition};
+use crate::{django::expo, selfmetrics::SelfStats};
+
+/// What the `/metrics` endpoint reads: every app's registry (by its root pid) and the
+/// agent's own stats. The pipeline writes it; the server only reads it.
+#[derive(Default)]
+pub struct Exposition {
+    pub registries: std::collections::BTreeMap<u32, prometheus::Registry>,
+    pub stats: SelfStats,
+    /// When the pump last reported (for /healthz).
+    pub last_report: Option<std::time::Instant>,
+}
 
 /// The pump reports every second; this much silence means it is stuck.
 const STALE: Duration = Duration::from_secs(15);

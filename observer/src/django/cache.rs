@@ -14,7 +14,11 @@ use prometheus::{IntCounterVec, Registry};
 use regex::bytes::Regex;
 use serde::Deserialize;
 
-use crate::{app::discover::Cache, events::SockAddr, protocol::Outcome};
+use crate::{
+    app::discover::Cache,
+    events::SockAddr,
+    protocol::{Outcome, Wire},
+};
 
 pub const REDIS: &str = "redis";
 pub const NATIVE_REDIS: &str = "native_redis";
@@ -23,21 +27,12 @@ pub const MEMCACHED: &str = "memcached";
 const REDIS_PORT: u16 = 6379;
 const MEMCACHED_PORT: u16 = 11211;
 
-/// The protocol a connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
-    Redis,
-    Memcached,
-}
-
-impl Wire {
-    /// The wire protocol of a `backend` label (None: not observed over a socket).
-    pub fn of(backend: &str) -> Option<Self> {
-        match backend {
-            REDIS | NATIVE_REDIS => Some(Self::Redis),
-            MEMCACHED => Some(Self::Memcached),
-            _ => None,
-        }
+/// The wire protocol of a `backend` label (None: not observed over a socket).
+pub fn wire_of(backend: &str) -> Option<Wire> {
+    match backend {
+        REDIS | NATIVE_REDIS => Some(Wire::Redis),
+        MEMCACHED => Some(Wire::Memcached),
+        _ => None,
     }
 }
 
@@ -177,7 +172,7 @@ impl CacheTable {
                 }
                 None => None,
             };
-            let wire = Wire::of(backend).unwrap_or(Wire::Redis);
+            let wire = wire_of(backend).unwrap_or(Wire::Redis);
             entries.push(Entry {
                 alias: c.alias.clone().unwrap_or_default(),
                 backend,
@@ -188,7 +183,7 @@ impl CacheTable {
         }
         for c in caches {
             let Some(backend) = c.kind.as_deref().and_then(label) else { continue };
-            let wire = Wire::of(backend).unwrap_or(Wire::Redis);
+            let wire = wire_of(backend).unwrap_or(Wire::Redis);
             let key = match (&c.key_head, &c.key_tail) {
                 (Some(h), Some(t)) => key_regex(h, t),
                 _ => {

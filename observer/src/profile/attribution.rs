@@ -9,7 +9,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::{django::cache::Wire, events::SockAddr, protocol::KeyGet};
+use crate::{
+    events::SockAddr,
+    protocol::{KeyGet, Wire},
+};
 
 /// Distinct statement shapes kept per request (more are not counted for N+1).
 pub const MAX_SHAPES: usize = 64;

@@ -13,6 +13,24 @@ pub mod redis;
 
 use crate::events::Direction;
 
+/// A cache protocol on the wire (Django's backends map onto these, see
+/// `django::cache::wire_of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Wire {
+    Redis,
+    Memcached,
+}
+
+impl Wire {
+    /// The `protocol` label of its parse errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::Memcached => "memcached",
+        }
+    }
+}
+
 /// How a cache lookup of one key ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
