@@ -6,9 +6,10 @@
 
 use crate::{
     ebpf::btf::Btf,
-    events::{Direction, Record, decode},
+    events::{Direction, Record, Role, decode},
     protocol::{
         CacheEvent, CacheLimits, CacheParser, Chunk, KEY_HEAD,
+        detect::{self as detection, Peer, Protocol},
         http1::{self, Config, Event as Http1Event, Http1Parser, Limits},
         memcached::{self, MemcachedParser},
         postgres::{self, PgParser, sql},
@@ -25,6 +26,7 @@ pub type Body = fn(&[u8]);
 pub const TARGETS: &[(&str, Body)] = &[
     ("btf", btf),
     ("decode_record", decode_record),
+    ("detect", detect),
     ("http1", http1),
     ("memcached", memcached),
     ("postgres", postgres),
@@ -341,6 +343,42 @@ fn cache(new: fn(CacheLimits) -> Box<dyn CacheParser>, detect: fn(&[u8]) -> bool
         },
         |e| matches!(e, CacheEvent::Error(_)),
     );
+}
+
+/// Protocol detection on arbitrary bytes, roles, directions, capture cuts and what the
+/// app is known to use: a server side is always HTTP, a client's read decides nothing,
+/// a client's write to a known app always decides, knowing the app only narrows a
+/// verdict (a cache connection to a server that is no cache of the app is left alone),
+/// and PostgreSQL is told by its bytes alone.
+pub fn detect(data: &[u8]) {
+    let Some((&flags, rest)) = data.split_first() else { return };
+    let role = if flags & 1 == 1 { Role::Server } else { Role::Client };
+    let dir = if flags & 2 == 2 { Direction::Recv } else { Direction::Send };
+    // Captured: all of it, or a prefix of 4..60 bytes with the rest a hole.
+    let cut = match flags >> 4 {
+        0 => rest.len(),
+        n => rest.len().min(usize::from(n) * 4),
+    };
+    let c = Chunk { dir, enter_ns: 0, exit_ns: 0, bytes: &rest[..cut], total_len: rest.len() as u64 };
+    let at = |known, is_cache| detection::detect(role, &c, Peer { known, is_cache });
+    let (unknown, cache, not_cache) = (at(false, false), at(true, true), at(true, false));
+    assert_eq!(unknown, at(false, true), "a peer's role means nothing before the app is known");
+    if role == Role::Server {
+        assert!([unknown, cache, not_cache].iter().all(|v| *v == Some(Protocol::Http)));
+        return;
+    }
+    if dir == Direction::Recv {
+        assert!([unknown, cache, not_cache].iter().all(Option::is_none));
+        return;
+    }
+    assert!(cache.is_some() && not_cache.is_some(), "a known app decides at the first write");
+    assert!(!matches!(not_cache, Some(Protocol::Cache(_))));
+    match unknown {
+        Some(p @ Protocol::Postgres { .. }) => assert!(cache == Some(p) && not_cache == Some(p)),
+        Some(p @ Protocol::Cache(_)) => assert!(cache == Some(p) && not_cache == Some(Protocol::Other)),
+        Some(p) => panic!("{p:?} decided before the app is known"),
+        None => assert!(cache == Some(Protocol::Other) && not_cache == Some(Protocol::Other)),
+    }
 }
 
 /// /proc/net/{tcp,tcp6,unix} and status parsers on arbitrary text.

@@ -38,9 +38,9 @@ use crate::{
     loss::LossReport,
     profile::{Attribution, CacheWork, Profile, ViewProfileMetrics, Work, metrics::ViewObservation},
     protocol::{
-        self, CacheParser, Chunk, KeyGet, Wire,
+        self, CacheParser, Chunk, KeyGet, Wire, detect,
         http1::{self, Event, Exchange, Http1Parser, Mode},
-        memcached::{self, MemcachedParser},
+        memcached::MemcachedParser,
         postgres::{self, Failure, PgParser, sqlstate},
         redis::{self, RedisParser},
     },
@@ -1081,56 +1081,30 @@ impl Pipeline {
         }
     }
 
-    /// The protocol of a client connection, from its first write (None: not decided yet).
-    fn client_proto(
-        &self,
-        target: u32,
-        d: &crate::events::Data<'_>,
-        peer: Option<&SockAddr>,
-    ) -> Option<Proto> {
-        if d.dir != crate::events::Direction::Send {
-            return None;
-        }
+    /// The parser for a connection, from one of its records (None: not decided yet).
+    fn new_proto(&self, t: &Target, role: Role, chunk: &Chunk<'_>, peer: Option<&SockAddr>) -> Option<Proto> {
+        let known = matches!(t.routes, Routes::Ready);
+        let hint =
+            detect::Peer { known, is_cache: known && peer.is_some_and(|p| t.caches.by_address(p).is_some()) };
         let limits = self.settings.postgres;
-        let new_pg = |parser, mid_stream| {
-            Proto::Postgres(Box::new(PgConn { parser, mid_stream, user: None, database: None }))
-        };
-        if postgres::is_startup(d.bytes) {
-            return Some(new_pg(PgParser::new(limits), false));
-        }
-        // Met in the middle (open before tracing started): whole frontend messages. Its
-        // events count once its peer proves to be a database of the app.
-        if postgres::looks_like_frontend(d.bytes, d.total_len) {
-            return Some(new_pg(PgParser::mid_stream(limits), true));
-        }
-        let t = self.targets.get(&target)?;
-        // A cache's commands; once the app's caches are known, only those of its servers
-        // are followed (a Celery broker on Redis is not parsed).
-        let wire = if redis::is_command(d.bytes) {
-            Some(Wire::Redis)
-        } else if memcached::is_command(d.bytes) {
-            Some(Wire::Memcached)
-        } else {
-            None
-        };
-        if let Some(wire) = wire {
-            let known = matches!(t.routes, Routes::Ready);
-            if known && peer.is_none_or(|p| t.caches.by_address(p).is_none()) {
-                return Some(Proto::Other);
+        let cache = protocol::CacheLimits { max_pending: self.settings.cache_commands };
+        Some(match detect::detect(role, chunk, hint)? {
+            detect::Protocol::Http => {
+                Proto::Http(Box::new(Http1Parser::new(self.settings.http, t.parser_config.clone())))
             }
-            let max_pending = self.settings.cache_commands;
-            let limits = protocol::CacheLimits { max_pending };
-            let parser: Box<dyn CacheParser> = match wire {
-                Wire::Redis => Box::new(RedisParser::new(limits)),
-                Wire::Memcached => Box::new(MemcachedParser::new(limits)),
-            };
-            return Some(Proto::Cache(wire, parser));
-        }
-        // Until the app's databases are known, a connection may still turn out to be one.
-        match t.routes {
-            Routes::Ready => Some(Proto::Other),
-            _ => None,
-        }
+            detect::Protocol::Postgres { mid_stream } => {
+                let parser = if mid_stream { PgParser::mid_stream(limits) } else { PgParser::new(limits) };
+                Proto::Postgres(Box::new(PgConn { parser, mid_stream, user: None, database: None }))
+            }
+            detect::Protocol::Cache(wire) => {
+                let parser: Box<dyn CacheParser> = match wire {
+                    Wire::Redis => Box::new(RedisParser::new(cache)),
+                    Wire::Memcached => Box::new(MemcachedParser::new(cache)),
+                };
+                Proto::Cache(wire, parser)
+            }
+            detect::Protocol::Other => Proto::Other,
+        })
     }
 }
 
@@ -1253,15 +1227,15 @@ impl Sink for Pipeline {
                 };
                 let Some(t) = self.targets.get(&target) else { return };
                 if !self.conns.contains_key(&d.conn_id) {
-                    let proto = match conn.role {
-                        Role::Server => Proto::Http(Box::new(Http1Parser::new(
-                            self.settings.http,
-                            t.parser_config.clone(),
-                        ))),
-                        Role::Client => match self.client_proto(target, d, conn.peer.as_ref()) {
-                            Some(p) => p,
-                            None => return,
-                        },
+                    let chunk = Chunk {
+                        dir: d.dir,
+                        enter_ns: d.enter_ns,
+                        exit_ns: d.exit_ns,
+                        bytes: d.bytes,
+                        total_len: d.total_len,
+                    };
+                    let Some(proto) = self.new_proto(t, conn.role, &chunk, conn.peer.as_ref()) else {
+                        return;
                     };
                     if self.conns.len() >= self.settings.max_parsers {
                         self.stats.parsers_full += 1;

@@ -2,6 +2,7 @@
 //! no I/O, no clock, no globals; bounded memory; bad input is a counted error and a
 //! resynchronisation, never a panic.
 
+pub mod detect;
 /// Recorded captures for tests and the replay benchmarks.
 #[doc(hidden)]
 pub mod fixtures;
