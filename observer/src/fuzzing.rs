@@ -193,7 +193,7 @@ pub fn http1(data: &[u8]) {
     for s in &steps {
         p.feed(&s.chunk(), &mut out);
         if s.lost {
-            p.lost(&mut out);
+            p.lost();
         }
         assert!(p.pending() <= limits.max_pending);
         assert!(p.buffered() <= bound, "{} buffered", p.buffered());
@@ -256,7 +256,7 @@ pub fn postgres(data: &[u8]) {
         );
         p.feed(&c, &mut out);
         if s.lost {
-            p.lost(&mut out);
+            p.lost();
         }
         assert!(p.pending() <= 2 * limits.max_pending);
         let (statements, portals) = p.remembered();
@@ -322,7 +322,7 @@ fn cache(new: fn(CacheLimits) -> Box<dyn CacheParser>, detect: fn(&[u8]) -> bool
         let _ = detect(&s.bytes);
         p.feed(&s.chunk(), &mut out);
         if s.lost {
-            p.lost(&mut out);
+            p.lost();
         }
         assert!(p.pending() <= 2 * limits.max_pending);
         check(&mut out);

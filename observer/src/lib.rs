@@ -24,6 +24,7 @@ pub mod pump;
 pub mod replay;
 pub mod selfmetrics;
 pub mod server;
+pub mod stream;
 pub mod targets;
 pub mod text;
 pub mod top;

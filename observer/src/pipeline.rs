@@ -47,6 +47,7 @@ use crate::{
     pump::{Live, Sink},
     selfmetrics::SelfStats,
     server::Exposition,
+    stream::{Gap, Segment, Streams},
     targets::{self, procfs},
     top::{Sample as TopSample, Top},
     views::{AppSettings, RouteTable, View, ViewResolver},
@@ -275,8 +276,8 @@ pub struct Pipeline {
     /// Traced process -> its target's root.
     pid_target: HashMap<u32, u32>,
     conns: HashMap<u64, ConnState>,
-    /// Next expected record sequence number per (tgid, fd).
-    fd_seq: HashMap<(u32, u32), u32>,
+    /// Each connection's records in order, gaps marked.
+    streams: Streams,
     stats: SelfStats,
     /// Per (target, label): the overflow count already added to `stats`.
     overflow_seen: HashMap<(u32, &'static str), u64>,
@@ -350,7 +351,7 @@ impl Pipeline {
             targets: HashMap::new(),
             pid_target: HashMap::new(),
             conns: HashMap::new(),
-            fd_seq: HashMap::new(),
+            streams: Streams::default(),
             stats: SelfStats::default(),
             overflow_seen: HashMap::new(),
             events: Vec::new(),
@@ -999,27 +1000,30 @@ impl Pipeline {
         }
     }
 
-    /// One data record through its connection's parser, and what the parser made of it
-    /// into the app's families: the step [`fault::contain`] runs.
-    fn parse(&mut self, target: u32, d: &Data<'_>, lost: bool) {
+    /// One segment of a connection through its parser (told of a gap before it first),
+    /// and what the parser made of it into the app's families: the step
+    /// [`fault::contain`] runs.
+    fn parse(&mut self, target: u32, d: &Data<'_>, seg: &Segment<'_>) {
         let Some(state) = self.conns.get_mut(&d.conn_id) else { return };
-        let chunk = Chunk {
-            dir: d.dir,
-            enter_ns: d.enter_ns,
-            exit_ns: d.exit_ns,
-            bytes: d.bytes,
-            total_len: d.total_len,
-        };
+        let chunk = &seg.chunk;
         #[cfg(test)]
-        if self.inject_fault.is_some_and(|f| f(&chunk)) {
+        if self.inject_fault.is_some_and(|f| f(chunk)) {
             panic!("injected parser fault");
+        }
+        if seg.gap.is_some() {
+            let followed = match &mut state.proto {
+                Proto::Http(p) => p.lost(),
+                Proto::Postgres(pg) => pg.parser.lost(),
+                Proto::Cache(_, p) => p.lost(),
+                Proto::Other | Proto::Faulted => false,
+            };
+            if followed && seg.gap == Some(Gap::Lost) {
+                *self.stats.parse_errors.entry((state.proto.name(), Gap::Lost.as_str())).or_default() += 1;
+            }
         }
         match &mut state.proto {
             Proto::Http(parser) => {
-                if lost {
-                    parser.lost(&mut self.events);
-                }
-                parser.feed(&chunk, &mut self.events);
+                parser.feed(chunk, &mut self.events);
                 if parser.mode() == Mode::Other && !state.counted_other {
                     state.counted_other = true;
                     self.stats.not_http_connections += 1;
@@ -1030,18 +1034,12 @@ impl Pipeline {
                 self.attribution.http(d.tgid, d.tid, d.conn_id, pending, d.dir == Direction::Recv);
             }
             Proto::Postgres(pg) => {
-                if lost {
-                    pg.parser.lost(&mut self.pg_events);
-                }
-                pg.parser.feed(&chunk, &mut self.pg_events);
+                pg.parser.feed(chunk, &mut self.pg_events);
                 self.handle_pg_events(target, d.conn_id, (d.tgid, d.tid));
             }
             Proto::Cache(wire, p) => {
                 let wire = *wire;
-                if lost {
-                    p.lost(&mut self.cache_events);
-                }
-                p.feed(&chunk, &mut self.cache_events);
+                p.feed(chunk, &mut self.cache_events);
                 let peer = state.peer.clone();
                 self.handle_cache_events(target, wire, peer.as_ref(), (d.tgid, d.tid));
             }
@@ -1225,16 +1223,12 @@ impl Sink for Pipeline {
                     self.stats.unattributed_records += 1;
                     return;
                 };
+                // Every record of a traced process's connection, decided or not, so that
+                // a gap is seen wherever it falls.
+                let seg = self.streams.segment(d);
                 let Some(t) = self.targets.get(&target) else { return };
                 if !self.conns.contains_key(&d.conn_id) {
-                    let chunk = Chunk {
-                        dir: d.dir,
-                        enter_ns: d.enter_ns,
-                        exit_ns: d.exit_ns,
-                        bytes: d.bytes,
-                        total_len: d.total_len,
-                    };
-                    let Some(proto) = self.new_proto(t, conn.role, &chunk, conn.peer.as_ref()) else {
+                    let Some(proto) = self.new_proto(t, conn.role, &seg.chunk, conn.peer.as_ref()) else {
                         return;
                     };
                     if self.conns.len() >= self.settings.max_parsers {
@@ -1256,30 +1250,21 @@ impl Sink for Pipeline {
                         },
                     );
                 }
-                let mut lost = false;
-                if let Some(seq) = d.seq {
-                    let key = (d.tgid, d.fd);
-                    if let Some(&expected) = self.fd_seq.get(&key) {
-                        let ahead = seq.wrapping_sub(expected);
-                        lost = ahead > 0 && ahead < 1 << 31;
-                    }
-                    self.fd_seq.insert(key, seq.wrapping_add(1));
-                }
                 if matches!(self.conns.get(&d.conn_id).map(|c| &c.proto), Some(Proto::Faulted)) {
                     self.stats.records_lost_parser_fault += 1;
                     return;
                 }
-                if let Err(f) = fault::contain(|| self.parse(target, d, lost)) {
+                if let Err(f) = fault::contain(|| self.parse(target, d, &seg)) {
                     self.parser_fault(d.conn_id, target, &f);
                     self.stats.records_lost_parser_fault += 1;
                 }
             }
             Record::ConnOpen(o) => {
                 // A connection the kernel saw opening starts its record sequence at 0.
-                self.fd_seq.insert((o.tgid, o.fd), 0);
+                self.streams.opened(o.tgid, o.fd);
             }
             Record::ConnClose(c) => {
-                self.fd_seq.remove(&(c.tgid, c.fd));
+                self.streams.closed(c.tgid, c.fd);
                 // The socket closes with its last fd.
                 if conn.is_none_or(|i| i.owners.len() <= 1) {
                     // A client connection that never moved a byte: its connect failed
@@ -1309,7 +1294,7 @@ impl Sink for Pipeline {
                 }
             }
             Record::ProcExit { pid, .. } => {
-                self.fd_seq.retain(|(t, _), _| t != pid);
+                self.streams.process_gone(*pid);
                 let owned: Vec<u64> =
                     self.conns.iter().filter(|(_, c)| c.owner == *pid).map(|(id, _)| *id).collect();
                 for id in owned {
@@ -1339,7 +1324,7 @@ impl Sink for Pipeline {
                 std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
             });
             crate::conns::shrink_idle(&mut self.conns);
-            crate::conns::shrink_idle(&mut self.fd_seq);
+            self.streams.shrink_idle();
             crate::conns::shrink_idle(&mut self.pid_target);
         }
     }
@@ -1351,6 +1336,7 @@ impl Sink for Pipeline {
         self.stats.targets = self.targets.len();
         self.stats.kubernetes_pods = self.settings.kubernetes.as_ref().map_or(0, |k| k.len());
         self.stats.parser_states = self.conns.len();
+        self.stats.stream_gaps = self.streams.gaps.iter().map(|(g, n)| (g.as_str(), *n)).collect();
         self.stats.profile_attributed.clone_from(&self.attribution.attributed);
         self.stats.profile_unattributed.clone_from(&self.attribution.unattributed);
         if let Some(top) = self.top.as_mut() {

@@ -24,6 +24,8 @@ pub struct SelfStats {
     /// protocol -> parse steps that panicked (a bug, contained: that connection's
     /// parsing stops, or that backlogged event is dropped; the agent goes on).
     pub parser_faults: BTreeMap<&'static str, u64>,
+    /// reason -> gaps in connections' record sequences (see `stream`).
+    pub stream_gaps: BTreeMap<&'static str, u64>,
     /// Apps whose metric families could not be registered (their events are dropped).
     pub registration_errors: u64,
     /// Exchanges, statements and lookups dropped because their app has no families.
@@ -214,6 +216,12 @@ impl SelfStats {
             self.parser_faults.iter().map(|(p, v)| (vec![("protocol", *p)], *v as f64)).collect(),
         ));
         out.push(family(
+            "observer_stream_gaps_total",
+            "Gaps in traced connections' record sequences, whatever their protocol, by reason: records lost before one, or one arriving after a later one (the parser resynchronises at both).",
+            MetricType::COUNTER,
+            self.stream_gaps.iter().map(|(r, v)| (vec![("reason", *r)], *v as f64)).collect(),
+        ));
+        out.push(family(
             "observer_profile_attributed_total",
             "Database statements and cache lookups attributed to the request (and view) they were made for, by kind.",
             MetricType::COUNTER,
@@ -357,11 +365,13 @@ mod tests {
         );
         s.loss.programs.insert("sys_enter_read".into(), ProgramStats::default());
         s.label_overflow.insert("view", 5);
+        s.stream_gaps.insert("out_of_order", 3);
         let t = expo::encode_text(&s.families());
         let v: BTreeMap<String, f64> =
             expo::parse_text(&t).into_iter().map(|x| (x.series(), x.value)).collect();
         assert_eq!(v[r#"observer_parse_errors_total{protocol="http",reason="invalid_head"}"#], 2.0);
         assert_eq!(v[r#"observer_label_overflow_total{label="view"}"#], 5.0);
+        assert_eq!(v[r#"observer_stream_gaps_total{reason="out_of_order"}"#], 3.0);
         assert_eq!(v[r#"observer_records_lost_total{reason="ring_buffer_full"}"#], 0.0);
         assert!(v["observer_process_resident_memory_bytes"] > 0.0);
         assert!(t.contains("# TYPE observer_table_full_total counter"));

@@ -118,8 +118,6 @@ pub enum ParseError {
     UnpairedResponse,
     /// More pipelined requests than `max_pending`: the oldest was dropped.
     PendingOverflow,
-    /// Records of this connection were lost: state dropped.
-    RecordsLost,
     /// The connection closed with requests still waiting for a response.
     Unanswered,
 }
@@ -133,7 +131,6 @@ impl ParseError {
             Self::ChunkedLost => "chunked_lost",
             Self::UnpairedResponse => "unpaired_response",
             Self::PendingOverflow => "pending_overflow",
-            Self::RecordsLost => "records_lost",
             Self::Unanswered => "unanswered",
         }
     }
@@ -280,13 +277,13 @@ impl Http1Parser {
         }
     }
 
-    /// Records of this connection were lost (a hole in the record sequence): what was
-    /// in flight cannot be completed.
-    pub fn lost(&mut self, out: &mut Vec<Event>) {
+    /// Records of this connection were lost (the stream stage saw a gap): what was in
+    /// flight cannot be completed and framing resynchronises. Returns whether the
+    /// parser was still following the connection (the loss is counted then).
+    pub fn lost(&mut self) -> bool {
         if self.mode != Mode::Http {
-            return;
+            return false;
         }
-        out.push(Event::Error(ParseError::RecordsLost));
         // Responses to the requests lost with those records are expected, not errors.
         self.drop_unpaired = true;
         self.pending.clear();
@@ -294,6 +291,7 @@ impl Http1Parser {
         self.head_start_ns = None;
         self.recv = Framing::Resync;
         self.send = Framing::Resync;
+        true
     }
 
     /// The connection closed at `ts_ns`: a close-delimited response ends here, requests

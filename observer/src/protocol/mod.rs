@@ -59,8 +59,9 @@ pub const KEY_HEAD: usize = 256;
 /// A cache protocol's parser (Redis, memcached): one connection's lookups.
 pub trait CacheParser {
     fn feed(&mut self, c: &Chunk<'_>, out: &mut Vec<CacheEvent>);
-    /// Records of the connection were lost: what was in flight ends unknown.
-    fn lost(&mut self, out: &mut Vec<CacheEvent>);
+    /// Records of the connection were lost: what was in flight ends unknown. Returns
+    /// whether the parser was still following the connection.
+    fn lost(&mut self) -> bool;
     /// The connection closed: lookups still waiting failed.
     fn close(&mut self, out: &mut Vec<CacheEvent>);
     /// Commands waiting for an answer.
@@ -93,7 +94,6 @@ pub enum CacheParseError {
     Desync,
     /// Not the protocol.
     BadMessage,
-    RecordsLost,
     /// More commands in flight than `max_pending`: the oldest was dropped.
     PendingOverflow,
     /// An answer with no command waiting for it.
@@ -105,7 +105,6 @@ impl CacheParseError {
         match self {
             Self::Desync => "desync",
             Self::BadMessage => "bad_message",
-            Self::RecordsLost => "records_lost",
             Self::PendingOverflow => "pending_overflow",
             Self::UnexpectedReply => "unexpected_reply",
         }

@@ -133,10 +133,13 @@ impl MemcachedParser {
         self.pending.len() + self.limbo.len()
     }
 
-    pub fn lost(&mut self, out: &mut Vec<Event>) {
-        out.push(Event::Error(ParseError::RecordsLost));
+    /// Records of this connection were lost (the stream stage saw a gap): what was in
+    /// flight cannot be completed and framing resynchronises. Returns whether the
+    /// parser was still following the connection (the loss is counted then).
+    pub fn lost(&mut self) -> bool {
         self.desync_front();
         self.desync_back();
+        true
     }
 
     /// The connection closed: lookups still waiting failed (a reset, a timeout).
@@ -438,8 +441,8 @@ impl super::CacheParser for MemcachedParser {
         MemcachedParser::feed(self, c, out);
     }
 
-    fn lost(&mut self, out: &mut Vec<Event>) {
-        MemcachedParser::lost(self, out);
+    fn lost(&mut self) -> bool {
+        MemcachedParser::lost(self)
     }
 
     fn close(&mut self, out: &mut Vec<Event>) {

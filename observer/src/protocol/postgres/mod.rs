@@ -132,8 +132,6 @@ pub enum ParseError {
     Desync,
     /// An unknown message type or an impossible length.
     BadMessage,
-    /// Records of the connection were lost.
-    RecordsLost,
     /// More units in flight than `max_pending`: the oldest was dropped.
     PendingOverflow,
     /// More prepared statements than `max_prepared`: the remembered ones were dropped.
@@ -147,7 +145,6 @@ impl ParseError {
         match self {
             Self::Desync => "desync",
             Self::BadMessage => "bad_message",
-            Self::RecordsLost => "records_lost",
             Self::PendingOverflow => "pending_overflow",
             Self::PreparedOverflow => "prepared_overflow",
             Self::UnexpectedReady => "unexpected_ready",
@@ -393,13 +390,13 @@ impl PgParser {
         (self.statements.len(), self.portals.len())
     }
 
-    /// Records of the connection were lost: what was in flight is forgotten and both
-    /// directions resynchronise.
-    pub fn lost(&mut self, out: &mut Vec<Event>) {
+    /// Records of this connection were lost (the stream stage saw a gap): what was in
+    /// flight cannot be completed and framing resynchronises. Returns whether the
+    /// parser was still following the connection (the loss is counted then).
+    pub fn lost(&mut self) -> bool {
         if self.phase == Phase::Done {
-            return;
+            return false;
         }
-        out.push(Event::Error(ParseError::RecordsLost));
         self.front.reset(false);
         self.back.reset(false);
         self.move_pending_to_limbo();
@@ -409,6 +406,7 @@ impl PgParser {
             // The startup's outcome is unknown; go on as if it succeeded.
             self.phase = Phase::Ready;
         }
+        true
     }
 
     /// The connection closed: an unfinished startup failed, and statements still

@@ -664,13 +664,13 @@ fn writes_longer_than_the_capture_count_as_one_execute_or_continue_a_pipeline() 
 fn lost_records_resync_both_directions() {
     let mut p = connected();
     let mut out = run(&mut p, &[(S, q("SELECT 1"))]);
-    p.lost(&mut out);
+    assert!(p.lost());
     // The rest of a large answer arrives mid-message: ignored until the next statement.
     p.feed(&chunk(R, 5, &[b'x'; 40], 4000), &mut out);
     p.feed(&chunk(R, 6, &ready(), 6), &mut out);
     p.feed(&chunk(S, 7, &q("SELECT 2"), 14), &mut out);
     p.feed(&chunk(R, 8, &cat(&[complete("SELECT 1"), ready()]), 20), &mut out);
-    assert_eq!(errors(&out), vec![ParseError::RecordsLost]);
+    assert_eq!(errors(&out), vec![]);
     let st = statements(&out);
     // The statement in flight when records were lost completes with the last read
     // before the next one.
@@ -813,7 +813,7 @@ proptest! {
     fn valid_frontend_writes_after_garbage_resync(garbage in proptest::collection::vec(any::<u8>(), 1..100)) {
         let mut p = connected();
         let mut out = Vec::new();
-        p.lost(&mut out);
+        p.lost();
         p.feed(&chunk(S, 0, &garbage, garbage.len() as u64), &mut out);
         p.feed(&chunk(R, 1, &garbage, garbage.len() as u64), &mut out);
         p.feed(&chunk(S, 2, &q("SELECT 1"), 14), &mut out);

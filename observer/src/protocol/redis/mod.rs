@@ -175,13 +175,16 @@ impl RedisParser {
         self.done
     }
 
-    pub fn lost(&mut self, out: &mut Vec<Event>) {
+    /// Records of this connection were lost (the stream stage saw a gap): what was in
+    /// flight cannot be completed and framing resynchronises. Returns whether the
+    /// parser was still following the connection (the loss is counted then).
+    pub fn lost(&mut self) -> bool {
         if self.done {
-            return;
+            return false;
         }
-        out.push(Event::Error(ParseError::RecordsLost));
         self.desync_front();
         self.desync_back();
+        true
     }
 
     /// The connection closed: GETs still waiting failed (reset, timeout, server gone).
@@ -578,8 +581,8 @@ impl super::CacheParser for RedisParser {
         RedisParser::feed(self, c, out);
     }
 
-    fn lost(&mut self, out: &mut Vec<Event>) {
-        RedisParser::lost(self, out);
+    fn lost(&mut self) -> bool {
+        RedisParser::lost(self)
     }
 
     fn close(&mut self, out: &mut Vec<Event>) {
