@@ -17,6 +17,7 @@ pub mod fault;
 pub mod fuzzing;
 pub mod k8s;
 pub mod loss;
+pub mod parsers;
 pub mod pipeline;
 pub mod profile;
 pub mod protocol;

@@ -36,6 +36,7 @@ use crate::{
     events::{Data, Direction, Record, Role, SockAddr},
     fault,
     loss::LossReport,
+    parsers::{ConnState, Parsers, PgConn, Proto},
     profile::{Attribution, CacheWork, Profile, ViewProfileMetrics, Work, metrics::ViewObservation},
     protocol::{
         self, CacheParser, Chunk, KeyGet, Wire, detect,
@@ -222,51 +223,8 @@ struct Target {
     unregistrable: bool,
 }
 
-struct PgConn {
-    parser: PgParser,
-    /// Met in the middle: its events count only if it goes to a database of the app.
-    mid_stream: bool,
-    user: Option<Box<str>>,
-    database: Option<Box<str>>,
-}
-
-enum Proto {
-    Http(Box<Http1Parser>),
-    Postgres(Box<PgConn>),
-    /// Redis or memcached.
-    Cache(Wire, Box<dyn CacheParser>),
-    /// A client connection that is no database or cache protocol we parse.
-    Other,
-    /// Its parsing panicked (a bug, contained): its records are dropped and counted
-    /// until it closes.
-    Faulted,
-}
-
-impl Proto {
-    /// The `protocol` label of the connection's parse errors.
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Http(_) => "http",
-            Self::Postgres(_) => "postgresql",
-            Self::Cache(wire, _) => wire.name(),
-            Self::Other => "other",
-            Self::Faulted => "faulted",
-        }
-    }
-}
-
 /// At most one warning about parser faults per this long (each is counted).
 const FAULT_WARNING_EVERY: Duration = Duration::from_secs(60);
-
-struct ConnState {
-    target: u32,
-    owner: u32,
-    /// The connection's local address: the listener the app serves on.
-    local: Option<SockAddr>,
-    peer: Option<SockAddr>,
-    proto: Proto,
-    counted_other: bool,
-}
 
 pub struct Pipeline {
     settings: Settings,
@@ -275,7 +233,7 @@ pub struct Pipeline {
     targets: HashMap<u32, Target>,
     /// Traced process -> its target's root.
     pid_target: HashMap<u32, u32>,
-    conns: HashMap<u64, ConnState>,
+    conns: Parsers,
     /// Each connection's records in order, gaps marked.
     streams: Streams,
     stats: SelfStats,
@@ -350,7 +308,7 @@ impl Pipeline {
             hostname: hostname(),
             targets: HashMap::new(),
             pid_target: HashMap::new(),
-            conns: HashMap::new(),
+            conns: Parsers::default(),
             streams: Streams::default(),
             stats: SelfStats::default(),
             overflow_seen: HashMap::new(),
@@ -674,7 +632,7 @@ impl Pipeline {
             let members: Vec<u32> =
                 self.pid_target.iter().filter(|(_, r)| **r == root).map(|(p, _)| *p).collect();
             self.pid_target.retain(|_, r| *r != root);
-            self.conns.retain(|_, c| c.target != root);
+            self.conns.remove_target(root);
             self.publish(|e| {
                 e.registries.remove(&root);
             });
@@ -787,7 +745,7 @@ impl Pipeline {
             }
             let config = t.parser_config.clone();
             let backlog = std::mem::take(&mut t.backlog);
-            for c in self.conns.values_mut().filter(|c| c.target == root) {
+            for c in self.conns.of_target_mut(root) {
                 if let Proto::Http(p) = &mut c.proto {
                     p.set_config(config.clone());
                 }
@@ -901,7 +859,7 @@ impl Pipeline {
     fn handle_pg_events(&mut self, target: u32, conn_id: u64, thread: (u32, u32)) {
         let events = std::mem::take(&mut self.pg_events);
         for ev in &events {
-            let (confirm, peer, user, database) = match self.conns.get_mut(&conn_id) {
+            let (confirm, peer, user, database) = match self.conns.get_mut(conn_id) {
                 Some(ConnState { proto: Proto::Postgres(pg), peer, .. }) => {
                     if let postgres::Event::Attempt { user, database } = ev {
                         pg.user.clone_from(user);
@@ -962,16 +920,16 @@ impl Pipeline {
 
     /// The connection is gone: its parser's last events, then its state goes.
     fn close_conn(&mut self, conn_id: u64) {
-        let Some(target) = self.conns.get(&conn_id).map(|c| c.target) else { return };
+        let Some(target) = self.conns.get(conn_id).map(|c| c.target) else { return };
         if let Err(f) = fault::contain(|| self.close_parser(conn_id)) {
             self.parser_fault(conn_id, target, &f);
         }
-        self.conns.remove(&conn_id);
+        self.conns.remove(conn_id);
         self.attribution.closed(conn_id);
     }
 
     fn close_parser(&mut self, conn_id: u64) {
-        let Some(c) = self.conns.get_mut(&conn_id) else { return };
+        let Some(c) = self.conns.get_mut(conn_id) else { return };
         let target = c.target;
         // What a close completes happened on no thread in particular: the owner's main one.
         let thread = (c.owner, c.owner);
@@ -979,23 +937,23 @@ impl Pipeline {
             Proto::Http(p) => {
                 p.close(&mut self.events);
                 let local = c.local.clone();
-                self.conns.remove(&conn_id);
+                self.conns.remove(conn_id);
                 self.handle_events(target, conn_id, local.as_ref());
             }
             Proto::Postgres(pg) => {
                 pg.parser.close(&mut self.pg_events);
                 self.handle_pg_events(target, conn_id, thread);
-                self.conns.remove(&conn_id);
+                self.conns.remove(conn_id);
             }
             Proto::Cache(wire, p) => {
                 let wire = *wire;
                 p.close(&mut self.cache_events);
                 let peer = c.peer.clone();
-                self.conns.remove(&conn_id);
+                self.conns.remove(conn_id);
                 self.handle_cache_events(target, wire, peer.as_ref(), thread);
             }
             Proto::Other | Proto::Faulted => {
-                self.conns.remove(&conn_id);
+                self.conns.remove(conn_id);
             }
         }
     }
@@ -1004,7 +962,7 @@ impl Pipeline {
     /// and what the parser made of it into the app's families: the step
     /// [`fault::contain`] runs.
     fn parse(&mut self, target: u32, d: &Data<'_>, seg: &Segment<'_>) {
-        let Some(state) = self.conns.get_mut(&d.conn_id) else { return };
+        let Some(state) = self.conns.get_mut(d.conn_id) else { return };
         let chunk = &seg.chunk;
         #[cfg(test)]
         if self.inject_fault.is_some_and(|f| f(chunk)) {
@@ -1054,7 +1012,7 @@ impl Pipeline {
         self.events.clear();
         self.pg_events.clear();
         self.cache_events.clear();
-        let protocol = match self.conns.get_mut(&conn_id) {
+        let protocol = match self.conns.get_mut(conn_id) {
             Some(c) => std::mem::replace(&mut c.proto, Proto::Faulted).name(),
             None => "unknown",
         };
@@ -1227,7 +1185,7 @@ impl Sink for Pipeline {
                 // a gap is seen wherever it falls.
                 let seg = self.streams.segment(d);
                 let Some(t) = self.targets.get(&target) else { return };
-                if !self.conns.contains_key(&d.conn_id) {
+                if !self.conns.contains(d.conn_id) {
                     let Some(proto) = self.new_proto(t, conn.role, &seg.chunk, conn.peer.as_ref()) else {
                         return;
                     };
@@ -1250,7 +1208,7 @@ impl Sink for Pipeline {
                         },
                     );
                 }
-                if matches!(self.conns.get(&d.conn_id).map(|c| &c.proto), Some(Proto::Faulted)) {
+                if matches!(self.conns.get(d.conn_id).map(|c| &c.proto), Some(Proto::Faulted)) {
                     self.stats.records_lost_parser_fault += 1;
                     return;
                 }
@@ -1272,7 +1230,7 @@ impl Sink for Pipeline {
                     if let Some(info) = conn
                         && info.role == Role::Client
                         && !info.preexisting
-                        && !self.conns.contains_key(&c.conn_id)
+                        && !self.conns.contains(c.conn_id)
                         && let Some(&target) = self.pid_target.get(&c.tgid)
                         && let Some(peer) = info.peer.clone()
                     {
@@ -1295,8 +1253,7 @@ impl Sink for Pipeline {
             }
             Record::ProcExit { pid, .. } => {
                 self.streams.process_gone(*pid);
-                let owned: Vec<u64> =
-                    self.conns.iter().filter(|(_, c)| c.owner == *pid).map(|(id, _)| *id).collect();
+                let owned = self.conns.owned_by(*pid);
                 for id in owned {
                     self.close_conn(id);
                 }
@@ -1315,7 +1272,7 @@ impl Sink for Pipeline {
         if self.last_gc.elapsed() >= Duration::from_secs(5) {
             self.last_gc = Instant::now();
             // Parser state of connections the pump no longer knows (their close was lost).
-            let gone: Vec<u64> = self.conns.keys().copied().filter(|id| conns.get(*id).is_none()).collect();
+            let gone: Vec<u64> = self.conns.ids().filter(|id| conns.get(*id).is_none()).collect();
             for id in gone {
                 self.close_conn(id);
             }
@@ -1323,7 +1280,7 @@ impl Sink for Pipeline {
             self.attribution.retain_threads(|tgid, tid| {
                 std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
             });
-            crate::conns::shrink_idle(&mut self.conns);
+            self.conns.shrink_idle();
             self.streams.shrink_idle();
             crate::conns::shrink_idle(&mut self.pid_target);
         }
