@@ -78,10 +78,13 @@ impl Parsers {
     }
 
     pub(crate) fn insert(&mut self, id: u64, state: ConnState) {
-        self.by_owner.entry(state.owner).or_default().insert(id);
-        if let Some(old) = self.by_conn.insert(id, state) {
+        let owner = state.owner;
+        if let Some(old) = self.by_conn.insert(id, state)
+            && old.owner != owner
+        {
             self.unindex(id, old.owner);
         }
+        self.by_owner.entry(owner).or_default().insert(id);
     }
 
     pub(crate) fn remove(&mut self, id: u64) -> Option<ConnState> {
@@ -91,9 +94,6 @@ impl Parsers {
     }
 
     fn unindex(&mut self, id: u64, owner: u32) {
-        if self.by_conn.get(&id).is_some_and(|c| c.owner == owner) {
-            return;
-        }
         if let Some(ids) = self.by_owner.get_mut(&owner) {
             ids.remove(&id);
             if ids.is_empty() {

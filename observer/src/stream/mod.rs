@@ -107,8 +107,9 @@ impl Streams {
         Segment { chunk, gap }
     }
 
-    /// Processes with fds tracked (for tests and the idle shrink).
-    pub fn processes(&self) -> usize {
+    /// Processes with fds tracked.
+    #[cfg(test)]
+    fn processes(&self) -> usize {
         self.next.len()
     }
 
