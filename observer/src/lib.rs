@@ -12,6 +12,7 @@ pub mod conns;
 pub mod django;
 pub mod ebpf;
 pub mod events;
+pub mod exchange;
 pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -25,6 +26,7 @@ pub mod pump;
 pub mod replay;
 pub mod selfmetrics;
 pub mod server;
+pub mod settings;
 pub mod stream;
 pub mod targets;
 pub mod text;

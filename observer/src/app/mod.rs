@@ -1,10 +1,18 @@
-//! Asking the app itself: small Python scripts run with the target's own interpreter,
-//! environment, working directory, user and mount namespace, without changing the app.
-//! `discover` reads its URL resolver, settings, databases and models; `migrations`
-//! counts its applied and unapplied migrations. A failure is reported (and counted by the
-//! caller), never fatal.
+//! The apps traced. `lifecycle`: an app from its first process to its last (its
+//! processes, labels, families, the backlog while it is discovered, adoption and sweep);
+//! `background`: what is learnt of it off the pump (discovery, migrations).
+//!
+//! The rest asks the app itself: small Python scripts run with the target's own
+//! interpreter, environment, working directory, user and mount namespace, without
+//! changing the app. `discover` reads its URL resolver, settings, databases and models;
+//! `migrations` counts its applied and unapplied migrations. A failure is reported (and
+//! counted by the caller), never fatal.
 
+pub mod background;
 pub mod discover;
+pub mod lifecycle;
+#[cfg(test)]
+mod lifecycle_tests;
 pub mod migrations;
 
 use std::{

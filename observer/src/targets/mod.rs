@@ -291,6 +291,47 @@ pub fn socket_fds(pid: u32) -> Vec<(u32, u64)> {
     .collect()
 }
 
+/// Whether a process exists (a zombie still does).
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether a thread of a process exists.
+pub fn thread_alive(tgid: u32, tid: u32) -> bool {
+    Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
+}
+
+/// A process's parent, unless it is init (or the process is gone).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    read_process(pid).map(|p| p.ppid).filter(|&p| p > 1)
+}
+
+/// This host's name (the `instance` label's host part outside a pod).
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+/// Where a process listens, for the `instance` label: its lowest TCP port, else the
+/// path of its listening Unix socket.
+pub fn listen_addr(pid: u32) -> Option<String> {
+    let net = NetTables::read(pid)?;
+    let fds = socket_fds(pid);
+    let owned = |inode: u64| fds.iter().any(|(_, i)| *i == inode);
+    let port = net
+        .tcp
+        .iter()
+        .filter(|r| r.state == procfs::TCP_LISTEN && owned(r.inode))
+        .map(|r| r.local.port())
+        .min();
+    if let Some(p) = port {
+        return Some(p.to_string());
+    }
+    net.unix
+        .iter()
+        .filter(|r| r.listening && owned(r.inode))
+        .find_map(|r| r.path.as_deref().map(|p| String::from_utf8_lossy(p).into_owned()))
+}
+
 /// The socket inode behind one fd, if it is a socket.
 pub fn fd_inode(pid: u32, fd: u32) -> Option<u64> {
     let link = fs::read_link(Path::new(&format!("/proc/{pid}/fd/{fd}"))).ok()?;
