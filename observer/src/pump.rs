@@ -68,12 +68,6 @@ pub struct Pump {
     pub conns: ConnTable,
     selector: Selector,
     own_pid: u32,
-    /// Processes selected by userspace (children the kernel adds are not listed here).
-    selected: BTreeSet<u32>,
-    /// Processes the kernel follows from their fork (their connections come as records):
-    /// the rescan must not enter them again from /proc, which runs ahead of the ring and
-    /// would release connections whose last records are still queued.
-    followed: BTreeSet<u32>,
     pub user: UserCounters,
     /// Look up local addresses of new connections in /proc (for `trace`).
     resolve_addresses: bool,
@@ -95,8 +89,6 @@ impl Pump {
             conns: ConnTable::new(max_connections),
             selector,
             own_pid: std::process::id(),
-            selected: BTreeSet::new(),
-            followed: BTreeSet::new(),
             user: UserCounters::default(),
             resolve_addresses,
             listeners: HashMap::new(),
@@ -107,14 +99,18 @@ impl Pump {
     /// Returns the tracked processes.
     pub fn start<S: Sink>(&mut self, sink: &mut S) -> BTreeSet<u32> {
         self.rescan(sink);
-        self.selected.clone()
+        self.probe.tracked().into_iter().collect()
     }
 
-    /// Matches the selectors against /proc and tracks new matches.
+    /// Matches the selectors against /proc and tracks new matches. Which processes are
+    /// traced is the kernel's table alone (it adds a traced process's children at their
+    /// fork and removes a process at its exit): one that is in it already, selected or
+    /// followed from its fork, is not entered again from /proc, which runs ahead of the
+    /// ring and would release connections whose last records are still queued.
     fn rescan<S: Sink>(&mut self, sink: &mut S) {
         let procs = targets::list_processes();
         for (pid, why) in self.selector.select(&procs, self.own_pid) {
-            if !self.selected.contains(&pid) && !self.followed.contains(&pid) {
+            if self.probe.epoch(pid).is_none() {
                 self.track(pid, &why, sink);
             }
         }
@@ -126,7 +122,6 @@ impl Pump {
         }
         match self.probe.track(pid) {
             Ok(epoch) => {
-                self.selected.insert(pid);
                 tracing::info!(pid, why, "tracing process");
                 sink.tracked(pid, why);
                 self.enter_sockets(pid, epoch, None);
@@ -264,7 +259,6 @@ impl Pump {
             }
             Record::ProcFork { pid, parent, .. } => {
                 sink.record(&rec, None);
-                self.followed.insert(*pid);
                 // The child inherited the parent's fds: same sockets, same connection ids.
                 for (fd, conn_id, role) in self.conns.fds_of(*parent) {
                     self.conns.alias(conn_id, *pid, fd);
@@ -306,8 +300,6 @@ impl Pump {
     }
 
     fn forget_process(&mut self, pid: u32) {
-        self.selected.remove(&pid);
-        self.followed.remove(&pid);
         self.listeners.retain(|&(t, _), _| t != pid);
         self.conns.drop_process(pid);
         for key in self.probe.socket_keys() {
@@ -321,10 +313,9 @@ impl Pump {
     /// The records such a process made before it died are handled first: they are all in
     /// the ring already (a dead process makes no more), so the order is check, drain, forget.
     fn gc<S: Sink>(&mut self, ring: &mut RingBuf<MapData>, sink: &mut S) {
-        let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
         let mut dead: BTreeSet<u32> =
-            self.probe.socket_keys().into_iter().map(|k| k.tgid).filter(|&t| !alive(t)).collect();
-        let gone: Vec<u32> = self.probe.tracked().into_iter().filter(|&t| !alive(t)).collect();
+            self.probe.socket_keys().into_iter().map(|k| k.tgid).filter(|&t| !targets::alive(t)).collect();
+        let gone: Vec<u32> = self.probe.tracked().into_iter().filter(|&t| !targets::alive(t)).collect();
         if dead.is_empty() && gone.is_empty() {
             return;
         }

@@ -38,18 +38,28 @@ pub fn read_proc_text(path: impl AsRef<std::path::Path>) -> Option<String> {
 
 /// Reads one process; `None` if it is gone or is a thread id.
 pub fn read_process(pid: u32) -> Option<ProcInfo> {
+    read_status(pid).map(|(p, _)| p)
+}
+
+/// A process and whether it is a zombie (exited, not reaped yet).
+fn read_status(pid: u32) -> Option<(ProcInfo, bool)> {
     let status = read_proc_text(format!("/proc/{pid}/status"))?;
     if procfs::status_tgid(&status) != Some(pid) {
         return None;
     }
     let comm = read_proc_text(format!("/proc/{pid}/comm"))?;
-    Some(ProcInfo { pid, ppid: procfs::status_ppid(&status)?, comm: comm.trim_end().to_string() })
+    let info = ProcInfo { pid, ppid: procfs::status_ppid(&status)?, comm: comm.trim_end().to_string() };
+    Some((info, procfs::status_zombie(&status)))
 }
 
-/// Every process on the host (as seen from our pid namespace).
+/// Every live process on the host (as seen from our pid namespace): a zombie has exited
+/// already (the kernel forgot it) and is never selected again.
 pub fn list_processes() -> Vec<ProcInfo> {
     let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).filter_map(read_process).collect()
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(read_status)
+        .filter_map(|(p, zombie)| (!zombie).then_some(p))
+        .collect()
 }
 
 /// Process selectors of `observer trace` (and later `observer run`).

@@ -158,6 +158,11 @@ pub fn status_ppid(status: &str) -> Option<u32> {
     status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
 }
 
+/// Whether /proc/PID/status says `State: Z (zombie)`.
+pub fn status_zombie(status: &str) -> bool {
+    status.lines().find_map(|l| l.strip_prefix("State:")).is_some_and(|v| v.trim_start().starts_with('Z'))
+}
+
 /// `Tgid:` from /proc/PID/status (differs from the pid for a thread).
 pub fn status_tgid(status: &str) -> Option<u32> {
     status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
@@ -246,6 +251,9 @@ mod tests {
         let status = "Name:\tpython3\nTgid:\t77\nPid:\t78\nPPid:\t1\n";
         assert_eq!(status_ppid(status), Some(1));
         assert_eq!(status_tgid(status), Some(77));
+        assert!(!status_zombie("Name:\tpython3\nState:\tS (sleeping)\n"));
+        assert!(status_zombie("Name:\tpython3\nState:\tZ (zombie)\n"));
+        assert!(!status_zombie(status), "no State line: not a zombie");
     }
 
     proptest::proptest! {
