@@ -1,9 +1,10 @@
 //! observer: django-prometheus metrics for Django processes, rebuilt from their socket
-//! syscalls with eBPF. Modules follow the data flow (see DESIGN.md):
-//! `ebpf` (loader) -> `pump` (ring buffer, process and connection bookkeeping, with
-//! `events`, `conns`, `targets`) -> sinks: `trace`, or `pipeline` (`protocol` parsers ->
-//! `django` metrics model, with `views` and what the app itself says through `app`) ->
-//! `server`.
+//! syscalls with eBPF. Modules follow the data flow (see DESIGN.md and the README's
+//! Architecture section): `ebpf` (loader) -> `pump` (ring buffer, connection
+//! bookkeeping, with `events`, `conns`, `targets`) -> sinks: `trace`, or `pipeline`, the
+//! router: `stream` (ordered segments, gaps marked) -> `protocol::detect` and `parsers`
+//! -> `protocol` parsers -> `exchange` (one path into the `django` metrics model) for the
+//! apps of `app::lifecycle` (discovered in `app::background`, with `views`) -> `server`.
 
 pub mod app;
 pub mod cli;

@@ -155,23 +155,21 @@ impl Pipeline {
         }
     }
 
+    /// What an HTTP connection's parser reported.
     fn handle_events(&mut self, target: u32, conn_id: u64, local: Option<&SockAddr>) {
-        let events = std::mem::take(&mut self.events);
-        for ev in &events {
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
             match ev {
-                Event::Exchange(ex) => {
+                Event::Exchange(exchange) => {
                     let profile = self.attribution.take(conn_id);
                     let local = local.cloned();
-                    self.route(
-                        target,
-                        Observed::Http(Box::new(HttpExchange { exchange: ex.clone(), local, profile })),
-                    );
+                    self.route(target, Observed::Http(Box::new(HttpExchange { exchange, local, profile })));
                 }
                 Event::Error(e) => *self.stats.parse_errors.entry(("http", e.as_str())).or_default() += 1,
             }
         }
+        // Keep the buffer's allocation for the next chunk.
         self.events = events;
-        self.events.clear();
     }
 
     /// What a PostgreSQL connection's parser reported.
