@@ -42,7 +42,7 @@ pub struct ConnTable {
 
 /// Gives back the memory of a map that grew for a burst (a flood of connections) and is
 /// mostly empty again: a HashMap keeps its capacity after removals.
-pub fn shrink_idle<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>) {
+pub fn shrink_idle<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(m: &mut HashMap<K, V, S>) {
     if m.capacity() > 1024 && m.capacity() > 4 * m.len() {
         m.shrink_to(2 * m.len());
     }

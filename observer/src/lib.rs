@@ -6,6 +6,11 @@
 //! -> `protocol` parsers -> `exchange` (one path into the `django` metrics model) for the
 //! apps of `app::lifecycle` (discovered in `app::background`, with `views`) -> `server`.
 
+/// Maps keyed by ids the kernel assigns (pids, fds, connection ids), looked up several
+/// times per record: a fast hasher, as nobody outside chooses these keys.
+pub(crate) type IdMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type IdSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 pub mod app;
 pub mod cli;
 pub mod config;

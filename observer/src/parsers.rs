@@ -3,9 +3,8 @@
 //! process that owns it, so that a process's exit finds its connections without a walk
 //! of every other connection.
 
-use std::collections::{HashMap, HashSet};
-
 use crate::{
+    IdMap, IdSet,
     events::SockAddr,
     protocol::{CacheParser, Wire, http1::Http1Parser, postgres::PgParser},
 };
@@ -56,8 +55,8 @@ pub(crate) struct ConnState {
 /// Every connection with parser state, by id and by owning process.
 #[derive(Default)]
 pub(crate) struct Parsers {
-    by_conn: HashMap<u64, ConnState>,
-    by_owner: HashMap<u32, HashSet<u64>>,
+    by_conn: IdMap<u64, ConnState>,
+    by_owner: IdMap<u32, IdSet<u64>>,
 }
 
 impl Parsers {

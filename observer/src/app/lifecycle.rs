@@ -20,6 +20,7 @@ use prometheus::Registry;
 
 use super::background::{Discovered, MigrationCounts, MigrationsCheck, Routes};
 use crate::{
+    IdMap,
     django::{
         TargetLabels,
         aliases::AliasTable,
@@ -149,9 +150,9 @@ pub struct Apps {
     pub(super) host: Box<dyn Host>,
     shared: Arc<Mutex<Exposition>>,
     hostname: String,
-    pub(super) apps: HashMap<u32, App>,
+    pub(super) apps: IdMap<u32, App>,
     /// Traced process -> its app's root.
-    roots: HashMap<u32, u32>,
+    roots: IdMap<u32, u32>,
     /// Per (app, label): the overflow count already added to the agent's counters.
     overflow_seen: HashMap<(u32, &'static str), u64>,
 }
@@ -164,8 +165,8 @@ impl Apps {
             host,
             shared,
             hostname,
-            apps: HashMap::new(),
-            roots: HashMap::new(),
+            apps: IdMap::default(),
+            roots: IdMap::default(),
             overflow_seen: HashMap::new(),
         }
     }
@@ -293,7 +294,11 @@ impl Apps {
     /// starts if it has not yet): then it is kept in the app's bounded backlog and
     /// replayed when discovery is over.
     pub fn admit(&mut self, root: u32, obs: Observed, stats: &mut SelfStats) -> Option<Observed> {
-        let app = self.apps.get(&root)?;
+        // One lookup for the common case, an app discovered long ago.
+        let app = self.apps.get_mut(&root)?;
+        if matches!(app.routes, Routes::Ready) {
+            return Some(obs);
+        }
         if matches!(app.routes, Routes::NotStarted) {
             self.start_discovery(root);
         }
@@ -321,42 +326,43 @@ impl Apps {
         stats: &mut SelfStats,
     ) -> Option<&mut App> {
         let app = self.apps.get(&root)?;
+        if app.families.is_some() {
+            return self.apps.get_mut(&root);
+        }
         if app.unregistrable {
             stats.unregistered_events += 1;
             return None;
         }
-        if app.families.is_none() {
-            let labels = self.labels(root, local);
-            let made = Registry::new_custom(None, Some(labels.as_map())).and_then(|registry| {
-                let families = Families {
-                    http: HttpMetrics::new(&registry)?,
-                    db: DbMetrics::new(&registry)?,
-                    models: ModelMetrics::new(&registry, self.settings.max_models)?,
-                    migrations: MigrationMetrics::new(&registry)?,
-                    cache: CacheMetrics::new(&registry)?,
-                    profile: ViewProfileMetrics::new(&registry)?,
-                };
-                Ok((registry, families))
-            });
-            let app = self.apps.get_mut(&root)?;
-            let (registry, mut families) = match made {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(root, error = %e, "cannot register the app's metric families: its events are dropped");
-                    app.unregistrable = true;
-                    stats.registration_errors += 1;
-                    stats.unregistered_events += 1;
-                    return None;
-                }
+        let labels = self.labels(root, local);
+        let made = Registry::new_custom(None, Some(labels.as_map())).and_then(|registry| {
+            let families = Families {
+                http: HttpMetrics::new(&registry)?,
+                db: DbMetrics::new(&registry)?,
+                models: ModelMetrics::new(&registry, self.settings.max_models)?,
+                migrations: MigrationMetrics::new(&registry)?,
+                cache: CacheMetrics::new(&registry)?,
+                profile: ViewProfileMetrics::new(&registry)?,
             };
-            // django-prometheus's model mixin creates its model's series at 0.
-            for label in app.models.precreate() {
-                families.models.precreate(label);
+            Ok((registry, families))
+        });
+        let app = self.apps.get_mut(&root)?;
+        let (registry, mut families) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(root, error = %e, "cannot register the app's metric families: its events are dropped");
+                app.unregistrable = true;
+                stats.registration_errors += 1;
+                stats.unregistered_events += 1;
+                return None;
             }
-            app.families = Some(families);
-            tracing::info!(root, instance = %labels.instance, "exporting the app's series");
-            fault::lock(&self.shared).registries.insert(root, registry);
+        };
+        // django-prometheus's model mixin creates its model's series at 0.
+        for label in app.models.precreate() {
+            families.models.precreate(label);
         }
+        app.families = Some(families);
+        tracing::info!(root, instance = %labels.instance, "exporting the app's series");
+        fault::lock(&self.shared).registries.insert(root, registry);
         self.apps.get_mut(&root)
     }
 

@@ -7,9 +7,10 @@
 //! ORM, a background thread) has its work given to the process's request in flight only
 //! when there is exactly one. Everything else is counted as unattributed, by reason.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::{
+    IdMap,
     events::SockAddr,
     protocol::{KeyGet, Wire},
 };
@@ -114,12 +115,12 @@ pub const KINDS: [&str; 2] = ["db", "cache"];
 /// each.
 #[derive(Debug)]
 pub struct Attribution {
-    threads: HashMap<(u32, u32), ThreadState>,
+    threads: IdMap<(u32, u32), ThreadState>,
     /// Process -> connections with a request in flight.
-    inflight: HashMap<u32, Vec<u64>>,
+    inflight: IdMap<u32, Vec<u64>>,
     /// Connection -> (process, thread that read its request in flight).
-    reader: HashMap<u64, (u32, u32)>,
-    work: HashMap<u64, Profile>,
+    reader: IdMap<u64, (u32, u32)>,
+    work: IdMap<u64, Profile>,
     /// (kind, reason) -> statements or lookups not attributed.
     pub unattributed: BTreeMap<(&'static str, &'static str), u64>,
     /// kind -> statements or lookups attributed to a counted request.
@@ -130,10 +131,10 @@ impl Default for Attribution {
     /// Every counter present from the start, at 0 (rates work from the first scrape).
     fn default() -> Self {
         Self {
-            threads: HashMap::new(),
-            inflight: HashMap::new(),
-            reader: HashMap::new(),
-            work: HashMap::new(),
+            threads: IdMap::default(),
+            inflight: IdMap::default(),
+            reader: IdMap::default(),
+            work: IdMap::default(),
             unattributed: KINDS.iter().flat_map(|k| REASONS.iter().map(move |r| ((*k, *r), 0))).collect(),
             attributed: KINDS.iter().map(|k| (*k, 0)).collect(),
         }

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use crate::{events::Data, protocol::Chunk};
+use crate::{IdMap, events::Data, protocol::Chunk};
 
 /// Bytes of the connection are missing before this segment, or arrive out of order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,7 +50,7 @@ const BEHIND: u32 = 1 << 31;
 /// so that a process's exit forgets its fds without a walk of every other process's.
 #[derive(Debug, Default)]
 pub struct Streams {
-    next: HashMap<u32, HashMap<u32, u32>>,
+    next: IdMap<u32, IdMap<u32, u32>>,
     /// Gaps seen, by kind.
     pub gaps: HashMap<Gap, u64>,
 }
