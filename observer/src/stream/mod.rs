@@ -12,7 +12,7 @@
 //! a pure function of its segments, and gaps are counted here, once, for every
 //! connection, including those whose protocol is not decided yet.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map::Entry};
 
 use crate::{IdMap, events::Data, protocol::Chunk};
 
@@ -46,34 +46,46 @@ pub struct Segment<'a> {
 /// Sequence numbers wrap; a distance of half the space or more is behind, not ahead.
 const BEHIND: u32 = 1 << 31;
 
-/// The next expected sequence number of every traced (process, fd), indexed by process
-/// so that a process's exit forgets its fds without a walk of every other process's.
+/// The next expected sequence number of every traced (process, fd): one lookup per
+/// record; the fds of each process are listed apart (written only when a fd is first
+/// seen) so that a process's exit forgets its fds without a walk of every other one's.
 #[derive(Debug, Default)]
 pub struct Streams {
-    next: IdMap<u32, IdMap<u32, u32>>,
+    next: IdMap<u64, u32>,
+    fds: IdMap<u32, Vec<u32>>,
     /// Gaps seen, by kind.
     pub gaps: HashMap<Gap, u64>,
+}
+
+fn key(tgid: u32, fd: u32) -> u64 {
+    (u64::from(tgid) << 32) | u64::from(fd)
 }
 
 impl Streams {
     /// The kernel saw the fd open: its record sequence starts at 0.
     pub fn opened(&mut self, tgid: u32, fd: u32) {
-        self.next.entry(tgid).or_default().insert(fd, 0);
+        if self.next.insert(key(tgid, fd), 0).is_none() {
+            self.fds.entry(tgid).or_default().push(fd);
+        }
     }
 
     /// The fd closed: a new socket under the same number starts its own sequence.
     pub fn closed(&mut self, tgid: u32, fd: u32) {
-        if let Some(fds) = self.next.get_mut(&tgid) {
-            fds.remove(&fd);
+        if self.next.remove(&key(tgid, fd)).is_some()
+            && let Some(fds) = self.fds.get_mut(&tgid)
+        {
+            fds.retain(|&f| f != fd);
             if fds.is_empty() {
-                self.next.remove(&tgid);
+                self.fds.remove(&tgid);
             }
         }
     }
 
     /// The process is gone, and every fd it had.
     pub fn process_gone(&mut self, tgid: u32) {
-        self.next.remove(&tgid);
+        for fd in self.fds.remove(&tgid).unwrap_or_default() {
+            self.next.remove(&key(tgid, fd));
+        }
     }
 
     /// A data record as a segment of its connection, its gap marked and counted. A fd
@@ -89,7 +101,13 @@ impl Streams {
             total_len: d.total_len,
         };
         let Some(seq) = d.seq else { return Segment { chunk, gap: None } };
-        let next = self.next.entry(d.tgid).or_default().entry(d.fd).or_insert(seq);
+        let next = match self.next.entry(key(d.tgid, d.fd)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                self.fds.entry(d.tgid).or_default().push(d.fd);
+                v.insert(seq)
+            }
+        };
         let ahead = seq.wrapping_sub(*next);
         let gap = match ahead {
             0 => None,
@@ -110,12 +128,13 @@ impl Streams {
     /// Processes with fds tracked.
     #[cfg(test)]
     fn processes(&self) -> usize {
-        self.next.len()
+        self.fds.len()
     }
 
     /// Gives back memory after a burst of processes.
     pub fn shrink_idle(&mut self) {
         crate::conns::shrink_idle(&mut self.next);
+        crate::conns::shrink_idle(&mut self.fds);
     }
 }
 
