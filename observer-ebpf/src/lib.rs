@@ -51,11 +51,14 @@ pub enum RecordKind {
     /// [`ConnOpen`] layout: a `connect` of a tracked process failed at once (refused,
     /// unreachable, no such socket file); `error` is the errno. The socket is not traced.
     ConnFailed = 9,
+    /// [`ProcEvent`]: a tracked process mapped a file executable (`mmap` with
+    /// `PROT_EXEC`): a library it loaded may be one the uprobes serve (OpenSSL).
+    ProcMap = 10,
 }
 
 impl RecordKind {
     /// All kinds, in tag order.
-    pub const ALL: [RecordKind; 9] = [
+    pub const ALL: [RecordKind; 10] = [
         Self::Data,
         Self::ConnOpen,
         Self::ConnClose,
@@ -65,6 +68,7 @@ impl RecordKind {
         Self::ProcExec,
         Self::ProcExit,
         Self::ConnFailed,
+        Self::ProcMap,
     ];
 
     /// Decodes a tag read from the ring buffer.
@@ -88,11 +92,16 @@ pub enum Syscall {
     Recvmmsg = 9,
     Sendmmsg = 10,
     Sendfile = 11,
+    /// Plaintext an `SSL*` returned from `SSL_read`/`SSL_read_ex` (a uprobe, not a
+    /// syscall): the connection's bytes before encryption.
+    SslRead = 12,
+    /// Plaintext given to `SSL_write`/`SSL_write_ex`.
+    SslWrite = 13,
 }
 
 impl Syscall {
     /// All data syscalls, in tag order.
-    pub const ALL: [Syscall; 11] = [
+    pub const ALL: [Syscall; 13] = [
         Self::Read,
         Self::Write,
         Self::Readv,
@@ -104,6 +113,8 @@ impl Syscall {
         Self::Recvmmsg,
         Self::Sendmmsg,
         Self::Sendfile,
+        Self::SslRead,
+        Self::SslWrite,
     ];
 
     /// Decodes a tag from a data record.
@@ -125,12 +136,22 @@ impl Syscall {
             Self::Recvmmsg => "recvmmsg",
             Self::Sendmmsg => "sendmmsg",
             Self::Sendfile => "sendfile",
+            Self::SslRead => "SSL_read",
+            Self::SslWrite => "SSL_write",
         }
     }
 
     /// Whether the process received (`true`) or sent (`false`) these bytes.
     pub fn is_recv(self) -> bool {
-        matches!(self, Self::Read | Self::Readv | Self::Recvfrom | Self::Recvmsg | Self::Recvmmsg)
+        matches!(
+            self,
+            Self::Read | Self::Readv | Self::Recvfrom | Self::Recvmsg | Self::Recvmmsg | Self::SslRead
+        )
+    }
+
+    /// TLS plaintext from the app's TLS library, not bytes of a socket syscall.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::SslRead | Self::SslWrite)
     }
 }
 
@@ -147,6 +168,9 @@ pub const FLAG_FAULT: u8 = 2;
 pub const FLAG_NO_CAPTURE: u8 = 4;
 /// The fd's socket entry was gone at syscall exit (closed meanwhile): `seq` is meaningless.
 pub const FLAG_NO_SEQ: u8 = 8;
+/// A socket syscall made inside an `SSL_*` call of the same thread: TLS records, not
+/// the app's bytes. Nothing is captured (with [`FLAG_NO_CAPTURE`]); the length counts.
+pub const FLAG_CIPHERTEXT: u8 = 16;
 
 /// Header of a [`RecordKind::Data`] record; `cap_len` captured bytes follow it.
 #[repr(C)]
@@ -333,6 +357,25 @@ pub struct ProcVal {
     pub _pad: u32,
 }
 
+/// Key of the TLS table: an `SSL*` of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SslKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ssl: u64,
+}
+
+/// Value of the TLS table: the socket an `SSL*` was seen on, and its own record
+/// sequence (plaintext records are numbered apart from the socket's syscalls).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SslConn {
+    pub conn_id: u64,
+    pub fd: u32,
+    pub seq: u32,
+}
+
 /// Indexes of the per-CPU counter array `COUNTERS`. Loss counters first.
 pub mod counter {
     /// Data records dropped because the ring buffer was full.
@@ -363,8 +406,15 @@ pub mod counter {
     pub const INFLIGHT_TABLE_ERROR: u32 = 12;
     /// Process table updates that failed for another reason than a full table.
     pub const PROC_TABLE_ERROR: u32 = 13;
+    /// TLS plaintext records dropped: the `SSL*` was never seen on a socket (no nested
+    /// socket syscall yet, e.g. a memory BIO).
+    pub const TLS_UNTIED: u32 = 14;
+    /// TLS plaintext records written to the ring buffer.
+    pub const TLS_RECORDS: u32 = 15;
+    /// `SSL*` to socket ties not kept because the table update failed.
+    pub const TLS_TABLE_ERROR: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 17;
 }
 
 #[cfg(feature = "user")]
@@ -397,6 +447,8 @@ mod host {
     const _: () = assert!(size_of::<ProcEvent>() == 24);
     const _: () = assert!(size_of::<SockKey>() == 8);
     const _: () = assert!(size_of::<SockVal>() == 24);
+    const _: () = assert!(size_of::<SslKey>() == 16);
+    const _: () = assert!(size_of::<SslConn>() == 16);
     const _: () = assert!(MAX_CAPTURE.is_power_of_two());
 
     #[test]
@@ -409,6 +461,6 @@ mod host {
         }
         assert_eq!(RecordKind::from_u32(0), None);
         assert_eq!(Syscall::from_u8(0), None);
-        assert_eq!(Syscall::from_u8(12), None);
+        assert_eq!(Syscall::from_u8(14), None);
     }
 }

@@ -11,6 +11,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod tls;
 
 /// The host build of this bin is only a placeholder so that `cargo build --workspace`
 /// works; the real object is built for `bpfel-unknown-none` by observer's build.rs.

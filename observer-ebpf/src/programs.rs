@@ -33,10 +33,10 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use observer_ebpf::{
-    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_NO_SEQ,
-    FLAG_TRUNCATED, FdEpoch, KernelOffsets, MAX_CAPTURE, MAX_IOVECS, MAX_MMSG, ProcEvent, ProcVal,
-    ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED, RecordKind, SOCKADDR_BYTES, SYSCALL_SLOTS, SockKey, SockVal,
-    Syscall, counter,
+    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_CIPHERTEXT, FLAG_FAULT, FLAG_NO_CAPTURE,
+    FLAG_NO_SEQ, FLAG_TRUNCATED, FdEpoch, KernelOffsets, MAX_CAPTURE, MAX_IOVECS, MAX_MMSG, ProcEvent,
+    ProcVal, ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED, RecordKind, SOCKADDR_BYTES, SYSCALL_SLOTS, SockKey,
+    SockVal, Syscall, counter,
 };
 
 #[unsafe(link_section = "license")]
@@ -110,7 +110,7 @@ static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
 /// Scratch space for a data record: header plus up to 2 * MAX_CAPTURE bytes (the upper
 /// half only exists so the verifier can bound "masked offset + clamped length").
 #[map]
-static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH: PerCpuArray<DataRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU sequence for connection ids.
 #[map]
@@ -121,9 +121,9 @@ static CONN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 #[repr(C)]
-struct DataRecord {
+pub(crate) struct DataRecord {
     hdr: DataHeader,
-    data: [u8; 2 * MAX_CAPTURE],
+    pub(crate) data: [u8; 2 * MAX_CAPTURE],
 }
 
 const HDR: usize = size_of::<DataHeader>();
@@ -183,13 +183,13 @@ fn ret(ctx: &RawTracePointContext) -> i64 {
 }
 
 #[inline(always)]
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
-fn count(idx: u32, n: u64) {
+pub(crate) fn count(idx: u32, n: u64) {
     if let Some(p) = COUNTERS.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot of this map; programs do not nest on one CPU.
         unsafe { *p += n };
@@ -202,7 +202,7 @@ const E2BIG: i64 = 7;
 /// Counts a failed map insert under its true reason: the table was full, or the update
 /// failed otherwise.
 #[inline(always)]
-fn insert_failed(err: impl Into<i64>, full: u32, other: u32) {
+pub(crate) fn insert_failed(err: impl Into<i64>, full: u32, other: u32) {
     count(if err.into() == -E2BIG { full } else { other }, 1);
 }
 
@@ -213,7 +213,7 @@ fn own_tgid(tgid: u32) -> bool {
 
 /// The tracked-process entry of the caller, unless it is the observer itself.
 #[inline(always)]
-fn tracked(tgid: u32) -> Option<ProcVal> {
+pub(crate) fn tracked(tgid: u32) -> Option<ProcVal> {
     if own_tgid(tgid) {
         return None;
     }
@@ -298,7 +298,7 @@ fn wakeup_flag() -> u64 {
 }
 
 #[inline(always)]
-fn capture_limit() -> u64 {
+pub(crate) fn capture_limit() -> u64 {
     let c = u64::from(CAPTURE_BYTES.load());
     if c > MAX_CAPTURE as u64 { MAX_CAPTURE as u64 } else { c }
 }
@@ -306,7 +306,7 @@ fn capture_limit() -> u64 {
 /// Copies `len` (<= MAX_CAPTURE) user bytes from `src` to `dst + off` (off < MAX_CAPTURE).
 /// Returns false on a fault.
 #[inline(always)]
-fn read_into(data: *mut u8, off: u64, len: u64, src: u64) -> bool {
+pub(crate) fn read_into(data: *mut u8, off: u64, len: u64, src: u64) -> bool {
     let o = verifier_off(off) as usize;
     let mut l = len;
     if l > MAX_CAPTURE as u64 {
@@ -410,6 +410,13 @@ fn exit_data(ctx: &RawTracePointContext, sys: Syscall, shape: Shape) {
         },
         _ => flags |= FLAG_NO_SEQ,
     }
+    // Inside an SSL_* call these are TLS records: the plaintext comes from the uprobes.
+    let shape = if crate::tls::nested(pid_tgid, inf.conn_id, inf.fd) {
+        flags |= FLAG_CIPHERTEXT;
+        if shape == Shape::Mmsg { shape } else { Shape::Counted }
+    } else {
+        shape
+    };
     let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
     // SAFETY: rec points to this CPU's scratch value; fields are written in place so no
     // large temporary lands on the 512-byte stack.
@@ -486,9 +493,6 @@ fn exit_data(ctx: &RawTracePointContext, sys: Syscall, shape: Shape) {
             total = sum;
         }
     }
-    if got > MAX_CAPTURE as u64 {
-        got = MAX_CAPTURE as u64;
-    }
     if flags & FLAG_FAULT != 0 {
         count(counter::READ_FAULT, 1);
     }
@@ -496,21 +500,43 @@ fn exit_data(ctx: &RawTracePointContext, sys: Syscall, shape: Shape) {
         flags |= FLAG_TRUNCATED;
         count(counter::CAPTURE_TRUNCATED, 1);
     }
+    let dir = if sys.is_recv() { DIR_RECV } else { DIR_SEND };
+    output_data(rec, sys, dir, inf.enter_ns, inf.conn_id, total, got, pid_tgid, inf.fd, flags, seq);
+}
 
-    // SAFETY: rec is this CPU's scratch value (see above).
+/// Fills the header of the data record in `rec` (its first `got` bytes captured already)
+/// and writes it to the ring, counting it or its loss. True when it was written.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, reason = "inlined; the header's fields")]
+pub(crate) fn output_data(
+    rec: *mut DataRecord,
+    sys: Syscall,
+    dir: u8,
+    enter_ns: u64,
+    conn_id: u64,
+    total: u64,
+    got: u64,
+    pid_tgid: u64,
+    fd: u32,
+    flags: u8,
+    seq: u32,
+) -> bool {
+    let got = if got > MAX_CAPTURE as u64 { MAX_CAPTURE as u64 } else { got };
+    // SAFETY: rec is this CPU's scratch value; fields are written in place so no large
+    // temporary lands on the 512-byte stack.
     unsafe {
         let h = addr_of_mut!((*rec).hdr);
         (*h).kind = RecordKind::Data as u32;
         (*h).cap_len = got as u32;
-        (*h).enter_ns = inf.enter_ns;
+        (*h).enter_ns = enter_ns;
         (*h).exit_ns = now();
-        (*h).conn_id = inf.conn_id;
+        (*h).conn_id = conn_id;
         (*h).total_len = total;
-        (*h).tgid = tgid;
+        (*h).tgid = (pid_tgid >> 32) as u32;
         (*h).tid = pid_tgid as u32;
-        (*h).fd = inf.fd;
+        (*h).fd = fd;
         (*h).syscall = sys as u8;
-        (*h).dir = if sys.is_recv() { DIR_RECV } else { DIR_SEND };
+        (*h).dir = dir;
         (*h).flags = flags;
         (*h)._pad = 0;
         (*h).seq = seq;
@@ -522,9 +548,11 @@ fn exit_data(ctx: &RawTracePointContext, sys: Syscall, shape: Shape) {
     if EVENTS.output::<[u8]>(bytes, wakeup_flag()).is_ok() {
         count(counter::DATA_RECORDS, 1);
         count(counter::CAPTURED_BYTES, got);
+        true
     } else {
         count(counter::RING_FULL_DATA, 1);
         count(counter::RING_FULL_DATA_BYTES, total);
+        false
     }
 }
 
@@ -1168,6 +1196,43 @@ pub fn sys_enter_close_range(c: RawTracePointContext) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------
+// Executable mappings: libraries loaded after the agent looked (dlopen)
+// ---------------------------------------------------------------------------------------
+
+const OP_MMAP: u8 = 36;
+const PROT_EXEC: u64 = 4;
+/// Errors of mmap are -4095..-1; every address it returns is above.
+const MAX_ERRNO: i64 = 4095;
+
+/// A tracked process maps a file executable (the loader does it for each library's code):
+/// userspace looks at its mappings again for a TLS library to attach to.
+#[raw_tracepoint]
+pub fn sys_enter_mmap(c: RawTracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if tracked((pid_tgid >> 32) as u32).is_none() {
+        return 0;
+    }
+    let fd = arg(&c, 4) as i32;
+    if arg(&c, 2) & PROT_EXEC == 0 || fd < 0 {
+        return 0;
+    }
+    stash(pid_tgid, OP_MMAP, fd as u32, 0, 0, 0);
+    0
+}
+
+#[raw_tracepoint]
+pub fn sys_exit_mmap(c: RawTracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inf) = unstash(pid_tgid, OP_MMAP) else { return 0 };
+    let r = ret(&c);
+    if (-MAX_ERRNO..0).contains(&r) {
+        return 0;
+    }
+    emit_proc(RecordKind::ProcMap, (pid_tgid >> 32) as u32, inf.fd, 0);
+    0
+}
+
+// ---------------------------------------------------------------------------------------
 // Processes: fork, exec, exit
 // ---------------------------------------------------------------------------------------
 
@@ -1186,7 +1251,10 @@ fn emit_proc(kind: RecordKind, pid: u32, arg: u32, epoch: u32) {
         (*r).arg = arg;
         (*r).epoch = epoch;
     }
-    e.submit(wakeup_flag());
+    // A library being loaded is worth a wake-up: its probes should be set before the
+    // app's first call into it, which often follows within milliseconds.
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    e.submit(if matches!(kind, RecordKind::ProcMap) { BPF_RB_FORCE_WAKEUP } else { wakeup_flag() });
 }
 
 /// A tracked process's new child is tracked too (pre-forked gunicorn/uwsgi workers).
@@ -1245,6 +1313,7 @@ pub fn sched_process_exit(_c: RawTracePointContext) -> u32 {
     // Slots stay with their thread: drop this one's whether or not its process is still
     // tracked (it may have been untracked since).
     let _ = INFLIGHT.remove(pid_tgid);
+    crate::tls::thread_exit(pid_tgid);
     if tracked(tgid).is_none() {
         return 0;
     }

@@ -23,6 +23,7 @@ pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod k8s;
+pub mod libs;
 pub mod loss;
 pub mod parsers;
 pub mod pipeline;

@@ -30,6 +30,8 @@ pub struct UserCounters {
     pub data_bytes: u64,
     /// Connections seen being opened (accept/connect).
     pub connections_opened: u64,
+    /// The uprobes' libraries (`crate::libs`).
+    pub libs: crate::libs::LibStats,
 }
 
 /// One counter: metric name, labels, value.
@@ -135,6 +137,17 @@ impl LossReport {
                 c("observer_data_bytes_total", &[], u.data_bytes),
                 c("observer_connections_opened_total", &[], u.connections_opened),
                 c("observer_peek_skipped_total", &[], kc(counter::PEEK_SKIPPED)),
+                c("observer_tls_records_total", &[], kc(counter::TLS_RECORDS)),
+                c(
+                    "observer_records_lost_total",
+                    &[("reason", "tls_socket_unknown")],
+                    kc(counter::TLS_UNTIED),
+                ),
+                c("observer_table_errors_total", &[("table", "tls")], kc(counter::TLS_TABLE_ERROR)),
+                c("observer_uprobe_libraries_attached_total", &[], u.libs.attached),
+                c("observer_uprobe_libraries_detached_total", &[], u.libs.detached),
+                c("observer_uprobe_attach_errors_total", &[], u.libs.attach_errors),
+                c("observer_uprobe_libraries_without_symbols_total", &[], u.libs.without_symbols),
             ],
             programs: BTreeMap::new(),
         }

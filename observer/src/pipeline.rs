@@ -30,7 +30,10 @@ use crate::{
     pump::{Live, Sink},
     selfmetrics::SelfStats,
     server::Exposition,
-    stream::{Gap, Segment, Streams},
+    stream::{
+        Gap, Segment, Streams,
+        tls::{Feed, Tls},
+    },
     targets,
     top::{Sample as TopSample, Top},
 };
@@ -47,6 +50,8 @@ pub struct Pipeline {
     conns: Parsers,
     /// Each connection's records in order, gaps marked.
     streams: Streams,
+    /// Which connections are TLS, and so which of their records are parsed.
+    tls: Tls,
     stats: SelfStats,
     events: Vec<Event>,
     pg_events: Vec<postgres::Event>,
@@ -89,6 +94,7 @@ impl Pipeline {
             shared,
             conns: Parsers::default(),
             streams: Streams::default(),
+            tls: Tls::default(),
             stats: SelfStats::default(),
             events: Vec::new(),
             pg_events: Vec::new(),
@@ -201,6 +207,7 @@ impl Pipeline {
                 }
                 postgres::Event::Encrypted => {
                     self.stats.db_encrypted += 1;
+                    self.tls.encrypted(conn_id);
                     continue;
                 }
                 postgres::Event::Cancel => continue,
@@ -238,6 +245,7 @@ impl Pipeline {
 
     /// The connection is gone: its parser's last events, then its state goes.
     fn close_conn(&mut self, conn_id: u64) {
+        self.tls.closed(conn_id);
         let Some(target) = self.conns.get(conn_id).map(|c| c.target) else { return };
         if let Err(f) = fault::contain(|| self.close_parser(conn_id)) {
             self.parser_fault(conn_id, target, &f);
@@ -355,6 +363,31 @@ impl Pipeline {
         }
     }
 
+    /// A connection's first TLS plaintext: a PostgreSQL parser waiting for it goes on
+    /// (or resumes, if it had given the connection up as opaque); any other parser saw
+    /// only ciphertext and goes, so the protocol is decided from the plaintext.
+    fn plaintext_begins(&mut self, conn_id: u64) {
+        match self.conns.get_mut(conn_id).map(|c| &mut c.proto) {
+            Some(Proto::Postgres(pg)) => pg.parser.decrypted(),
+            Some(Proto::Faulted) | None => {}
+            Some(_) => {
+                let _ = self.conns.remove(conn_id);
+            }
+        }
+    }
+
+    /// Socket bytes of a TLS connection that the kernel did not see inside an `SSL_*`
+    /// call: nobody decrypts it (no probed library, or its handshake ran before the
+    /// probes were set). A PostgreSQL connection in that state was an attempt all the same.
+    fn ciphertext_unread(&mut self, target: u32, d: &Data<'_>) {
+        if let Some(ConnState { proto: Proto::Postgres(pg), .. }) = self.conns.get_mut(d.conn_id)
+            && pg.parser.awaits_tls()
+        {
+            pg.parser.opaque(&mut self.pg_events);
+            self.handle_pg_events(target, d.conn_id, (d.tgid, d.tid));
+        }
+    }
+
     /// The parser for a connection, from one of its records (None: not decided yet).
     fn new_proto(&self, app: &App, role: Role, chunk: &Chunk<'_>, peer: Option<&SockAddr>) -> Option<Proto> {
         let known = app.known();
@@ -402,8 +435,24 @@ impl Sink for Pipeline {
                 // Every record of a traced process's connection, decided or not, so that
                 // a gap is seen wherever it falls.
                 let seg = self.streams.segment(d);
+                match self.tls.feed(d) {
+                    Feed::Plain | Feed::Plaintext => {}
+                    Feed::FirstPlaintext => self.plaintext_begins(d.conn_id),
+                    Feed::Ciphertext { flagged } => {
+                        if !flagged {
+                            self.ciphertext_unread(target, d);
+                        }
+                        return;
+                    }
+                }
                 let Some(app) = self.apps.get(target) else { return };
                 if !self.conns.contains(d.conn_id) {
+                    if !d.syscall.is_tls() && detect::is_tls_record(seg.chunk.bytes) {
+                        // A handshake nobody decrypts (yet): its plaintext, if it comes,
+                        // decides the protocol.
+                        self.tls.encrypted(d.conn_id);
+                        return;
+                    }
                     let Some(proto) = self.new_proto(app, conn.role, &seg.chunk, conn.peer.as_ref()) else {
                         return;
                     };
@@ -449,6 +498,7 @@ impl Sink for Pipeline {
                         && info.role == Role::Client
                         && !info.preexisting
                         && !self.conns.contains(c.conn_id)
+                        && !self.tls.knows(c.conn_id)
                         && let Some(target) = self.apps.root_of(c.tgid)
                         && let Some(peer) = info.peer.clone()
                     {
@@ -465,6 +515,7 @@ impl Sink for Pipeline {
                 }
             }
             Record::ProcFork { pid, parent, .. } => self.apps.forked(*pid, *parent),
+            Record::ProcMap { .. } => {}
             Record::ProcExit { pid, .. } => {
                 self.streams.process_gone(*pid);
                 let owned = self.conns.owned_by(*pid);
@@ -492,12 +543,14 @@ impl Sink for Pipeline {
             for id in gone {
                 self.close_conn(id);
             }
+            self.tls.retain(|id| conns.get(id).is_some());
             let mut dropped = Vec::new();
             self.apps.sweep(now, &mut dropped);
             self.forget_apps(dropped);
             self.attribution.retain_threads(targets::thread_alive);
             self.conns.shrink_idle();
             self.streams.shrink_idle();
+            self.tls.shrink_idle();
             self.apps.shrink_idle();
         }
     }
@@ -509,6 +562,7 @@ impl Sink for Pipeline {
         self.stats.kubernetes_pods = self.settings.kubernetes.as_ref().map_or(0, |k| k.len());
         self.stats.parser_states = self.conns.len();
         self.stats.stream_gaps = self.streams.gaps.iter().map(|(g, n)| (g.as_str(), *n)).collect();
+        self.stats.tls = self.tls.stats;
         self.stats.profile_attributed.clone_from(&self.attribution.attributed);
         self.stats.profile_unattributed.clone_from(&self.attribution.unattributed);
         if let Some(top) = self.top.as_mut() {

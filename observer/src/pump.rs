@@ -14,7 +14,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::uprobe::UProbeLinkId,
+};
 use observer_ebpf::{ROLE_CLIENT, ROLE_SERVER, ROLE_UNCONNECTED, SockKey, SockVal};
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -22,6 +25,7 @@ use crate::{
     conns::{ConnInfo, ConnTable},
     ebpf::Probe,
     events::{self, Record, Role, SockAddr},
+    libs::{self, Libraries},
     loss::{LossReport, UserCounters},
     targets::{self, NetTables, Selector, SocketState},
 };
@@ -73,6 +77,10 @@ pub struct Pump {
     resolve_addresses: bool,
     /// Listening sockets' addresses by (tgid, fd).
     listeners: HashMap<(u32, u32), Option<SockAddr>>,
+    /// The libraries the uprobes are on (OpenSSL), and who maps them.
+    libs: Libraries<UProbeLinkId>,
+    /// Processes that mapped a file executable since the last look at their mappings.
+    remap: Vec<u32>,
 }
 
 fn role_code(r: Role) -> u8 {
@@ -92,6 +100,8 @@ impl Pump {
             user: UserCounters::default(),
             resolve_addresses,
             listeners: HashMap::new(),
+            libs: Libraries::new(std::slice::from_ref(&libs::OPENSSL)),
+            remap: Vec::new(),
         }
     }
 
@@ -125,6 +135,7 @@ impl Pump {
                 tracing::info!(pid, why, "tracing process");
                 sink.tracked(pid, why);
                 self.enter_sockets(pid, epoch, None);
+                self.libs.scan(pid, &mut self.probe);
             }
             Err(e) => {
                 if e.is_full() {
@@ -266,10 +277,14 @@ impl Pump {
                     self.write_socket(SockKey { tgid: *pid, fd }, val);
                 }
                 self.enter_sockets(*pid, 0, None);
+                self.libs.forked(*parent, *pid);
             }
             Record::ProcExec { pid, tracked: true, epoch, .. } => {
                 sink.record(&rec, None);
                 self.enter_sockets(*pid, *epoch, None);
+                // A new image: other libraries.
+                self.libs.gone(*pid, &mut self.probe);
+                self.libs.scan(*pid, &mut self.probe);
             }
             Record::ProcExec { pid, tracked: false, .. } => {
                 if let Some(why) = self.selector.matches_new(*pid) {
@@ -281,6 +296,11 @@ impl Pump {
                 self.forget_process(*pid);
             }
             Record::ConnFailed(_) => sink.record(&rec, None),
+            Record::ProcMap { pid, .. } => {
+                if !self.remap.contains(pid) {
+                    self.remap.push(*pid);
+                }
+            }
         }
     }
 
@@ -300,6 +320,7 @@ impl Pump {
     }
 
     fn forget_process(&mut self, pid: u32) {
+        self.libs.gone(pid, &mut self.probe);
         self.listeners.retain(|&(t, _), _| t != pid);
         self.conns.drop_process(pid);
         for key in self.probe.socket_keys() {
@@ -350,6 +371,13 @@ impl Pump {
             let Some(item) = ring.next() else { break };
             self.handle(&item, sink);
             n += 1;
+        }
+        // Libraries loaded meanwhile get their probes before more records are read: the
+        // sooner they are set, the fewer of the first TLS calls are missed.
+        for pid in std::mem::take(&mut self.remap) {
+            if self.probe.epoch(pid).is_some() {
+                self.libs.scan(pid, &mut self.probe);
+            }
         }
         sink.flush(&self.conns);
         n
@@ -404,6 +432,7 @@ impl Pump {
     pub fn loss(&self) -> LossReport {
         let mut user = self.user.clone();
         user.connection_table_full = self.conns.full;
+        user.libs = self.libs.stats.clone();
         LossReport::collect(&self.probe, user)
     }
 

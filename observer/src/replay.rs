@@ -199,6 +199,7 @@ impl Recording {
                         bytes: &d.bytes,
                         fault: false,
                         no_capture: false,
+                        ciphertext: false,
                         seq: d.seq,
                     };
                     sink.record(&Record::Data(data), Some(conn));

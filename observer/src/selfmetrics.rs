@@ -47,6 +47,8 @@ pub struct SelfStats {
     pub db_statements: u64,
     /// Database connections that switched to TLS/GSS encryption (counted, not parsed).
     pub db_encrypted: u64,
+    /// TLS connections and ciphertext (`stream::tls`).
+    pub tls: crate::stream::tls::TlsStats,
     /// Client connections recognised as no database or cache protocol (and ignored).
     pub not_db_connections: u64,
     /// Pods of this node known from the Kubernetes API (`--kubernetes`).
@@ -132,6 +134,19 @@ fn loss_help(name: &str) -> &'static str {
         "observer_data_bytes_total" => "Bytes moved by the data syscalls recorded (captured or not).",
         "observer_connections_opened_total" => "Connections seen being opened (accepted or connected).",
         "observer_peek_skipped_total" => "MSG_PEEK reads skipped (their bytes are read again).",
+        "observer_tls_records_total" => "TLS plaintext records read from the apps' OpenSSL (uprobes).",
+        "observer_uprobe_libraries_attached_total" => {
+            "Library files that got uprobes (a tracked process maps them)."
+        }
+        "observer_uprobe_libraries_detached_total" => {
+            "Library files whose uprobes were removed (no tracked process maps them any more)."
+        }
+        "observer_uprobe_attach_errors_total" => {
+            "Library files whose uprobes could not be set (their TLS stays opaque)."
+        }
+        "observer_uprobe_libraries_without_symbols_total" => {
+            "Files named like a probed library without the functions the probes need (stripped or another implementation)."
+        }
         _ => "observer counter.",
     }
 }
@@ -255,6 +270,20 @@ impl SelfStats {
             "observer_db_statements_total",
             "Database statement units (an execute() or executemany()) turned into django_db_* metrics.",
             self.db_statements,
+        ));
+        out.push(counter(
+            "observer_tls_ciphertext_bytes_total",
+            "Bytes of TLS records on traced sockets: counted, never parsed (the plaintext comes from the app's OpenSSL when it is probed).",
+            self.tls.ciphertext_bytes,
+        ));
+        out.push(family(
+            "observer_tls_connections_total",
+            "TLS connections closed, by whether their plaintext was seen (decrypted) or not (opaque: no probed OpenSSL, e.g. Go, rustls, BoringSSL, a stripped static build, or a handshake before the probes were set).",
+            MetricType::COUNTER,
+            vec![
+                (vec![("plaintext", "decrypted")], self.tls.decrypted as f64),
+                (vec![("plaintext", "opaque")], self.tls.opaque as f64),
+            ],
         ));
         out.push(family(
             "observer_db_encrypted_connections_total",

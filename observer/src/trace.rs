@@ -277,6 +277,10 @@ impl Sink for Printer {
             Record::ProcExec { pid, ts_ns, .. } => format!("{} pid={pid} exec", self.wall(*ts_ns)),
             Record::ProcExit { pid, ts_ns } if self.json => json!({"type": "exit", "ts_ns": ts_ns, "pid": pid}).to_string(),
             Record::ProcExit { pid, ts_ns } => format!("{} pid={pid} exit", self.wall(*ts_ns)),
+            Record::ProcMap { pid, ts_ns } if self.json => {
+                json!({"type": "map_exec", "ts_ns": ts_ns, "pid": pid}).to_string()
+            }
+            Record::ProcMap { pid, ts_ns } => format!("{} pid={pid} mapped a file executable", self.wall(*ts_ns)),
         };
         self.emit(&line);
     }

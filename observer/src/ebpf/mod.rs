@@ -19,7 +19,11 @@ use std::{collections::BTreeMap, io};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
-    programs::{ProgramError, RawTracePoint, raw_trace_point::RawTracePointLinkId},
+    programs::{
+        Program, ProgramError, RawTracePoint, UProbe,
+        raw_trace_point::RawTracePointLinkId,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
 use observer_ebpf::{KernelOffsets, MAX_CAPTURE, ProcVal, SockKey, SockVal, counter};
 pub use stats::ProgramStats;
@@ -130,13 +134,23 @@ impl Probe {
             .map_max_entries("SOCKS", opts.max_connections)
             .map_max_entries("TRACKED", opts.max_processes)
             .map_max_entries("INFLIGHT", opts.max_inflight)
+            .map_max_entries("SSL_CALLS", opts.max_inflight)
+            .map_max_entries("SSL_CONNS", opts.max_connections)
             .load(OBJECT)
             .map_err(LoadError::Object)?;
 
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
         let mut links = Vec::new();
         let mut handlers = Vec::new();
+        let mut uprobes = 0;
         for name in names {
+            // Uprobes are loaded now and placed on each library when one is found
+            // (`crate::libs`).
+            if let Some(Program::UProbe(p)) = ebpf.program_mut(&name) {
+                p.load().map_err(|e| rejected(&name, e))?;
+                uprobes += 1;
+                continue;
+            }
             let prog: &mut RawTracePoint =
                 ebpf.program_mut(&name).and_then(|p| p.try_into().ok()).ok_or_else(|| {
                     LoadError::Rejected { program: name.clone(), reason: "not a raw tracepoint".into() }
@@ -182,6 +196,7 @@ impl Probe {
             kernel = preflight::kernel_release(),
             tracepoints = links.len(),
             syscall_handlers = handlers.len(),
+            uprobe_programs = uprobes,
             socket_offsets = offsets.ok == 1,
             ring_buffer_bytes = opts.ring_bytes,
             capture_bytes = opts.capture_bytes,
@@ -313,6 +328,45 @@ impl TableError {
     pub fn is_full(&self) -> bool {
         matches!(self, Self::Full(_))
     }
+}
+
+/// The uprobes go on a library for every process (`AllProcesses`): the programs filter
+/// by tracked process themselves, so a file needs one set whoever maps it.
+impl crate::libs::Attach for Probe {
+    type Link = UProbeLinkId;
+
+    fn attach(
+        &mut self,
+        program: &'static str,
+        path: &std::path::Path,
+        offset: u64,
+    ) -> Result<UProbeLinkId, String> {
+        let p: &mut UProbe = self
+            .ebpf
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| format!("no uprobe program {program}"))?;
+        p.attach(offset, path, UProbeScope::AllProcesses).map_err(|e| error_chain(&e))
+    }
+
+    fn detach(&mut self, program: &'static str, link: UProbeLinkId) {
+        let p: Option<&mut UProbe> = self.ebpf.program_mut(program).and_then(|p| p.try_into().ok());
+        if let Some(p) = p {
+            let _ = p.detach(link);
+        }
+    }
+}
+
+/// An error with its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 impl Drop for Probe {

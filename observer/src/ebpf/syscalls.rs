@@ -47,6 +47,7 @@ pub fn number(name: &str) -> Option<u32> {
         "dup2" => libc::SYS_dup2,
         "dup3" => libc::SYS_dup3,
         "fcntl" => libc::SYS_fcntl,
+        "mmap" => libc::SYS_mmap,
         _ => return None,
     };
     u32::try_from(nr).ok()

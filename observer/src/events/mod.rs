@@ -10,8 +10,9 @@ mod sockaddr;
 use std::mem::size_of;
 
 use observer_ebpf::{
-    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_FAULT, FLAG_NO_CAPTURE, FLAG_NO_SEQ,
-    FLAG_TRUNCATED, FdEpoch, ProcEvent, ROLE_CLIENT, ROLE_SERVER, RecordKind, SOCKADDR_BYTES, Syscall,
+    ConnFd, ConnOpen, DIR_RECV, DIR_SEND, DataHeader, FLAG_CIPHERTEXT, FLAG_FAULT, FLAG_NO_CAPTURE,
+    FLAG_NO_SEQ, FLAG_TRUNCATED, FdEpoch, ProcEvent, ROLE_CLIENT, ROLE_SERVER, RecordKind, SOCKADDR_BYTES,
+    Syscall,
 };
 pub use sockaddr::SockAddr;
 
@@ -37,6 +38,11 @@ pub enum Record<'a> {
         ts_ns: u64,
     },
     ProcExit {
+        pid: u32,
+        ts_ns: u64,
+    },
+    /// The process mapped a file executable (a library it may have just loaded).
+    ProcMap {
         pid: u32,
         ts_ns: u64,
     },
@@ -95,6 +101,9 @@ pub struct Data<'a> {
     pub fault: bool,
     /// A counted-only syscall (sendfile, sendmmsg, recvmmsg).
     pub no_capture: bool,
+    /// A socket syscall inside an `SSL_*` call: TLS records, not captured (the
+    /// plaintext comes as [`Syscall::SslRead`]/[`Syscall::SslWrite`] records).
+    pub ciphertext: bool,
     /// Position of this record in its (tgid, fd)'s sequence of data records, lost ones
     /// included; `None` when the fd was closed before the syscall returned.
     pub seq: Option<u32>,
@@ -199,6 +208,10 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
                 return Err(DecodeError::Invalid);
             }
             let cap = h.cap_len as usize;
+            // Plaintext comes from a library, never through a counted-only or TLS syscall.
+            if syscall.is_tls() && h.flags & (FLAG_NO_CAPTURE | FLAG_CIPHERTEXT) != 0 {
+                return Err(DecodeError::Invalid);
+            }
             if cap as u64 > h.total_len && h.flags & FLAG_NO_CAPTURE == 0 {
                 return Err(DecodeError::Invalid);
             }
@@ -222,6 +235,7 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
                 bytes,
                 fault: h.flags & FLAG_FAULT != 0,
                 no_capture: h.flags & FLAG_NO_CAPTURE != 0,
+                ciphertext: h.flags & FLAG_CIPHERTEXT != 0,
                 seq: (h.flags & FLAG_NO_SEQ == 0).then_some(h.seq),
             }))
         }
@@ -268,13 +282,14 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
             let e: FdEpoch = read(buf)?;
             Ok(Record::FdEpoch(Epoch { ts_ns: e.ts_ns, tgid: e.tgid, lo: e.lo, hi: e.hi, epoch: e.epoch }))
         }
-        k @ (RecordKind::ProcFork | RecordKind::ProcExec | RecordKind::ProcExit) => {
+        k @ (RecordKind::ProcFork | RecordKind::ProcExec | RecordKind::ProcExit | RecordKind::ProcMap) => {
             let p: ProcEvent = read(buf)?;
             Ok(match k {
                 RecordKind::ProcFork => Record::ProcFork { pid: p.pid, parent: p.arg, ts_ns: p.ts_ns },
                 RecordKind::ProcExec => {
                     Record::ProcExec { pid: p.pid, tracked: p.arg != 0, epoch: p.epoch, ts_ns: p.ts_ns }
                 }
+                RecordKind::ProcMap => Record::ProcMap { pid: p.pid, ts_ns: p.ts_ns },
                 _ => Record::ProcExit { pid: p.pid, ts_ns: p.ts_ns },
             })
         }

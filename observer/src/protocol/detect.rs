@@ -34,6 +34,12 @@ pub struct Peer {
     pub is_cache: bool,
 }
 
+/// The bytes start a TLS record (a handshake: ClientHello from a client, or the
+/// ServerHello a server reads back): content type 22, protocol major version 3.
+pub fn is_tls_record(b: &[u8]) -> bool {
+    matches!(b, [0x16, 0x03, minor, ..] if *minor <= 0x04)
+}
+
 /// The protocol of a connection from one of its records, or None when this record does
 /// not decide it yet (a client's read, or bytes that may still turn out to be a
 /// database's before the app's databases are known).

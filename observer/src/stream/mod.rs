@@ -12,6 +12,8 @@
 //! a pure function of its segments, and gaps are counted here, once, for every
 //! connection, including those whose protocol is not decided yet.
 
+pub mod tls;
+
 use std::collections::{HashMap, hash_map::Entry};
 
 use crate::{IdMap, events::Data, protocol::Chunk};
@@ -61,6 +63,10 @@ fn key(tgid: u32, fd: u32) -> u64 {
     (u64::from(tgid) << 32) | u64::from(fd)
 }
 
+/// A socket's TLS plaintext is a sequence of its own (numbered by the kernel per `SSL*`),
+/// kept under the fd with this bit set (fd numbers stay far below it).
+const PLAINTEXT: u32 = 1 << 31;
+
 impl Streams {
     /// The kernel saw the fd open: its record sequence starts at 0.
     pub fn opened(&mut self, tgid: u32, fd: u32) {
@@ -71,10 +77,12 @@ impl Streams {
 
     /// The fd closed: a new socket under the same number starts its own sequence.
     pub fn closed(&mut self, tgid: u32, fd: u32) {
-        if self.next.remove(&key(tgid, fd)).is_some()
+        let plain = self.next.remove(&key(tgid, fd)).is_some();
+        let tls = self.next.remove(&key(tgid, fd | PLAINTEXT)).is_some();
+        if (plain || tls)
             && let Some(fds) = self.fds.get_mut(&tgid)
         {
-            fds.retain(|&f| f != fd);
+            fds.retain(|&f| f & !PLAINTEXT != fd);
             if fds.is_empty() {
                 self.fds.remove(&tgid);
             }
@@ -101,10 +109,11 @@ impl Streams {
             total_len: d.total_len,
         };
         let Some(seq) = d.seq else { return Segment { chunk, gap: None } };
-        let next = match self.next.entry(key(d.tgid, d.fd)) {
+        let fd = if d.syscall.is_tls() { d.fd | PLAINTEXT } else { d.fd };
+        let next = match self.next.entry(key(d.tgid, fd)) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => {
-                self.fds.entry(d.tgid).or_default().push(d.fd);
+                self.fds.entry(d.tgid).or_default().push(fd);
                 v.insert(seq)
             }
         };
@@ -158,6 +167,7 @@ mod tests {
             bytes,
             fault: false,
             no_capture: false,
+            ciphertext: false,
             seq,
         }
     }
@@ -193,6 +203,19 @@ mod tests {
         s.opened(1, 3);
         assert_eq!(gaps(&mut s, 1, 3, &[0, 2, 1, 3]), [None, Some(Gap::Lost), Some(Gap::OutOfOrder), None]);
         assert_eq!((s.gaps[&Gap::Lost], s.gaps[&Gap::OutOfOrder]), (1, 1));
+    }
+
+    #[test]
+    fn plaintext_is_numbered_apart_from_the_sockets_records() {
+        let mut s = Streams::default();
+        s.opened(1, 3);
+        let tls = |q| Data { syscall: Syscall::SslWrite, ..data(1, 3, Some(q), b"x") };
+        assert_eq!(gaps(&mut s, 1, 3, &[0, 1]), [None, None]);
+        assert_eq!(s.segment(&tls(0)).gap, None);
+        assert_eq!(gaps(&mut s, 1, 3, &[2]), [None]);
+        assert_eq!(s.segment(&tls(2)).gap, Some(Gap::Lost), "a plaintext record was lost");
+        s.closed(1, 3);
+        assert_eq!(s.processes(), 0, "both sequences go with the fd");
     }
 
     #[test]

@@ -118,7 +118,9 @@ pub enum Event {
     AttemptFailed {
         sqlstate: Option<SqlState>,
     },
-    /// The connection switched to TLS or GSS encryption and is no longer parsed.
+    /// The connection switched to encryption: GSS (no longer parsed), or TLS (its
+    /// plaintext, when the app's TLS library is probed, goes on from the startup message;
+    /// the socket's bytes are no longer fed).
     Encrypted,
     /// A CancelRequest connection (not a session of the app).
     Cancel,
@@ -316,6 +318,8 @@ pub struct PgParser {
     /// A startup-type message was sent.
     began: bool,
     attempted: bool,
+    /// The server accepted TLS: what follows comes as the TLS library's plaintext.
+    tls: bool,
     front: Framer,
     back: Framer,
     pending: VecDeque<Unit>,
@@ -362,6 +366,7 @@ impl PgParser {
             phase,
             began: false,
             attempted: false,
+            tls: false,
             front: Framer::new(synced),
             back: Framer::new(synced),
             pending: VecDeque::new(),
@@ -409,6 +414,31 @@ impl PgParser {
         true
     }
 
+    /// The connection went TLS but its plaintext is not seen (no probed library, or the
+    /// handshake ran before the probes were set): it was an attempt all the same.
+    pub fn opaque(&mut self, out: &mut Vec<Event>) {
+        if self.tls && self.phase == Phase::Start {
+            self.attempt(None, None, out);
+            self.phase = Phase::Done;
+        }
+    }
+
+    /// The TLS plaintext of a connection given up as [`opaque`](Self::opaque) appears
+    /// (the probes were set meanwhile): statements are parsed from the next whole
+    /// message on, as on a connection met in the middle.
+    pub fn decrypted(&mut self) {
+        if self.tls && self.phase == Phase::Done {
+            self.phase = Phase::Ready;
+            self.front.reset(false);
+            self.back.reset(false);
+        }
+    }
+
+    /// Waits for TLS plaintext: the socket's bytes are ciphertext from now on.
+    pub fn awaits_tls(&self) -> bool {
+        self.tls
+    }
+
     /// The connection closed: an unfinished startup failed, and statements still
     /// waiting for their answer failed with it.
     pub fn close(&mut self, out: &mut Vec<Event>) {
@@ -436,6 +466,16 @@ impl PgParser {
             return;
         }
         if self.phase == Phase::Done {
+            return;
+        }
+        // TLS records where the plaintext startup was expected: the handshake, fed
+        // because nobody decrypts this connection.
+        if self.tls
+            && self.phase == Phase::Start
+            && c.dir == Direction::Send
+            && c.bytes.first() == Some(&0x16)
+        {
+            self.opaque(out);
             return;
         }
         self.last_ns = self.last_ns.max(c.exit_ns);
@@ -621,7 +661,16 @@ impl PgParser {
 
     fn encryption_answer(&mut self, b: u8, out: &mut Vec<Event>) {
         match (self.phase, b) {
-            (Phase::Ssl, b'S') | (Phase::Gss, b'G') => {
+            (Phase::Ssl, b'S') => {
+                // The startup message comes next, encrypted: it is the attempt (and names
+                // the user and database) once its plaintext is fed.
+                out.push(Event::Encrypted);
+                self.tls = true;
+                self.phase = Phase::Start;
+                self.front.reset(true);
+                self.back.reset(true);
+            }
+            (Phase::Gss, b'G') => {
                 self.attempt(None, None, out);
                 out.push(Event::Encrypted);
                 self.phase = Phase::Done;

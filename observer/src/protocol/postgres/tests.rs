@@ -339,10 +339,64 @@ fn ssl_refused_then_startup_then_auth_failure() {
 }
 
 #[test]
-fn ssl_accepted_is_counted_and_not_parsed() {
+fn ssl_accepted_then_ciphertext_is_one_attempt_and_not_parsed() {
     let mut p = PgParser::new(Limits::default());
     let ev = run(&mut p, &[(S, ssl_request()), (R, b"S".to_vec()), (S, b"\x16\x03\x01 tls".to_vec())]);
-    assert_eq!(ev, vec![Event::Attempt { user: None, database: None }, Event::Encrypted]);
+    assert_eq!(ev, vec![Event::Encrypted, Event::Attempt { user: None, database: None }]);
+    assert!(run(&mut p, &[(S, q("SELECT 1")), (R, cat(&[complete("SELECT 1"), ready()]))]).is_empty());
+}
+
+#[test]
+fn ssl_accepted_then_plaintext_is_parsed_as_a_session() {
+    let mut p = PgParser::new(Limits::default());
+    let mut ev = run(&mut p, &[(S, ssl_request()), (R, b"S".to_vec())]);
+    assert!(p.awaits_tls());
+    // The TLS library's plaintext: the startup, authentication, one statement.
+    ev.extend(run(
+        &mut p,
+        &[
+            (S, startup("observer", "app")),
+            (R, cat(&[auth_ok(), ready()])),
+            (S, q("SELECT 1")),
+            (R, cat(&[complete("SELECT 1"), ready()])),
+        ],
+    ));
+    assert_eq!(
+        ev[..2],
+        [Event::Encrypted, Event::Attempt { user: Some("observer".into()), database: Some("app".into()) }]
+    );
+    assert_eq!(statements(&ev).len(), 1);
+    assert!(errors(&ev).is_empty(), "{ev:?}");
+}
+
+#[test]
+fn a_tls_handshake_that_fails_is_a_failed_attempt() {
+    let mut p = PgParser::new(Limits::default());
+    let mut ev = run(&mut p, &[(S, ssl_request()), (R, b"S".to_vec())]);
+    // verify-full refused the certificate: the client closes before any plaintext.
+    p.close(&mut ev);
+    assert_eq!(
+        ev,
+        [
+            Event::Encrypted,
+            Event::Attempt { user: None, database: None },
+            Event::AttemptFailed { sqlstate: None }
+        ]
+    );
+}
+
+#[test]
+fn an_opaque_connection_decrypted_later_is_parsed_from_the_next_message() {
+    let mut p = PgParser::new(Limits::default());
+    let mut ev = run(&mut p, &[(S, ssl_request()), (R, b"S".to_vec())]);
+    p.opaque(&mut ev);
+    p.decrypted();
+    ev.extend(run(&mut p, &[(S, q("SELECT 1")), (R, cat(&[complete("SELECT 1"), ready()]))]));
+    assert_eq!(ev[..2], [Event::Encrypted, Event::Attempt { user: None, database: None }]);
+    assert_eq!(statements(&ev).len(), 1, "{ev:?}");
+    // Counted once, whatever comes.
+    p.close(&mut ev);
+    assert_eq!(ev.iter().filter(|e| matches!(e, Event::Attempt { .. })).count(), 1);
 }
 
 #[test]

@@ -1,0 +1,306 @@
+//! The libraries in traced processes that uprobes serve: OpenSSL (TLS plaintext) today.
+//!
+//! A uprobe is set on a file (device and inode), not on a process: once on a library it
+//! fires in every process that maps it, and the kernel programs return at once for a
+//! process that is not tracked. So each file gets its probes once, when the first tracked
+//! process is seen mapping it, and loses them when the last one is gone. Which files a
+//! process maps comes from `/proc/PID/maps` (at tracking, after exec, and when the kernel
+//! reports a new executable mapping: a `dlopen` on a worker's first request); the file is
+//! read through `/proc/PID/root` so that a containerised app's libraries are found from
+//! the DaemonSet's mount namespace; what a file is (which functions it defines) is read
+//! once per file and kept.
+
+pub mod elf;
+pub mod maps;
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+pub use maps::{ExecMapping, FileId};
+
+use crate::IdMap;
+
+/// A uprobe program and the function it is placed on (entry or return: the program's
+/// own kind says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Point {
+    pub symbol: &'static str,
+    pub program: &'static str,
+}
+
+/// A library the agent has probes for.
+#[derive(Debug)]
+pub struct Kind {
+    pub name: &'static str,
+    /// Without all of these a file is not one to probe (an OpenSSL without its I/O).
+    pub required: &'static [&'static str],
+    /// Where the programs go; a point whose symbol the file lacks is left out.
+    pub points: &'static [Point],
+    /// A file named like this but without the required symbols (stripped, or another
+    /// TLS library under the name) is reported once as unusable.
+    pub file_hint: &'static str,
+}
+
+const fn p(symbol: &'static str, program: &'static str) -> Point {
+    Point { symbol, program }
+}
+
+/// OpenSSL 1.1 and 3 (the system's `libssl.so.*`, the copies wheels bundle as
+/// `libssl-<hash>.so.*`, or linked into a binary): libpq uses `SSL_read`/`SSL_write`,
+/// Python's `ssl` module the `_ex` forms.
+pub const OPENSSL: Kind = Kind {
+    name: "openssl",
+    required: &["SSL_read", "SSL_write"],
+    points: &[
+        p("SSL_read", "ssl_read"),
+        p("SSL_read", "ssl_read_ret"),
+        p("SSL_read_ex", "ssl_read_ex"),
+        p("SSL_read_ex", "ssl_read_ret"),
+        p("SSL_write", "ssl_write"),
+        p("SSL_write", "ssl_write_ret"),
+        p("SSL_write_ex", "ssl_write_ex"),
+        p("SSL_write_ex", "ssl_write_ret"),
+        p("SSL_do_handshake", "ssl_ctrl"),
+        p("SSL_do_handshake", "ssl_ctrl_ret"),
+        p("SSL_connect", "ssl_ctrl"),
+        p("SSL_connect", "ssl_ctrl_ret"),
+        p("SSL_accept", "ssl_ctrl"),
+        p("SSL_accept", "ssl_ctrl_ret"),
+        p("SSL_shutdown", "ssl_ctrl"),
+        p("SSL_shutdown", "ssl_ctrl_ret"),
+        p("SSL_free", "ssl_free"),
+    ],
+    file_hint: "libssl",
+};
+
+/// Sets and removes uprobes (the loaded kernel programs; a fake in tests).
+pub trait Attach {
+    type Link;
+    fn attach(&mut self, program: &'static str, path: &Path, offset: u64) -> Result<Self::Link, String>;
+    fn detach(&mut self, program: &'static str, link: Self::Link);
+}
+
+/// What a file is, read once.
+#[derive(Debug, Clone)]
+enum Verdict {
+    /// Nothing the agent probes.
+    Nothing,
+    /// A library of `kind`, its programs' file offsets.
+    Probe { kind: usize, points: Vec<(&'static str, u64)> },
+    /// Attaching failed once: not tried again for this file.
+    Failed,
+}
+
+struct Attached<L> {
+    links: Vec<(&'static str, L)>,
+    /// Tracked processes mapping it.
+    users: usize,
+}
+
+/// Counters of the libraries' probes (exported as `observer_uprobe_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LibStats {
+    /// Files that got their probes, and lost them again (no tracked process left).
+    pub attached: u64,
+    pub detached: u64,
+    /// Files whose probes could not be set (the kernel refused, the file changed).
+    pub attach_errors: u64,
+    /// Files named like a probed library but without its functions (stripped, static
+    /// without symbols, another implementation): no symbol, no probe.
+    pub without_symbols: u64,
+    /// `/proc/PID/maps` reads.
+    pub scans: u64,
+}
+
+/// Files whose verdict is kept; past it the cache starts over (reading a file's
+/// symbol tables again is the only cost).
+const MAX_VERDICTS: usize = 8192;
+
+/// The probed libraries and which tracked processes map them.
+pub struct Libraries<L> {
+    kinds: &'static [Kind],
+    verdicts: HashMap<FileId, Verdict>,
+    attached: HashMap<FileId, Attached<L>>,
+    /// The probed files each tracked process maps.
+    by_pid: IdMap<u32, Vec<FileId>>,
+    pub stats: LibStats,
+}
+
+impl<L> Libraries<L> {
+    pub fn new(kinds: &'static [Kind]) -> Self {
+        Self {
+            kinds,
+            verdicts: HashMap::new(),
+            attached: HashMap::new(),
+            by_pid: IdMap::default(),
+            stats: LibStats::default(),
+        }
+    }
+
+    /// Files with probes now.
+    pub fn files(&self) -> usize {
+        self.attached.len()
+    }
+
+    /// Reads the mappings of `pid` and probes the libraries among them not probed yet.
+    pub fn scan<A: Attach<Link = L>>(&mut self, pid: u32, a: &mut A) {
+        self.stats.scans += 1;
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        self.mapped(pid, &maps::exec_mappings(&text), &root, a);
+    }
+
+    /// `pid` maps `files` (paths as seen under `root`): each library among them is
+    /// probed (once per file) and counted as used by `pid`.
+    pub fn mapped<A: Attach<Link = L>>(&mut self, pid: u32, files: &[ExecMapping], root: &Path, a: &mut A) {
+        for m in files {
+            if self.by_pid.get(&pid).is_some_and(|f| f.contains(&m.file)) {
+                continue;
+            }
+            let path = root.join(m.path.trim_start_matches('/'));
+            let verdict = self.verdict(m, &path);
+            let Verdict::Probe { kind, points } = verdict else { continue };
+            if !self.attached.contains_key(&m.file) {
+                let started = std::time::Instant::now();
+                match attach_all(a, &path, &points) {
+                    Ok(links) => {
+                        tracing::info!(
+                            library = self.kinds[kind].name,
+                            path = m.path,
+                            pid,
+                            probes = links.len(),
+                            micros = started.elapsed().as_micros() as u64,
+                            "uprobes set on a library"
+                        );
+                        self.stats.attached += 1;
+                        self.attached.insert(m.file, Attached { links, users: 0 });
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            library = self.kinds[kind].name,
+                            path = m.path,
+                            error = e,
+                            "cannot set uprobes on a library: its TLS stays opaque"
+                        );
+                        self.stats.attach_errors += 1;
+                        self.verdicts.insert(m.file, Verdict::Failed);
+                        continue;
+                    }
+                }
+            }
+            if let Some(at) = self.attached.get_mut(&m.file) {
+                at.users += 1;
+                self.by_pid.entry(pid).or_default().push(m.file);
+            }
+        }
+    }
+
+    /// What `m` is, from the cache or its symbol tables (read through `path`, which must
+    /// still be the mapped file).
+    fn verdict(&mut self, m: &ExecMapping, path: &Path) -> Verdict {
+        if let Some(v) = self.verdicts.get(&m.file) {
+            return v.clone();
+        }
+        if self.verdicts.len() >= MAX_VERDICTS {
+            self.verdicts.clear();
+        }
+        let v = self.read_verdict(m, path);
+        self.verdicts.insert(m.file, v.clone());
+        v
+    }
+
+    fn read_verdict(&mut self, m: &ExecMapping, path: &Path) -> Verdict {
+        // The file under that path now must be the one mapped (not replaced since).
+        match std::fs::metadata(path) {
+            Ok(md) if dev_of(md.dev()) == m.file.dev && md.ino() == m.file.inode => {}
+            _ => return Verdict::Nothing,
+        }
+        let name = m.path.rsplit('/').next().unwrap_or("");
+        for (i, kind) in self.kinds.iter().enumerate() {
+            let symbols: Vec<&'static str> = kind.points.iter().map(|p| p.symbol).collect();
+            let Ok(offsets) = elf::function_offsets(path, &symbols) else { return Verdict::Nothing };
+            if kind.required.iter().all(|r| offsets.contains_key(r)) {
+                let points = kind
+                    .points
+                    .iter()
+                    .filter_map(|p| offsets.get(p.symbol).map(|&off| (p.program, off)))
+                    .collect();
+                return Verdict::Probe { kind: i, points };
+            }
+            if name.starts_with(kind.file_hint) || !offsets.is_empty() {
+                self.stats.without_symbols += 1;
+                tracing::warn!(
+                    library = kind.name,
+                    path = m.path,
+                    "a library without the functions the probes need (stripped or another implementation): its TLS stays opaque"
+                );
+            }
+        }
+        Verdict::Nothing
+    }
+
+    /// A tracked process forked: the child maps what its parent maps.
+    pub fn forked(&mut self, parent: u32, child: u32) {
+        let Some(files) = self.by_pid.get(&parent).cloned() else { return };
+        for f in &files {
+            if let Some(at) = self.attached.get_mut(f) {
+                at.users += 1;
+            }
+        }
+        self.by_pid.insert(child, files);
+    }
+
+    /// `pid` is gone (or replaced its image): a library no tracked process maps any more
+    /// loses its probes.
+    pub fn gone<A: Attach<Link = L>>(&mut self, pid: u32, a: &mut A) {
+        for f in self.by_pid.remove(&pid).unwrap_or_default() {
+            let Some(at) = self.attached.get_mut(&f) else { continue };
+            at.users = at.users.saturating_sub(1);
+            if at.users == 0
+                && let Some(at) = self.attached.remove(&f)
+            {
+                for (program, link) in at.links {
+                    a.detach(program, link);
+                }
+                self.stats.detached += 1;
+            }
+        }
+    }
+
+    /// Processes with a probed library.
+    pub fn processes(&self) -> usize {
+        self.by_pid.len()
+    }
+}
+
+/// All of a file's probes, or none (what was set is removed again).
+fn attach_all<A: Attach>(
+    a: &mut A,
+    path: &Path,
+    points: &[(&'static str, u64)],
+) -> Result<Vec<(&'static str, A::Link)>, String> {
+    let mut links = Vec::with_capacity(points.len());
+    for &(program, off) in points {
+        match a.attach(program, path, off) {
+            Ok(l) => links.push((program, l)),
+            Err(e) => {
+                for (program, l) in links {
+                    a.detach(program, l);
+                }
+                return Err(format!("{program}: {e}"));
+            }
+        }
+    }
+    Ok(links)
+}
+
+/// `st_dev` as `/proc/PID/maps` writes it: `major << 32 | minor`.
+fn dev_of(st_dev: u64) -> u64 {
+    (u64::from(libc::major(st_dev)) << 32) | u64::from(libc::minor(st_dev))
+}
+
+#[cfg(test)]
+mod tests;
