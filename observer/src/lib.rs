@@ -54,3 +54,12 @@ pub mod views;
 /// 1.0 µs at 256, 1.9 µs at 1024 and 3.3-4.1 µs at 4096. A few µs per large response
 /// against a Django request's milliseconds buys parsing that does not guess.
 pub const DEFAULT_CAPTURE_BYTES: u32 = 4096;
+
+/// Now on the clock of the kernel programs' timestamps (`bpf_ktime_get_ns`:
+/// CLOCK_MONOTONIC), in ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}

@@ -15,6 +15,8 @@ pub(crate) struct PgConn {
     pub(crate) mid_stream: bool,
     pub(crate) user: Option<Box<str>>,
     pub(crate) database: Option<Box<str>>,
+    /// libpq's retry of a failed attempt with the other encryption (not a new attempt).
+    pub(crate) retry: bool,
 }
 
 pub(crate) enum Proto {

@@ -14,6 +14,7 @@ use std::{
 use crate::{
     app::lifecycle::{App, Apps, Host, ProcHost},
     conns::{ConnInfo, ConnTable},
+    django::db::POSTGRESQL,
     events::{Data, Direction, Record, Role, SockAddr},
     exchange::{self, CacheLookup, DbEvent, DbStatement, DbWhat, HttpExchange, Observed},
     fault,
@@ -24,7 +25,10 @@ use crate::{
         self, CacheParser, Chunk, Wire, detect,
         http1::{Event, Http1Parser, Mode},
         memcached::MemcachedParser,
-        postgres::{self, PgParser},
+        postgres::{
+            self, PgParser,
+            fallback::{Fallback, Key},
+        },
         redis::RedisParser,
     },
     pump::{Live, Sink},
@@ -52,6 +56,10 @@ pub struct Pipeline {
     streams: Streams,
     /// Which connections are TLS, and so which of their records are parsed.
     tls: Tls,
+    /// Failed PostgreSQL attempts that libpq may retry with the other encryption.
+    fallback: Fallback<SockAddr, (u32, DbEvent)>,
+    /// The latest record's time (the kernel's monotonic clock).
+    now_ns: u64,
     stats: SelfStats,
     events: Vec<Event>,
     pg_events: Vec<postgres::Event>,
@@ -95,6 +103,8 @@ impl Pipeline {
             conns: Parsers::default(),
             streams: Streams::default(),
             tls: Tls::default(),
+            fallback: Fallback::default(),
+            now_ns: 0,
             stats: SelfStats::default(),
             events: Vec::new(),
             pg_events: Vec::new(),
@@ -181,19 +191,45 @@ impl Pipeline {
     /// What a PostgreSQL connection's parser reported.
     fn handle_pg_events(&mut self, target: u32, conn_id: u64, thread: (u32, u32)) {
         let events = std::mem::take(&mut self.pg_events);
+        let now = self.now_ns;
         for ev in &events {
-            let (confirm, peer, user, database) = match self.conns.get_mut(conn_id) {
+            let (confirm, peer, user, database, tls, retry) = match self.conns.get_mut(conn_id) {
                 Some(ConnState { proto: Proto::Postgres(pg), peer, .. }) => {
                     if let postgres::Event::Attempt { user, database } = ev {
                         pg.user.clone_from(user);
                         pg.database.clone_from(database);
                     }
-                    (pg.mid_stream, peer.clone(), pg.user.clone(), pg.database.clone())
+                    let tls = pg.parser.awaits_tls();
+                    (pg.mid_stream, peer.clone(), pg.user.clone(), pg.database.clone(), tls, &mut pg.retry)
                 }
-                _ => (false, None, None, None),
+                _ => (false, None, None, None, false, &mut false),
             };
+            let key = || Key { thread: thread.1, peer: peer.clone(), user: user.clone() };
             let what = match ev {
-                postgres::Event::Attempt { .. } => DbWhat::Attempt,
+                postgres::Event::Attempt { .. } => {
+                    if self.fallback.retry(&key(), tls, now) {
+                        // libpq's retry with the other encryption: the same attempt.
+                        *retry = true;
+                        continue;
+                    }
+                    DbWhat::Attempt
+                }
+                postgres::Event::AttemptFailed { sqlstate: Some(_) } if !*retry => {
+                    // It may be retried with the other encryption: held a moment.
+                    let what = DbWhat::AttemptFailed;
+                    let held = DbEvent {
+                        confirm,
+                        peer: peer.clone(),
+                        user: user.clone(),
+                        database,
+                        vendor: POSTGRESQL,
+                        what,
+                    };
+                    if let Some((t, ev)) = self.fallback.hold(key(), tls, now, (target, held)) {
+                        self.route(t, Observed::Db(ev));
+                    }
+                    continue;
+                }
                 postgres::Event::AttemptFailed { .. } => DbWhat::AttemptFailed,
                 postgres::Event::Statement(st) => {
                     let work = Work::Db {
@@ -216,8 +252,10 @@ impl Pipeline {
                     continue;
                 }
             };
-            let vendor = crate::django::db::POSTGRESQL;
-            self.route(target, Observed::Db(DbEvent { confirm, peer, user, database, vendor, what }));
+            self.route(
+                target,
+                Observed::Db(DbEvent { confirm, peer, user, database, vendor: POSTGRESQL, what }),
+            );
         }
         self.pg_events = events;
         self.pg_events.clear();
@@ -403,7 +441,13 @@ impl Pipeline {
             }
             detect::Protocol::Postgres { mid_stream } => {
                 let parser = if mid_stream { PgParser::mid_stream(limits) } else { PgParser::new(limits) };
-                Proto::Postgres(Box::new(PgConn { parser, mid_stream, user: None, database: None }))
+                Proto::Postgres(Box::new(PgConn {
+                    parser,
+                    mid_stream,
+                    user: None,
+                    database: None,
+                    retry: false,
+                }))
             }
             detect::Protocol::Cache(wire) => {
                 let parser: Box<dyn CacheParser> = match wire {
@@ -427,6 +471,7 @@ impl Sink for Pipeline {
     fn record(&mut self, rec: &Record<'_>, conn: Option<&ConnInfo>) {
         match rec {
             Record::Data(d) => {
+                self.now_ns = self.now_ns.max(d.exit_ns);
                 let Some(conn) = conn else { return };
                 let Some(target) = self.apps.root_of(d.tgid) else {
                     self.stats.unattributed_records += 1;
@@ -532,6 +577,13 @@ impl Sink for Pipeline {
     }
 
     fn flush(&mut self, conns: &ConnTable) {
+        if !self.fallback.is_empty() {
+            let mut released = Vec::new();
+            self.fallback.expired(crate::monotonic_ns(), &mut released);
+            for (target, ev) in released {
+                self.route(target, Observed::Db(ev));
+            }
+        }
         let now = Instant::now();
         self.apps.discover_quiet(now);
         self.poll_discoveries();

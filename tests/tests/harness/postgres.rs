@@ -114,6 +114,8 @@ impl Postgres {
             let (crt, key) = (format!("{}/server.crt", dir.path()), format!("{}/server.key", dir.path()));
             let out = Command::new("openssl")
                 .args(["req", "-new", "-x509", "-days", "1", "-nodes", "-subj", "/CN=localhost"])
+                // What sslmode=verify-full checks against the host the app connects to.
+                .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
                 .args(["-newkey", "rsa:2048", "-out", &crt, "-keyout", &key])
                 .output()
                 .expect("run openssl");
@@ -172,6 +174,11 @@ impl Postgres {
             }
         }
         v.to_string()
+    }
+
+    /// The server's certificate (a TLS server), for `sslrootcert`.
+    pub fn certificate(&self) -> String {
+        format!("{}/server.crt", self.dir.path())
     }
 
     /// OBSERVER_TEST_PG over the Unix socket.

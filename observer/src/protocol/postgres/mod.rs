@@ -13,6 +13,7 @@
 //! message to a Sync, ends with one ReadyForQuery. Units are queued in the order they
 //! were sent, so pipelines (psycopg's `executemany`) are matched with their answers.
 
+pub mod fallback;
 pub mod shape;
 pub mod sql;
 pub mod sqlstate;

@@ -32,6 +32,10 @@ if _pg:
         _options["server_side_binding"] = True
     if _pg.get("pool"):
         _options["pool"] = {"min_size": 1, "max_size": 4}
+    # libpq's TLS: sslmode (prefer, require, verify-full) and the CA for verify-*.
+    for _k in ("sslmode", "sslrootcert"):
+        if _pg.get(_k):
+            _options[_k] = _pg[_k]
     _base = {
         "ENGINE": _engine,
         "NAME": _pg["name"],
