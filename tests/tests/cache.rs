@@ -133,6 +133,25 @@ fn djangos_redis_backend_matches_django_prometheus() {
     ]);
 }
 
+/// Redis over TLS (`rediss://`), with django-redis and with Django's own backend: the
+/// plaintext comes from the OpenSSL Python's `ssl` module links, and every family is
+/// what it is on plaintext.
+#[test]
+fn redis_over_tls_matches_django_prometheus() {
+    if !ebpf_available() {
+        return;
+    }
+    let redis = Redis::start_tls();
+    redis_side_by_side(&[
+        ("django-redis, RESP2, rediss://", json!({"kind": "django_redis", "location": redis.url()}), "redis"),
+        (
+            "Django's Redis backend, RESP3, rediss://",
+            json!({"kind": "native_redis", "location": redis.url(), "protocol": 3}),
+            "native_redis",
+        ),
+    ]);
+}
+
 /// Each (name, cache settings, backend label) against django-prometheus, with a second
 /// cache that is down.
 fn redis_side_by_side(setups: &[(&str, Value, &str)]) {

@@ -15,11 +15,32 @@ pub struct Redis {
     /// Its Unix socket.
     pub socket: String,
     _dir: TempDir,
+    /// Serves TLS (not plaintext) on `port`.
+    tls: bool,
 }
 
-fn redis_server(port: u16, dir: &TempDir, socket: &str) -> Child {
+fn redis_server(port: u16, dir: &TempDir, socket: &str, tls: bool) -> Child {
+    let listen = if tls {
+        // A self-signed certificate made here; clients are not asked for one.
+        let (crt, key) = (format!("{}/redis.crt", dir.path()), format!("{}/redis.key", dir.path()));
+        if !std::path::Path::new(&crt).exists() {
+            let out = Command::new("openssl")
+                .args(["req", "-new", "-x509", "-days", "1", "-nodes", "-subj", "/CN=localhost"])
+                .args(["-newkey", "rsa:2048", "-out", &crt, "-keyout", &key])
+                .output()
+                .expect("run openssl");
+            assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        vec!["--port".to_string(), "0".into(), "--tls-port".into(), port.to_string(), "--tls-cert-file".into(), crt]
+            .into_iter()
+            .chain(["--tls-key-file".to_string(), key, "--tls-auth-clients".into(), "no".into()])
+            .collect()
+    } else {
+        vec!["--port".to_string(), port.to_string()]
+    };
     let mut child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(listen)
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--dir", dir.path(), "--unixsocket", socket, "--unixsocketperm", "700"])
         .args(["--daemonize", "no", "--loglevel", "warning"])
         .stdout(Stdio::null())
@@ -32,23 +53,36 @@ fn redis_server(port: u16, dir: &TempDir, socket: &str) -> Child {
 
 impl Redis {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Serving TLS on its TCP port (`rediss://`, what managed Redis offers).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let dir = TempDir::new("redis");
         let port = free_port();
         let socket = format!("{}/redis.sock", dir.path());
-        let child = redis_server(port, &dir, &socket);
-        Self { child: Some(child), port, socket, _dir: dir }
+        let child = redis_server(port, &dir, &socket, tls);
+        Self { child: Some(child), port, socket, _dir: dir, tls }
     }
 
     /// Kills the server and starts an empty one on the same port and socket.
     pub fn restart(&mut self, down_for: std::time::Duration) {
         self.stop();
         std::thread::sleep(down_for);
-        self.child = Some(redis_server(self.port, &self._dir, &self.socket));
+        self.child = Some(redis_server(self.port, &self._dir, &self.socket, self.tls));
     }
 
-    /// `redis://127.0.0.1:<port>/0`.
+    /// `redis://127.0.0.1:<port>/0`, or `rediss://...` (its certificate not checked).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        if self.tls {
+            format!("rediss://127.0.0.1:{}/0?ssl_cert_reqs=none", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
     }
 
     /// `unix://<socket>?db=0`.
