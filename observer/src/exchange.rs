@@ -52,6 +52,8 @@ pub struct HttpExchange {
     pub exchange: Exchange,
     /// The listener it was served on (the `instance` label names it).
     pub local: Option<SockAddr>,
+    /// Served over TLS (its plaintext read from the app's OpenSSL).
+    pub tls: bool,
     pub profile: Profile,
 }
 
@@ -188,7 +190,7 @@ pub fn count(
     match c {
         Count::Http(h) => {
             stats.http_exchanges += 1;
-            let view = http(app, &h.exchange)?;
+            let view = http(app, &h.exchange, h.tls)?;
             let (cache_gets, cache_hits) = view_profile(app, &view, h, n_plus_one_threshold);
             Some(HttpCounted { view, cache_gets, cache_hits })
         }
@@ -207,7 +209,7 @@ pub fn count(
 }
 
 /// The exchange into the app's django_http_* families; returns its view label.
-fn http(app: &mut App, ex: &Exchange) -> Option<Arc<str>> {
+fn http(app: &mut App, ex: &Exchange, tls: bool) -> Option<Arc<str>> {
     let http = app.families.as_mut().map(|f| &mut f.http)?;
     let (req, resp) = (&ex.request, &ex.response);
     let view = app.views.resolve(&req.path);
@@ -232,7 +234,7 @@ fn http(app: &mut App, ex: &Exchange) -> Option<Arc<str>> {
         response_body = Body::Unknown;
     }
     let charset = resp.charset.clone().unwrap_or_else(|| app.settings.default_charset.clone());
-    let secure = crate::django::http::is_secure(&req.proxy_headers, app.settings.secure_header());
+    let secure = crate::django::http::is_secure(&req.proxy_headers, app.settings.secure_header(), tls);
     http.observe(&HttpObservation {
         method: &req.method,
         view: &label,

@@ -179,7 +179,11 @@ impl Pipeline {
                 Event::Exchange(exchange) => {
                     let profile = self.attribution.take(conn_id);
                     let local = local.cloned();
-                    self.route(target, Observed::Http(Box::new(HttpExchange { exchange, local, profile })));
+                    let tls = self.tls.knows(conn_id);
+                    self.route(
+                        target,
+                        Observed::Http(Box::new(HttpExchange { exchange, local, tls, profile })),
+                    );
                 }
                 Event::Error(e) => *self.stats.parse_errors.entry(("http", e.as_str())).or_default() += 1,
             }
@@ -283,13 +287,17 @@ impl Pipeline {
 
     /// The connection is gone: its parser's last events, then its state goes.
     fn close_conn(&mut self, conn_id: u64) {
-        self.tls.closed(conn_id);
-        let Some(target) = self.conns.get(conn_id).map(|c| c.target) else { return };
+        let Some(target) = self.conns.get(conn_id).map(|c| c.target) else {
+            self.tls.closed(conn_id);
+            return;
+        };
         if let Err(f) = fault::contain(|| self.close_parser(conn_id)) {
             self.parser_fault(conn_id, target, &f);
         }
         self.conns.remove(conn_id);
         self.attribution.closed(conn_id);
+        // Last: what the close completed was served over TLS.
+        self.tls.closed(conn_id);
     }
 
     fn close_parser(&mut self, conn_id: u64) {

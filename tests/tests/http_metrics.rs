@@ -7,7 +7,8 @@ mod harness;
 use harness::{
     django::{Gunicorn, Metrics, ObserverRun},
     ebpf_available,
-    mix::{assert_metrics, drive},
+    mix::{assert_metrics, assert_metrics_over, drive, drive_over},
+    tls::{Cert, Transport},
 };
 
 fn run_mix(worker_class: &str, keep_alive: bool) {
@@ -48,6 +49,40 @@ fn run_mix(worker_class: &str, keep_alive: bool) {
         1.0,
         "routes discovered with the first exchange"
     );
+}
+
+/// HTTPS served by gunicorn itself (`--certfile`): the requests' plaintext comes from the
+/// OpenSSL its `ssl` module links, and every family is what django-prometheus counts
+/// (`transport="https"`, Django's scheme on a TLS server).
+fn run_https_mix(worker_class: &str, keep_alive: bool) {
+    if !ebpf_available() {
+        return;
+    }
+    let cert = Cert::new();
+    let app = Gunicorn::start_https(worker_class, 2, &cert);
+    let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
+    let done = drive_over(&Transport::Tls(cert.client()), app.port, keep_alive);
+    let n = done.len() as f64;
+    let m = obs.wait_until("every exchange", |m| {
+        m.sum("django_http_responses_before_middlewares_total", &[]) >= n
+            && m.sum("observer_http_exchanges_total", &[]) >= n
+    });
+    assert_metrics_over(&m, &done, true);
+    assert_eq!(m.sum("observer_parse_errors_total", &[]), 0.0, "no parse errors on a clean run");
+    assert!(
+        m.sum("observer_tls_records_total", &[]) >= 2.0 * n,
+        "each request and response was read from OpenSSL"
+    );
+}
+
+#[test]
+fn gunicorn_sync_workers_serving_https_give_exact_django_http_metrics() {
+    run_https_mix("sync", false);
+}
+
+#[test]
+fn gunicorn_gthread_workers_serving_https_with_keep_alive_and_pipelining_give_exact_django_http_metrics() {
+    run_https_mix("gthread", true);
 }
 
 #[test]

@@ -268,17 +268,18 @@ impl HttpMetrics {
     }
 }
 
-/// Django's `request.is_secure()` under `SECURE_PROXY_SSL_HEADER` (`header`: the
-/// header's lower-case name and the value that means HTTPS): the first element of the
-/// header, stripped, must equal the value. The server joins repeated headers with commas
-/// before Django sees them, so the first header's first element is what counts.
-pub fn is_secure(proxy_headers: &[(String, String)], header: Option<(String, String)>) -> bool {
-    header.is_some_and(|(name, value)| {
-        proxy_headers
-            .iter()
-            .find(|(n, _)| *n == name)
-            .is_some_and(|(_, v)| v.split(',').next().unwrap_or_default().trim() == value)
-    })
+/// Django's `request.is_secure()`: under `SECURE_PROXY_SSL_HEADER` (`header`: the
+/// header's lower-case name and the value that means HTTPS), when the request has that
+/// header, the first element of it, stripped, must equal the value (the server joins
+/// repeated headers with commas before Django sees them, so the first header's first
+/// element is what counts); otherwise the server's own scheme: `tls`, the connection
+/// was TLS (gunicorn `--certfile`, uvicorn `--ssl-certfile`).
+pub fn is_secure(proxy_headers: &[(String, String)], header: Option<(String, String)>, tls: bool) -> bool {
+    let Some((name, value)) = header else { return tls };
+    match proxy_headers.iter().find(|(n, _)| *n == name) {
+        Some((_, v)) => v.split(',').next().unwrap_or_default().trim() == value,
+        None => tls,
+    }
 }
 
 #[cfg(test)]
@@ -293,13 +294,17 @@ mod tests {
         let hs = |vs: &[&str]| -> Vec<(String, String)> {
             vs.iter().map(|v| ("x-forwarded-proto".to_string(), v.to_string())).collect()
         };
-        assert!(is_secure(&hs(&["https"]), h()));
-        assert!(is_secure(&hs(&[" https , http"]), h()));
-        assert!(!is_secure(&hs(&["http, https"]), h()));
-        assert!(!is_secure(&hs(&["http", "https"]), h()));
-        assert!(!is_secure(&hs(&["HTTPS"]), h()));
-        assert!(!is_secure(&hs(&["https"]), None));
-        assert!(!is_secure(&[], h()));
+        assert!(is_secure(&hs(&["https"]), h(), false));
+        assert!(is_secure(&hs(&[" https , http"]), h(), false));
+        assert!(!is_secure(&hs(&["http, https"]), h(), false));
+        assert!(!is_secure(&hs(&["http", "https"]), h(), false));
+        assert!(!is_secure(&hs(&["HTTPS"]), h(), false));
+        assert!(!is_secure(&hs(&["https"]), None, false));
+        assert!(!is_secure(&[], h(), false));
+        // Over TLS: the scheme is https unless the header, when present, says otherwise.
+        assert!(is_secure(&[], h(), true));
+        assert!(is_secure(&hs(&["https"]), None, true));
+        assert!(!is_secure(&hs(&["http"]), h(), true));
     }
     use crate::django::expo;
 

@@ -31,10 +31,17 @@ fn redis_server(port: u16, dir: &TempDir, socket: &str, tls: bool) -> Child {
                 .expect("run openssl");
             assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
         }
-        vec!["--port".to_string(), "0".into(), "--tls-port".into(), port.to_string(), "--tls-cert-file".into(), crt]
-            .into_iter()
-            .chain(["--tls-key-file".to_string(), key, "--tls-auth-clients".into(), "no".into()])
-            .collect()
+        vec![
+            "--port".to_string(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            crt,
+        ]
+        .into_iter()
+        .chain(["--tls-key-file".to_string(), key, "--tls-auth-clients".into(), "no".into()])
+        .collect()
     } else {
         vec!["--port".to_string(), port.to_string()]
     };

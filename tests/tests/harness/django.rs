@@ -69,6 +69,23 @@ impl Gunicorn {
         django_prometheus: bool,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_full(prefix, worker_class, workers, django_prometheus, env, &[])
+    }
+
+    /// Serving HTTPS itself (`--certfile`/`--keyfile`).
+    pub fn start_https(worker_class: &str, workers: u32, cert: &super::tls::Cert) -> Self {
+        let args = ["--certfile", cert.crt.as_str(), "--keyfile", cert.key.as_str()];
+        Self::start_full(&[], worker_class, workers, false, &[], &args)
+    }
+
+    fn start_full(
+        prefix: &[&str],
+        worker_class: &str,
+        workers: u32,
+        django_prometheus: bool,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Self {
         let port = free_port();
         let python = venv_bin("python");
         let mut cmd = match prefix.split_first() {
@@ -90,6 +107,7 @@ impl Gunicorn {
             .args(["--workers", &workers.to_string(), "--worker-class", worker_class, "--threads", "4"])
             .args(["--keep-alive", "30", "--log-level", "warning"])
             .args(["--timeout", &super::gunicorn_timeout()])
+            .args(extra)
             .arg(application)
             .stdout(Stdio::null())
             .stderr(super::child_log("gunicorn"));
@@ -394,8 +412,17 @@ pub fn read_response<R: std::io::Read>(r: &mut BufReader<R>, head_request: bool)
 /// Sends raw bytes on a new connection and reads `n` responses (`heads`: which are
 /// answers to HEAD).
 pub fn raw_exchange(port: u16, bytes: &[u8], heads: &[bool]) -> Vec<Response> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(super::patience(20))).unwrap();
+    raw_exchange_over(&super::tls::Transport::Plain, port, bytes, heads)
+}
+
+/// [`raw_exchange`] over `t` (TLS or not).
+pub fn raw_exchange_over(
+    t: &super::tls::Transport,
+    port: u16,
+    bytes: &[u8],
+    heads: &[bool],
+) -> Vec<Response> {
+    let mut s = t.connect(port);
     s.write_all(bytes).expect("send");
     let mut r = BufReader::new(s);
     heads.iter().map(|&h| read_response(&mut r, h)).collect()

@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use super::django::{Metrics, Response, raw_exchange, read_response};
+use super::{
+    django::{Metrics, Response, raw_exchange_over, read_response},
+    tls::Transport,
+};
 
 pub const UUID: &str = "123e4567-e89b-12d3-a456-426614174000";
 
@@ -123,6 +126,12 @@ pub struct Expected {
 }
 
 pub fn expected(r: &Req, resp: &Response) -> Expected {
+    expected_over(r, resp, false)
+}
+
+/// [`expected`] for a request sent over TLS (`tls`) or not: Django's scheme is the
+/// server's unless the test app's SECURE_PROXY_SSL_HEADER is in the request.
+pub fn expected_over(r: &Req, resp: &Response, tls: bool) -> Expected {
     let known = ["GET", "HEAD", "POST", "PUT", "DELETE", "TRACE", "OPTIONS", "CONNECT", "PATCH"];
     let view = view_of(&r.path);
     // Chunked, or delimited by closing the connection (no Content-Length).
@@ -145,10 +154,10 @@ pub fn expected(r: &Req, resp: &Response) -> Expected {
         view: view.unwrap_or_else(|| "<unnamed view>".into()),
         raw_method: r.method.into(),
         method: if known.contains(&r.method) { r.method.into() } else { "<invalid method>".into() },
-        transport: if r.headers.iter().any(|(k, v)| *k == "X-Forwarded-Proto" && *v == "https") {
-            "https"
-        } else {
-            "http"
+        transport: match r.headers.iter().find(|(k, _)| *k == "X-Forwarded-Proto") {
+            Some((_, v)) if *v == "https" => "https",
+            None if tls => "https",
+            _ => "http",
         },
         status: status.to_string(),
         ajax: r.headers.iter().any(|(k, v)| *k == "X-Requested-With" && *v == "XMLHttpRequest"),
@@ -190,19 +199,22 @@ pub fn single_requests() -> Vec<Req> {
 
 /// Sends the mix; returns each request with the response the client read.
 pub fn drive(port: u16, keep_alive: bool) -> Vec<(Req, Response)> {
+    drive_over(&Transport::Plain, port, keep_alive)
+}
+
+/// [`drive`] over `t` (TLS or not).
+pub fn drive_over(t: &Transport, port: u16, keep_alive: bool) -> Vec<(Req, Response)> {
     let mut done = Vec::new();
     for r in single_requests() {
-        let resp = raw_exchange(port, &r.bytes(), &[r.method == "HEAD"]).remove(0);
+        let resp = raw_exchange_over(t, port, &r.bytes(), &[r.method == "HEAD"]).remove(0);
         done.push((r, resp));
     }
     if keep_alive {
         // Keep-alive: three requests one after the other on one connection.
         let seq = [req("GET", "/"), req("GET", "/shop/items/1/"), req("GET", "/nope")];
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(super::patience(20))).unwrap();
-        let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut reader = std::io::BufReader::new(t.connect(port));
         for r in seq {
-            std::io::Write::write_all(&mut s, &r.bytes()).unwrap();
+            std::io::Write::write_all(reader.get_mut(), &r.bytes()).unwrap();
             let resp = read_response(&mut reader, false);
             done.push((r, resp));
         }
@@ -215,7 +227,7 @@ pub fn drive(port: u16, keep_alive: bool) -> Vec<(Req, Response)> {
         ];
         let bytes: Vec<u8> = pipe.iter().flat_map(Req::bytes).collect();
         let heads: Vec<bool> = pipe.iter().map(|r| r.method == "HEAD").collect();
-        let resps = raw_exchange(port, &bytes, &heads);
+        let resps = raw_exchange_over(t, port, &bytes, &heads);
         done.extend(pipe.into_iter().zip(resps));
     }
     done
@@ -251,7 +263,12 @@ fn buckets(m: &Metrics, name: &str) -> BTreeMap<u64, f64> {
 
 /// Every family, exactly.
 pub fn assert_metrics(m: &Metrics, done: &[(Req, Response)]) {
-    let ex: Vec<Expected> = done.iter().map(|(r, resp)| expected(r, resp)).collect();
+    assert_metrics_over(m, done, false)
+}
+
+/// [`assert_metrics`] for requests sent over TLS (`tls`) or not.
+pub fn assert_metrics_over(m: &Metrics, done: &[(Req, Response)], tls: bool) {
+    let ex: Vec<Expected> = done.iter().map(|(r, resp)| expected_over(r, resp, tls)).collect();
     let n = ex.len() as f64;
     let ignore = ["job", "instance"];
     assert_eq!(m.sum("django_http_requests_before_middlewares_total", &[]), n);

@@ -24,6 +24,7 @@ pub mod django;
 pub mod mix;
 pub mod postgres;
 pub mod prometheus;
+pub mod tls;
 
 /// Whether eBPF tests can run here. When they cannot, [`skip`] decides: a failure,
 /// unless skipping was asked for.
