@@ -140,7 +140,10 @@ struct Inflight {
     conn_id: u64,
     fd: u32,
     op: u8,
-    _pad: [u8; 3],
+    /// The syscall last completed on the thread (`op` taken back by its exit), with
+    /// `conn_id`, `fd` and `enter_ns` still its own: see [`last_recv`].
+    done: u8,
+    _pad: [u8; 2],
 }
 
 const OP_SOCKET: u8 = 32;
@@ -240,7 +243,7 @@ const OP_NONE: u8 = 0;
 /// which the profile showed as the costliest part of the enter programs.
 #[inline(always)]
 fn stash(pid_tgid: u64, op: u8, fd: u32, ptr: u64, arg: u64, conn_id: u64) {
-    let v = Inflight { enter_ns: now(), ptr, arg, conn_id, fd, op, _pad: [0; 3] };
+    let v = Inflight { enter_ns: now(), ptr, arg, conn_id, fd, op, done: OP_NONE, _pad: [0; 2] };
     if let Some(p) = INFLIGHT.get_ptr_mut(pid_tgid) {
         // SAFETY: the thread's own slot: only this thread's programs touch it.
         unsafe { *p = v };
@@ -260,12 +263,32 @@ fn unstash(pid_tgid: u64, op: u8) -> Option<Inflight> {
     let v = unsafe {
         let v = *p;
         (*p).op = OP_NONE;
+        (*p).done = if v.op == op { op } else { OP_NONE };
         v
     };
     if v.op != op || op == OP_NONE {
         return None;
     }
     Some(v)
+}
+
+/// The connection the thread's last syscall read from, if that was a successful read of
+/// a traced socket, and when it started: an OpenSSL on a memory BIO (asyncio's
+/// `SSLObject`: uvicorn, daphne) decrypts what the event loop has just read off the
+/// socket, with no socket syscall of its own.
+#[inline(always)]
+pub(crate) fn last_recv(pid_tgid: u64) -> Option<(u64, u32, u64)> {
+    let p = INFLIGHT.get_ptr_mut(pid_tgid)?;
+    // SAFETY: the thread's own slot, copied out.
+    let v = unsafe { *p };
+    let read = v.done == Syscall::Read as u8
+        || v.done == Syscall::Readv as u8
+        || v.done == Syscall::Recvfrom as u8
+        || v.done == Syscall::Recvmsg as u8;
+    if !read || v.conn_id == 0 {
+        return None;
+    }
+    Some((v.conn_id, v.fd, v.enter_ns))
 }
 
 #[inline(always)]
@@ -395,6 +418,11 @@ fn exit_data(ctx: &RawTracePointContext, sys: Syscall, shape: Shape) {
     let Some(inf) = unstash(pid_tgid, sys as u8) else { return };
     let ret = ret(ctx);
     if ret <= 0 {
+        // Nothing was read: not what a memory BIO decrypts next.
+        if let Some(p) = INFLIGHT.get_ptr_mut(pid_tgid) {
+            // SAFETY: the thread's own slot.
+            unsafe { (*p).done = OP_NONE };
+        }
         return;
     }
     // Number this record in its fd's sequence, whether or not it reaches the ring.
@@ -961,7 +989,8 @@ fn exit_accept(c: &RawTracePointContext) {
         conn_id: 0,
         fd: u32::MAX,
         op: OP_ACCEPT,
-        _pad: [0; 3],
+        done: OP_NONE,
+        _pad: [0; 2],
     });
     let fd = ret(c);
     if fd < 0 {

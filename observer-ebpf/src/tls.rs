@@ -22,7 +22,12 @@ use aya_ebpf::{
 };
 use observer_ebpf::{DIR_RECV, DIR_SEND, FLAG_FAULT, FLAG_TRUNCATED, SslConn, SslKey, Syscall, counter};
 
-use crate::programs::{SCRATCH, capture_limit, count, insert_failed, now, output_data, read_into, tracked};
+use crate::programs::{
+    SCRATCH, capture_limit, count, insert_failed, last_recv, now, output_data, read_into, tracked,
+};
+
+/// How recent the thread's last socket read must be to be what a memory BIO decrypts.
+const MEMORY_BIO_WINDOW_NS: u64 = 100_000_000;
 
 /// What a thread is in the middle of: one `SSL_*` call at a time (calls do not nest,
 /// except the handshake ones: `SSL_connect` calls `SSL_do_handshake`).
@@ -126,6 +131,25 @@ fn tie(key: &SslKey, c: &SslCall, data: bool) -> Option<(u64, u32, u32)> {
     Some((c.conn_id, c.fd, 0))
 }
 
+/// An `SSL*` never seen on a socket, on a memory BIO: plaintext read from it came from
+/// the socket the thread read just before the call (the event loop reads, then feeds
+/// the BIO and calls `SSL_read`). Its writes are tied once a read was: the app answers
+/// what it read. A tie seen by a nested syscall later replaces this one.
+#[inline(always)]
+fn memory_bio(key: &SslKey, pid_tgid: u64, op: u8, enter_ns: u64) -> Option<(u64, u32, u32)> {
+    if op != CALL_READ {
+        return None;
+    }
+    let (conn_id, fd, at) = last_recv(pid_tgid)?;
+    if at > enter_ns || enter_ns - at > MEMORY_BIO_WINDOW_NS {
+        return None;
+    }
+    if SSL_CONNS.insert(key, SslConn { conn_id, fd, seq: 1 }, 0).is_err() {
+        count(counter::TLS_TABLE_ERROR, 1);
+    }
+    Some((conn_id, fd, 0))
+}
+
 #[inline(always)]
 fn exit(ctx: &RetProbeContext, op: u8) {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -166,7 +190,8 @@ fn exit(ctx: &RetProbeContext, op: u8) {
     if total == 0 {
         return;
     }
-    let Some((conn_id, fd, seq)) = tie(&key, &c, true) else {
+    let Some((conn_id, fd, seq)) = tie(&key, &c, true).or_else(|| memory_bio(&key, pid_tgid, op, c.enter_ns))
+    else {
         count(counter::TLS_UNTIED, 1);
         return;
     };

@@ -15,10 +15,14 @@ use std::{
 
 use harness::{
     TempDir,
-    django::{Metrics, ObserverRun, Response, free_port, raw_exchange, read_response, root, venv_bin},
+    django::{
+        Metrics, ObserverRun, Response, free_port, raw_exchange, raw_exchange_over, read_response, root,
+        venv_bin,
+    },
     ebpf_available,
-    mix::{Body, Req, assert_metrics, req, single_requests},
+    mix::{Body, Req, assert_metrics, assert_metrics_over, req, single_requests},
     patience,
+    tls::{Cert, Transport},
 };
 
 /// An app server we started (and stop, by its PID).
@@ -94,25 +98,23 @@ fn asgi_requests() -> Vec<Req> {
 
 /// Sends `reqs` one per connection, then (when the server keeps connections alive) three
 /// on one connection with idle gaps between them.
-fn send(port: u16, reqs: Vec<Req>, keep_alive: bool) -> Vec<(Req, Response)> {
+fn send(t: &Transport, port: u16, reqs: Vec<Req>, keep_alive: bool) -> Vec<(Req, Response)> {
     let mut done: Vec<(Req, Response)> = reqs
         .into_iter()
         .map(|r| {
-            let resp = raw_exchange(port, &r.bytes(), &[r.method == "HEAD"]).remove(0);
+            let resp = raw_exchange_over(t, port, &r.bytes(), &[r.method == "HEAD"]).remove(0);
             (r, resp)
         })
         .collect();
     if keep_alive {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(patience(20))).unwrap();
-        let mut reader = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut reader = std::io::BufReader::new(t.connect(port));
         for (i, r) in
             [req("GET", "/"), req("GET", "/shop/items/1/"), req("GET", "/nope")].into_iter().enumerate()
         {
             if i > 0 {
                 std::thread::sleep(Duration::from_millis(300));
             }
-            s.write_all(&r.bytes()).unwrap();
+            reader.get_mut().write_all(&r.bytes()).unwrap();
             let resp = read_response(&mut reader, false);
             done.push((r, resp));
         }
@@ -122,8 +124,19 @@ fn send(port: u16, reqs: Vec<Req>, keep_alive: bool) -> Vec<(Req, Response)> {
 
 /// Traces `server`, sends the mix and checks every family exactly.
 fn check(server: &Server, port: u16, reqs: Vec<Req>, keep_alive: bool) -> (Vec<(Req, Response)>, Metrics) {
+    check_over(&Transport::Plain, server, port, reqs, keep_alive)
+}
+
+/// [`check`] with the requests sent over `t` (HTTPS when TLS).
+fn check_over(
+    t: &Transport,
+    server: &Server,
+    port: u16,
+    reqs: Vec<Req>,
+    keep_alive: bool,
+) -> (Vec<(Req, Response)>, Metrics) {
     let obs = ObserverRun::start(&["--pid", &server.pid().to_string()]);
-    let done = send(port, reqs, keep_alive);
+    let done = send(t, port, reqs, keep_alive);
     let n = done.len() as f64;
     let m = obs.wait_until("every exchange", |m| {
         m.sum("django_http_responses_before_middlewares_total", &[]) >= n
@@ -138,7 +151,7 @@ fn check(server: &Server, port: u16, reqs: Vec<Req>, keep_alive: bool) -> (Vec<(
             eprintln!("DEBUG {s:?}");
         }
     }
-    assert_metrics(&m, &done);
+    assert_metrics_over(&m, &done, matches!(t, Transport::Tls(_)));
     assert_eq!(m.sum("observer_targets", &[]), 1.0, "one app, one series set");
     assert_eq!(m.sum("observer_parse_errors_total", &[]), 0.0);
     (done, m)
@@ -292,6 +305,76 @@ fn uvicorn_alone() {
     eprintln!("uvicorn: {} requests", done.len());
 }
 
+/// uvicorn serving HTTPS itself (`--ssl-certfile`): asyncio's TLS runs OpenSSL on
+/// memory BIOs (no socket syscall inside an `SSL_*` call), so the plaintext it reads is
+/// tied to the socket the event loop read just before.
+#[test]
+fn uvicorn_alone_serving_https() {
+    if !ebpf_available() {
+        return;
+    }
+    let cert = Cert::new();
+    let port = free_port();
+    let server = Server::start(
+        python(&[
+            "-m",
+            "uvicorn",
+            "--port",
+            &port.to_string(),
+            "--log-level",
+            "warning",
+            "--ssl-certfile",
+            &cert.crt,
+            "--ssl-keyfile",
+            &cert.key,
+            "testproj.asgi:application",
+        ]),
+        libc::SIGTERM,
+        tcp_ready(port),
+    );
+    let (done, m) = check_over(&Transport::Tls(cert.client()), &server, port, asgi_requests(), true);
+    assert_eq!(m.sum("observer_records_lost_total", &[("reason", "tls_socket_unknown")]), 0.0);
+    eprintln!("uvicorn over HTTPS: {} requests", done.len());
+}
+
+/// HTTPS served by gunicorn's sync workers, recycled while traced (`--max-requests`):
+/// the uprobes (uretprobes included) stay on the library file whichever worker maps it,
+/// and no request of a new worker is missed.
+#[test]
+fn gunicorn_serving_https_while_its_workers_recycle() {
+    if !ebpf_available() {
+        return;
+    }
+    let cert = Cert::new();
+    let port = free_port();
+    let server = Server::start(
+        gunicorn(&[
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "2",
+            "--max-requests",
+            "20",
+            "--max-requests-jitter",
+            "5",
+            "--certfile",
+            &cert.crt,
+            "--keyfile",
+            &cert.key,
+            "testproj.wsgi:application",
+        ]),
+        libc::SIGTERM,
+        tcp_ready(port),
+    );
+    let before = server.children();
+    let reqs: Vec<Req> = (0..4).flat_map(|_| single_requests()).collect();
+    let (done, m) = check_over(&Transport::Tls(cert.client()), &server, port, reqs, false);
+    let after = server.children();
+    assert!(before.is_disjoint(&after), "both workers were recycled ({before:?} -> {after:?})");
+    assert_eq!(m.sum("observer_records_lost_total", &[("reason", "tls_socket_unknown")]), 0.0);
+    eprintln!("gunicorn over HTTPS, 2 recycling workers: {} requests", done.len());
+}
+
 #[test]
 fn daphne() {
     if !ebpf_available() {
@@ -413,7 +496,7 @@ fn gunicorn_on_a_unix_socket_behind_nginx_keep_alive_upstreams() {
         if round > 0 {
             std::thread::sleep(Duration::from_secs(1));
         }
-        done.extend(send(port, single_requests(), false));
+        done.extend(send(&Transport::Plain, port, single_requests(), false));
     }
     let n = done.len() as f64;
     let m = obs.wait_until("every exchange", |m| {
