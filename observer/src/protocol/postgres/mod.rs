@@ -745,7 +745,14 @@ impl PgParser {
         match m.tag {
             b'Q' => {
                 let mut u = self.batch.take().unwrap_or_else(|| Unit::new(ts));
-                let text = cstr(&m.keep).0;
+                let mut text = cstr(&m.keep).0;
+                // psycopg2 declares a named cursor through the cursor class
+                // django-prometheus wraps, in a simple Query: its execute(), counted as the
+                // query it runs. (psycopg 3's ServerCursor, which django-prometheus does
+                // not wrap, declares through the extended protocol.)
+                if let Some(query) = sql::declared_query(text) {
+                    text = query;
+                }
                 let shape = self.shape_of(text);
                 u.count(&sql::classify(text), Some(shape));
                 self.push(u, out);

@@ -143,6 +143,23 @@ pub fn classify(head: &[u8]) -> Kind {
     }
 }
 
+/// The query a Django server-side cursor's DECLARE runs (`DECLARE "_django_curs_..." ...
+/// CURSOR ... FOR <query>`), when the text is one.
+pub fn declared_query(text: &[u8]) -> Option<&[u8]> {
+    let mut buf = [0u8; 16];
+    let (n, _) = keyword(text, &mut buf)?;
+    if &buf[..n] != b"DECLARE" || !contains(text, b"\"_django_curs_") {
+        return None;
+    }
+    // The cursor's name is Django's (no " FOR " in it): the first " FOR " after it ends
+    // the declaration.
+    const NAME: &[u8] = b"\"_django_curs_";
+    let name_end = text.windows(NAME.len()).position(|w| w == NAME)? + NAME.len();
+    let after = &text[name_end..];
+    let at = after.windows(5).position(|w| w.eq_ignore_ascii_case(b" FOR "))?;
+    Some(skip_blank(&after[at + 5..]))
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -197,6 +214,16 @@ mod tests {
         assert_eq!(classify(b"FETCH FORWARD 2000 FROM \"_django_curs_140_sync_1\""), Kind::ServerCursor);
         assert_eq!(classify(b"CLOSE \"_django_curs_140_sync_1\""), Kind::ServerCursor);
         assert_eq!(classify(b"CLOSE \"mine\""), Kind::Other);
+        let declare =
+            b"DECLARE \"_django_curs_140_sync_1\" NO SCROLL CURSOR WITHOUT HOLD FOR  SELECT \"a\" FROM t";
+        assert_eq!(declared_query(declare), Some(&b"SELECT \"a\" FROM t"[..]));
+        assert_eq!(
+            declared_query(b"declare \"_django_curs_1_sync_2\" cursor for select 1"),
+            Some(&b"select 1"[..])
+        );
+        assert_eq!(declared_query(b"DECLARE \"mine\" CURSOR FOR SELECT 1"), None);
+        assert_eq!(declared_query(b"FETCH FORWARD 2000 FROM \"_django_curs_140_sync_1\""), None);
+        assert_eq!(declared_query(b"DECLARE \"_django_curs_140_sync_1\" NO SCROLL CURS"), None, "cut short");
     }
 
     #[test]

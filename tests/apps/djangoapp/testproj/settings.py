@@ -26,6 +26,11 @@ DATABASES = {}
 _pg = os.environ.get("OBSERVER_TEST_PG")
 if _pg:
     _pg = json.loads(_pg)
+    if _pg.get("driver") == "psycopg2":
+        import sys
+
+        # Django's backend imports psycopg 3 first and falls back to psycopg2.
+        sys.modules["psycopg"] = None
     _engine = "django_prometheus.db.backends.postgresql" if DJANGO_PROMETHEUS else "django.db.backends.postgresql"
     _options = {}
     if _pg.get("server_side_binding"):
