@@ -187,6 +187,7 @@ impl Printer {
                 "truncated": d.truncated(),
                 "fault": d.fault,
                 "no_capture": d.no_capture,
+                "ciphertext": d.ciphertext,
                 "seq": d.seq,
                 "data": base64::engine::general_purpose::STANDARD.encode(d.bytes),
             });
@@ -203,6 +204,9 @@ impl Printer {
             }
             if d.fault {
                 flags.push_str(" fault");
+            }
+            if d.ciphertext {
+                flags.push_str(" tls");
             }
             format!(
                 "{} pid={}/{} conn={:#x} [{}] {arrow} {} {}/{}{flags} \"{}\"",

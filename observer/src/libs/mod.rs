@@ -148,6 +148,7 @@ impl<L> Libraries<L> {
     /// Reads the mappings of `pid` and probes the libraries among them not probed yet.
     pub fn scan<A: Attach<Link = L>>(&mut self, pid: u32, a: &mut A) {
         self.stats.scans += 1;
+
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         self.mapped(pid, &maps::exec_mappings(&text), &root, a);
@@ -156,7 +157,15 @@ impl<L> Libraries<L> {
     /// `pid` maps `files` (paths as seen under `root`): each library among them is
     /// probed (once per file) and counted as used by `pid`.
     pub fn mapped<A: Attach<Link = L>>(&mut self, pid: u32, files: &[ExecMapping], root: &Path, a: &mut A) {
-        for m in files {
+        // Files named like a probed library first: reading the symbol tables of every
+        // other new file (libcrypto's take 20 ms) must not delay the probes of the one
+        // the app is about to call (its first TLS call follows its load closely).
+        let hinted = |m: &&ExecMapping| {
+            let name = m.path.rsplit('/').next().unwrap_or("");
+            self.kinds.iter().any(|k| name.starts_with(k.file_hint))
+        };
+        let (first, rest): (Vec<&ExecMapping>, Vec<&ExecMapping>) = files.iter().partition(hinted);
+        for m in first.into_iter().chain(rest) {
             if self.by_pid.get(&pid).is_some_and(|f| f.contains(&m.file)) {
                 continue;
             }
