@@ -283,7 +283,7 @@ impl Pump {
                 sink.record(&rec, None);
                 self.enter_sockets(*pid, *epoch, None);
                 // A new image: other libraries.
-                self.libs.gone(*pid, &mut self.probe);
+                self.libs.gone(*pid, std::time::Instant::now());
                 self.libs.scan(*pid, &mut self.probe);
             }
             Record::ProcExec { pid, tracked: false, .. } => {
@@ -320,7 +320,7 @@ impl Pump {
     }
 
     fn forget_process(&mut self, pid: u32) {
-        self.libs.gone(pid, &mut self.probe);
+        self.libs.gone(pid, std::time::Instant::now());
         self.listeners.retain(|&(t, _), _| t != pid);
         self.conns.drop_process(pid);
         for key in self.probe.socket_keys() {
@@ -334,6 +334,7 @@ impl Pump {
     /// The records such a process made before it died are handled first: they are all in
     /// the ring already (a dead process makes no more), so the order is check, drain, forget.
     fn gc<S: Sink>(&mut self, ring: &mut RingBuf<MapData>, sink: &mut S) {
+        self.libs.sweep(std::time::Instant::now(), &mut self.probe);
         let mut dead: BTreeSet<u32> =
             self.probe.socket_keys().into_iter().map(|k| k.tgid).filter(|&t| !targets::alive(t)).collect();
         let gone: Vec<u32> = self.probe.tracked().into_iter().filter(|&t| !targets::alive(t)).collect();

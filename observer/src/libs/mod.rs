@@ -17,6 +17,7 @@ use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 pub use maps::{ExecMapping, FileId};
@@ -119,11 +120,18 @@ pub struct LibStats {
 /// symbol tables again is the only cost).
 const MAX_VERDICTS: usize = 8192;
 
+/// How long a library no tracked process maps keeps its probes: an app that keeps
+/// starting short-lived processes mapping it (a worker's helper, a cron-like loop)
+/// must not set and remove 17 probes each time.
+pub const IDLE_GRACE: Duration = Duration::from_secs(30);
+
 /// The probed libraries and which tracked processes map them.
 pub struct Libraries<L> {
     kinds: &'static [Kind],
     verdicts: HashMap<FileId, Verdict>,
     attached: HashMap<FileId, Attached<L>>,
+    /// Probed files no tracked process maps, since when (removed after [`IDLE_GRACE`]).
+    idle: HashMap<FileId, (Attached<L>, Instant)>,
     /// The probed files each tracked process maps.
     by_pid: IdMap<u32, Vec<FileId>>,
     pub stats: LibStats,
@@ -135,14 +143,15 @@ impl<L> Libraries<L> {
             kinds,
             verdicts: HashMap::new(),
             attached: HashMap::new(),
+            idle: HashMap::new(),
             by_pid: IdMap::default(),
             stats: LibStats::default(),
         }
     }
 
-    /// Files with probes now.
+    /// Files with probes now (used or idle).
     pub fn files(&self) -> usize {
-        self.attached.len()
+        self.attached.len() + self.idle.len()
     }
 
     /// Reads the mappings of `pid` and probes the libraries among them not probed yet.
@@ -172,6 +181,9 @@ impl<L> Libraries<L> {
             let path = root.join(m.path.trim_start_matches('/'));
             let verdict = self.verdict(m, &path);
             let Verdict::Probe { kind, points } = verdict else { continue };
+            if let Some((at, _)) = self.idle.remove(&m.file) {
+                self.attached.insert(m.file, at);
+            }
             if !self.attached.contains_key(&m.file) {
                 let started = std::time::Instant::now();
                 match attach_all(a, &path, &points) {
@@ -263,14 +275,30 @@ impl<L> Libraries<L> {
     }
 
     /// `pid` is gone (or replaced its image): a library no tracked process maps any more
-    /// loses its probes.
-    pub fn gone<A: Attach<Link = L>>(&mut self, pid: u32, a: &mut A) {
+    /// goes idle, and loses its probes in [`sweep`](Self::sweep) if none maps it again
+    /// within [`IDLE_GRACE`].
+    pub fn gone(&mut self, pid: u32, now: Instant) {
         for f in self.by_pid.remove(&pid).unwrap_or_default() {
             let Some(at) = self.attached.get_mut(&f) else { continue };
             at.users = at.users.saturating_sub(1);
             if at.users == 0
                 && let Some(at) = self.attached.remove(&f)
             {
+                self.idle.insert(f, (at, now));
+            }
+        }
+    }
+
+    /// Removes the probes of libraries idle for [`IDLE_GRACE`] by `now`.
+    pub fn sweep<A: Attach<Link = L>>(&mut self, now: Instant, a: &mut A) {
+        let expired: Vec<FileId> = self
+            .idle
+            .iter()
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= IDLE_GRACE)
+            .map(|(f, _)| *f)
+            .collect();
+        for f in expired {
+            if let Some((at, _)) = self.idle.remove(&f) {
                 for (program, link) in at.links {
                     a.detach(program, link);
                 }

@@ -1,8 +1,12 @@
 //! The registry against real library files and a fake attacher.
 
-use std::os::unix::fs::MetadataExt;
+use std::{os::unix::fs::MetadataExt, time::Instant};
 
 use super::*;
+
+fn now() -> Instant {
+    Instant::now()
+}
 
 /// Records what would be attached; fails the `fail_at`-th attach.
 #[derive(Default)]
@@ -63,16 +67,40 @@ fn a_library_gets_its_probes_once_and_loses_them_with_its_last_process() {
     libs.mapped(10, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
     libs.forked(11, 12);
     assert_eq!((a.live.len(), libs.files(), libs.processes()), (set, 1, 3));
-    libs.gone(10, &mut a);
-    libs.gone(11, &mut a);
+    libs.gone(10, now());
+    libs.gone(11, now());
     assert_eq!(a.live.len(), set, "the child still maps it");
-    libs.gone(12, &mut a);
+    let t0 = now();
+    libs.gone(12, t0);
+    // Idle: kept a while, in case another process maps it again soon.
+    libs.sweep(t0 + IDLE_GRACE / 2, &mut a);
+    assert_eq!((a.live.len(), libs.files(), libs.processes()), (set, 1, 0));
+    libs.mapped(13, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
+    assert_eq!((a.calls, libs.stats.attached), (set, 1), "taken back from idle, not set again");
+    libs.gone(13, t0);
+    libs.sweep(t0 + IDLE_GRACE, &mut a);
     assert!(a.live.is_empty());
     assert_eq!((libs.files(), libs.processes()), (0, 0));
     assert_eq!((libs.stats.attached, libs.stats.detached, libs.stats.attach_errors), (1, 1, 0));
     // A later process gets them again, from the cached verdict.
-    libs.mapped(13, &[ssl], Path::new("/"), &mut a);
+    libs.mapped(14, &[ssl], Path::new("/"), &mut a);
     assert_eq!((a.live.len(), libs.stats.attached), (set, 2));
+}
+
+#[test]
+fn many_short_lived_processes_keep_one_set_of_probes() {
+    let Some(ssl) = libssl() else { return };
+    let mut libs = Libraries::new(std::slice::from_ref(&OPENSSL));
+    let mut a = Fake::default();
+    let t0 = now();
+    for pid in 0..10_000u32 {
+        let t = t0 + std::time::Duration::from_millis(u64::from(pid));
+        libs.mapped(pid, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
+        libs.gone(pid, t);
+        libs.sweep(t, &mut a);
+    }
+    assert_eq!((a.calls, a.live.len(), libs.stats.attached), (OPENSSL.points.len(), OPENSSL.points.len(), 1));
+    assert_eq!(libs.processes(), 0, "no memory per process left");
 }
 
 #[test]
@@ -109,7 +137,7 @@ fn a_refused_probe_removes_the_others_and_is_not_retried() {
     assert_eq!((libs.stats.attach_errors, libs.files(), libs.processes()), (1, 0, 0));
     libs.mapped(11, &[ssl], Path::new("/"), &mut a);
     assert_eq!(a.calls, 3, "not tried again");
-    libs.gone(10, &mut a);
+    libs.gone(10, now());
 }
 
 #[test]
@@ -129,6 +157,6 @@ fn the_agents_own_process_scans() {
     let mut a = Fake::default();
     libs.scan(std::process::id(), &mut a);
     assert_eq!(libs.stats.scans, 1);
-    libs.gone(std::process::id(), &mut a);
+    libs.gone(std::process::id(), now());
     assert!(a.live.is_empty());
 }
