@@ -207,6 +207,14 @@ fn the_daemonsets_capabilities_are_enough_and_each_tested_one_is_needed() {
             && m.sum("observer_route_discovery_total", &[("result", "success")]) == 1.0
     });
     assert_eq!(m.sum("observer_records_lost_total", &[]), 0.0);
+    // The uprobes too: gunicorn loads Python's ssl module, whose OpenSSL the agent finds
+    // through /proc/PID/root in the app's mount namespace and probes (PERFMON for the
+    // uprobe events, BPF for the programs, SYS_PTRACE to follow another user's root).
+    assert!(
+        m.sum("observer_uprobe_libraries_attached_total", &[]) >= 1.0,
+        "the app's OpenSSL got its probes"
+    );
+    assert_eq!(m.sum("observer_uprobe_attach_errors_total", &[]), 0.0);
     drop(obs);
 
     // Without SYS_ADMIN it cannot enter the app's mount namespace: discovery fails (and

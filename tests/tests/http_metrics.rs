@@ -122,3 +122,103 @@ fn django_apps_are_found_without_selectors_including_ones_started_later() {
     });
     assert!(m.sum("observer_targets", &[]) >= 1.0);
 }
+
+/// Bytes of a deterministic noise (xorshift), for the hostile TLS cases.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Closes `s` with a TCP reset (SO_LINGER 0), mid-whatever it was sending.
+fn reset(s: std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket fd and a linger struct of the size given.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+}
+
+/// Hostile TLS against a traced HTTPS server: garbage inside TLS (a well-formed TLS
+/// session whose plaintext is random bytes), TLS records cut by a reset (in the
+/// handshake, and in the middle of a request record), and many short sessions whose
+/// `SSL*` the server frees and reuses. The agent stays up, parses none of it as Django
+/// traffic, and then counts the request mix exactly.
+#[test]
+fn hostile_tls_is_counted_as_nothing_and_the_next_requests_exactly() {
+    use std::io::{Read as _, Write as _};
+    if !ebpf_available() {
+        return;
+    }
+    let cert = Cert::new();
+    let app = Gunicorn::start_https("sync", 2, &cert);
+    let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
+    let tls = Transport::Tls(cert.client());
+    for i in 0..10u64 {
+        // Random plaintext inside TLS: gunicorn answers 400 or closes.
+        let mut s = tls.connect(app.port);
+        let _ = s.write_all(&noise(i + 1, 4096));
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+        // A reset in the middle of the handshake's first record.
+        let mut t = std::net::TcpStream::connect(("127.0.0.1", app.port)).unwrap();
+        let mut hello = vec![0x16, 0x03, 0x01, 0x02, 0x00];
+        hello.extend(noise(i + 100, 60));
+        t.write_all(&hello).unwrap();
+        reset(t);
+    }
+    // A request cut by a reset inside TLS: raw TLS records are not reachable through the
+    // client, so the reset comes after part of a request's plaintext was written.
+    for _ in 0..5 {
+        let mut s = tls.connect(app.port);
+        s.write_all(b"GET /shop/items/1/ HTTP/1.1\r\nHost: x\r\nX-Pad: ").unwrap();
+        drop(s);
+    }
+    // Many short sessions (the server's SSL objects freed and their memory reused).
+    for _ in 0..30 {
+        assert_eq!(
+            harness::django::raw_exchange_over(
+                &tls,
+                app.port,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                &[false]
+            )[0]
+            .status,
+            200
+        );
+    }
+    let warm = obs.wait_until("the short sessions", |m| {
+        m.sum("django_http_responses_before_middlewares_total", &[]) >= 30.0
+    });
+    assert_eq!(
+        warm.sum("django_http_responses_before_middlewares_total", &[]),
+        30.0,
+        "only the real requests"
+    );
+    let before = obs.metrics();
+    let done = drive_over(&tls, app.port, true);
+    let n = done.len() as f64 + 30.0;
+    let m = obs.wait_until("every exchange", |m| {
+        m.sum("django_http_responses_before_middlewares_total", &[]) >= n
+            && m.sum("observer_http_exchanges_total", &[]) >= n
+    });
+    assert_eq!(m.sum("django_http_responses_before_middlewares_total", &[]), n);
+    assert!(
+        m.sum("observer_tls_connections_total", &[]) >= before.sum("observer_tls_connections_total", &[])
+    );
+    assert!(m.sum("observer_tls_ciphertext_bytes_total", &[]) > 0.0);
+    assert_eq!(m.sum("observer_parser_faults_total", &[]), 0.0);
+}

@@ -15,7 +15,6 @@ pub mod maps;
 
 use std::{
     collections::HashMap,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -233,12 +232,12 @@ impl<L> Libraries<L> {
         v
     }
 
+    /// The symbols are read through the same path the probes are then set on, so the
+    /// offsets are always those of the file probed. (That file is not compared with
+    /// the mapping's device and inode: on overlayfs, a container's root, the mapping
+    /// names the real file underneath while the path shows the overlay's; the kernel
+    /// sets a uprobe on the real file, as the process maps it.)
     fn read_verdict(&mut self, m: &ExecMapping, path: &Path) -> Verdict {
-        // The file under that path now must be the one mapped (not replaced since).
-        match std::fs::metadata(path) {
-            Ok(md) if dev_of(md.dev()) == m.file.dev && md.ino() == m.file.inode => {}
-            _ => return Verdict::Nothing,
-        }
         let name = m.path.rsplit('/').next().unwrap_or("");
         for (i, kind) in self.kinds.iter().enumerate() {
             let symbols: Vec<&'static str> = kind.points.iter().map(|p| p.symbol).collect();
@@ -332,11 +331,6 @@ fn attach_all<A: Attach>(
         }
     }
     Ok(links)
-}
-
-/// `st_dev` as `/proc/PID/maps` writes it: `major << 32 | minor`.
-fn dev_of(st_dev: u64) -> u64 {
-    (u64::from(libc::major(st_dev)) << 32) | u64::from(libc::minor(st_dev))
 }
 
 #[cfg(test)]
