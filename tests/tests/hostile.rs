@@ -99,19 +99,6 @@ fn still_sound(server: &Server, obs: &ObserverRun, idle_kib: u64, grown_mib: u64
     obs.metrics()
 }
 
-/// Deterministic bytes (xorshift), so a failure can be replayed.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn parse_errors(m: &Metrics, reason: &str) -> f64 {
     m.sum("observer_parse_errors_total", &[("protocol", "http"), ("reason", reason)])
 }
@@ -126,8 +113,11 @@ fn arbitrary_bytes_both_ways() {
     // Noise in (answered with noise), and requests answered with noise.
     for i in 0..200u64 {
         let mut s = server.connect();
-        let head =
-            if i % 2 == 0 { noise(i, 4096) } else { b"GET /garbage HTTP/1.1\r\nHost: t\r\n\r\n".to_vec() };
+        let head = if i % 2 == 0 {
+            harness::noise(i, 4096)
+        } else {
+            b"GET /garbage HTTP/1.1\r\nHost: t\r\n\r\n".to_vec()
+        };
         s.write_all(&head).unwrap();
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);

@@ -165,19 +165,6 @@ fn bytes(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
 }
 
-/// Deterministic noise (xorshift), so that a failure can be replayed.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// The HTTP catalogue against the app on the real stack.
 fn http_catalogue() -> Vec<Case> {
     let chunked =
@@ -278,7 +265,7 @@ fn http_catalogue() -> Vec<Case> {
         ),
         // Pipelined garbage after a valid request (keep-alive: gunicorn reads it next).
         case("garbage after a request", vec![bytes(&[keep, b"\x00\x01garbage\xff\r\n\r\n"])], Then::Read),
-        case("noise after a request", vec![bytes(&[keep, &noise(17, 3000)])], Then::Read),
+        case("noise after a request", vec![bytes(&[keep, &harness::noise(17, 3000)])], Then::Read),
         case(
             "an invalid request line after a request",
             vec![bytes(&[keep, b"GET /\xff HTTP/1.1\r\nHost: t\r\n\r\n"])],

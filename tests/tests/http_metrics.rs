@@ -123,19 +123,6 @@ fn django_apps_are_found_without_selectors_including_ones_started_later() {
     assert!(m.sum("observer_targets", &[]) >= 1.0);
 }
 
-/// Bytes of a deterministic noise (xorshift), for the hostile TLS cases.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Closes `s` with a TCP reset (SO_LINGER 0), mid-whatever it was sending.
 fn reset(s: std::net::TcpStream) {
     use std::os::fd::AsRawFd as _;
@@ -170,13 +157,13 @@ fn hostile_tls_is_counted_as_nothing_and_the_next_requests_exactly() {
     for i in 0..10u64 {
         // Random plaintext inside TLS: gunicorn answers 400 or closes.
         let mut s = tls.connect(app.port);
-        let _ = s.write_all(&noise(i + 1, 4096));
+        let _ = s.write_all(&harness::noise(i + 1, 4096));
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
         // A reset in the middle of the handshake's first record.
         let mut t = std::net::TcpStream::connect(("127.0.0.1", app.port)).unwrap();
         let mut hello = vec![0x16, 0x03, 0x01, 0x02, 0x00];
-        hello.extend(noise(i + 100, 60));
+        hello.extend(harness::noise(i + 100, 60));
         t.write_all(&hello).unwrap();
         reset(t);
     }
