@@ -209,6 +209,8 @@ impl Pipeline {
                 _ => (false, None, None, None, false, &mut false),
             };
             let key = || Key { thread: thread.1, peer: peer.clone(), user: user.clone() };
+            // A failure libpq may retry with the other encryption is held a moment.
+            let hold = matches!(ev, postgres::Event::AttemptFailed { sqlstate: Some(_) }) && !*retry;
             let what = match ev {
                 postgres::Event::Attempt { .. } => {
                     if self.fallback.retry(&key(), tls, now) {
@@ -217,22 +219,6 @@ impl Pipeline {
                         continue;
                     }
                     DbWhat::Attempt
-                }
-                postgres::Event::AttemptFailed { sqlstate: Some(_) } if !*retry => {
-                    // It may be retried with the other encryption: held a moment.
-                    let what = DbWhat::AttemptFailed;
-                    let held = DbEvent {
-                        confirm,
-                        peer: peer.clone(),
-                        user: user.clone(),
-                        database,
-                        vendor: POSTGRESQL,
-                        what,
-                    };
-                    if let Some((t, ev)) = self.fallback.hold(key(), tls, now, (target, held)) {
-                        self.route(t, Observed::Db(ev));
-                    }
-                    continue;
                 }
                 postgres::Event::AttemptFailed { .. } => DbWhat::AttemptFailed,
                 postgres::Event::Statement(st) => {
@@ -256,10 +242,16 @@ impl Pipeline {
                     continue;
                 }
             };
-            self.route(
-                target,
-                Observed::Db(DbEvent { confirm, peer, user, database, vendor: POSTGRESQL, what }),
-            );
+            let held_key = hold.then(key);
+            let db = DbEvent { confirm, peer, user, database, vendor: POSTGRESQL, what };
+            match held_key {
+                Some(k) => {
+                    if let Some((t, released)) = self.fallback.hold(k, tls, now, (target, db)) {
+                        self.route(t, Observed::Db(released));
+                    }
+                }
+                None => self.route(target, Observed::Db(db)),
+            }
         }
         self.pg_events = events;
         self.pg_events.clear();

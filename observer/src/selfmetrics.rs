@@ -287,7 +287,7 @@ impl SelfStats {
         ));
         out.push(family(
             "observer_db_encrypted_connections_total",
-            "Database connections that switched to TLS or GSS encryption: counted as connections, not parsed.",
+            "Database connections that switched to TLS or GSS encryption (TLS ones are parsed from the app's OpenSSL plaintext when it is probed; GSS ones are counted as connections, not parsed).",
             MetricType::COUNTER,
             vec![(vec![("vendor", "postgresql")], self.db_encrypted as f64)],
         ));
