@@ -179,6 +179,13 @@ pub struct ProbeArgs {
     /// Syscalls in flight at once, one per thread of a traced process [default: 16384].
     #[arg(long, value_name = "N")]
     max_inflight_syscalls: Option<u32>,
+    /// Library files whose symbol tables are remembered (what they are, where the
+    /// uprobes go) [default: 8192].
+    #[arg(long, value_name = "N")]
+    max_library_files: Option<usize>,
+    /// How long a library no traced process maps keeps its uprobes [default: 30].
+    #[arg(long, value_name = "SECS")]
+    uprobe_idle_grace: Option<u64>,
 }
 
 impl ProbeArgs {
@@ -190,6 +197,17 @@ impl ProbeArgs {
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(d.max_connections),
             max_processes: self.max_processes.or(file.max_processes).unwrap_or(d.max_processes),
             max_inflight: self.max_inflight_syscalls.or(file.max_inflight_syscalls).unwrap_or(d.max_inflight),
+            libraries: crate::libs::Bounds {
+                max_files: self
+                    .max_library_files
+                    .or(file.max_library_files)
+                    .unwrap_or(d.libraries.max_files)
+                    .max(1),
+                idle_grace: self
+                    .uprobe_idle_grace
+                    .or(file.uprobe_idle_grace)
+                    .map_or(d.libraries.idle_grace, Duration::from_secs),
+            },
         }
     }
 }
@@ -372,7 +390,7 @@ async fn top(args: TopArgs) -> Result<()> {
     let screen = crate::top::Top::new(Box::new(std::io::stdout()), tty, terminal_width().unwrap_or(160));
     let shared = std::sync::Arc::new(std::sync::Mutex::new(crate::server::Exposition::default()));
     let mut pipeline = Pipeline::new(settings, shared).with_top(screen);
-    let mut pump = Pump::new(probe, selector, opts.max_connections as usize, false);
+    let mut pump = Pump::new(probe, selector, &opts, false);
     pump.start(&mut pipeline);
     pump.run(&mut pipeline, shutdown.wait(duration)).await.context("reading the ring buffer")?;
     Ok(())
@@ -406,7 +424,7 @@ async fn trace(args: TraceArgs) -> Result<()> {
     } else {
         None
     };
-    let mut pump = Pump::new(probe, selector, opts.max_connections as usize, true);
+    let mut pump = Pump::new(probe, selector, &opts, true);
     let mut printer = Printer::new(args.json, args.preview_bytes);
     let pids = pump.start(&mut printer);
     if pids.is_empty() {
@@ -534,7 +552,7 @@ async fn run(args: RunArgs) -> Result<()> {
         tracing::info!("no --pid, --comm or --port: tracing the Django processes found on this host");
     }
     let mut pipeline = Pipeline::new(settings, shared);
-    let mut pump = Pump::new(probe, selector, opts.max_connections as usize, false);
+    let mut pump = Pump::new(probe, selector, &opts, false);
     pump.start(&mut pipeline);
     pump.run(&mut pipeline, shutdown.wait(None)).await.context("reading the ring buffer")?;
     tracing::info!("stopped");

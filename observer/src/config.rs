@@ -66,6 +66,8 @@ pub struct FileConfig {
     pub max_connections: Option<u32>,
     pub max_processes: Option<u32>,
     pub max_inflight_syscalls: Option<u32>,
+    pub max_library_files: Option<usize>,
+    pub uprobe_idle_grace: Option<u64>,
     pub models: Option<Vec<String>>,
     pub max_models: Option<usize>,
     pub migrations: Option<bool>,

@@ -8,12 +8,12 @@
 use std::sync::Arc;
 
 use crate::{
-    app::lifecycle::App,
+    app::{lifecycle::App, tls::Connection},
     django::{
         db::{DbObservation, POSTGRESQL},
         http::{Body, HttpObservation, UNNAMED_VIEW},
     },
-    events::SockAddr,
+    events::{Role, SockAddr},
     profile::{Profile, metrics::ViewObservation},
     protocol::{
         KeyGet, Outcome, Wire,
@@ -21,6 +21,7 @@ use crate::{
         postgres::{self, Failure, sql::TableWrite, sqlstate},
     },
     selfmetrics::SelfStats,
+    stream::tls::Opacity,
     views::View,
 };
 
@@ -32,6 +33,8 @@ pub enum Observed {
     Cache(CacheLookup),
     /// A connect that failed before any byte: to a database, a cache, or neither.
     Refused(SockAddr),
+    /// A TLS connection that closed without its plaintext seen.
+    TlsOpaque(TlsOpaque),
 }
 
 impl Observed {
@@ -42,6 +45,7 @@ impl Observed {
             Self::Db(ev) => ev.vendor,
             Self::Cache(c) => c.wire.name(),
             Self::Refused(_) => "connect",
+            Self::TlsOpaque(_) => "tls",
         }
     }
 }
@@ -112,6 +116,14 @@ impl DbStatement {
     }
 }
 
+/// A TLS connection nobody decrypted, and why (see `stream::tls`).
+#[derive(Debug, Clone)]
+pub struct TlsOpaque {
+    pub role: Role,
+    pub peer: Option<SockAddr>,
+    pub reason: Opacity,
+}
+
 /// A lookup on a Redis or memcached connection.
 #[derive(Debug, Clone)]
 pub struct CacheLookup {
@@ -126,6 +138,7 @@ pub enum Count {
     Http(Box<HttpExchange>),
     Db { alias: String, vendor: &'static str, what: DbWhat },
     CacheGet { backend: &'static str, outcome: Outcome },
+    TlsOpaque { connection: Connection, reason: Opacity },
 }
 
 impl Count {
@@ -170,6 +183,15 @@ pub fn classify(app: &App, obs: Observed, stats: &mut SelfStats) -> Option<Count
             };
             Some(Count::CacheGet { backend, outcome: c.get.outcome })
         }
+        Observed::TlsOpaque(t) => {
+            let connection = match (t.role, &t.peer) {
+                (Role::Server, _) => Connection::Served,
+                (Role::Client, Some(p)) if app.aliases.by_address(p).is_some() => Connection::Database,
+                (Role::Client, Some(p)) if app.caches.by_address(p).is_some() => Connection::Cache,
+                (Role::Client, _) => Connection::Other,
+            };
+            Some(Count::TlsOpaque { connection, reason: t.reason })
+        }
     }
 }
 
@@ -202,6 +224,12 @@ pub fn count(
             if let Some(f) = app.families.as_ref() {
                 f.cache.observe(backend, *outcome);
                 stats.cache_gets += 1;
+            }
+            None
+        }
+        Count::TlsOpaque { connection, reason } => {
+            if let Some(f) = app.families.as_ref() {
+                f.tls.opaque(*connection, *reason);
             }
             None
         }

@@ -116,6 +116,7 @@ impl LossReport {
                     kc(counter::PROC_TABLE_FULL) + u.process_table_full,
                 ),
                 c("observer_table_full_total", &[("table", "connections")], u.connection_table_full),
+                c("observer_table_full_total", &[("table", "library_files")], u.libs.verdicts_full),
                 c(
                     "observer_table_errors_total",
                     &[("table", "sockets")],

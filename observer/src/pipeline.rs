@@ -16,8 +16,9 @@ use crate::{
     conns::{ConnInfo, ConnTable},
     django::db::POSTGRESQL,
     events::{Data, Direction, Record, Role, SockAddr},
-    exchange::{self, CacheLookup, DbEvent, DbStatement, DbWhat, HttpExchange, Observed},
+    exchange::{self, CacheLookup, DbEvent, DbStatement, DbWhat, HttpExchange, Observed, TlsOpaque},
     fault,
+    libs::LibState,
     loss::LossReport,
     parsers::{ConnState, Parsers, PgConn, Proto},
     profile::{Attribution, CacheWork, Work},
@@ -36,7 +37,7 @@ use crate::{
     server::Exposition,
     stream::{
         Gap, Segment, Streams,
-        tls::{Feed, Tls},
+        tls::{ClosedOpaque, Feed, Origin, Tls},
     },
     targets,
     top::{Sample as TopSample, Top},
@@ -233,7 +234,8 @@ impl Pipeline {
                 }
                 postgres::Event::Encrypted => {
                     self.stats.db_encrypted += 1;
-                    self.tls.encrypted(conn_id);
+                    let origin = Origin { target, tgid: thread.0, role: Role::Client, peer: peer.clone() };
+                    self.tls.encrypted(conn_id, origin);
                     continue;
                 }
                 postgres::Event::Cancel => continue,
@@ -280,7 +282,7 @@ impl Pipeline {
     /// The connection is gone: its parser's last events, then its state goes.
     fn close_conn(&mut self, conn_id: u64) {
         let Some(target) = self.conns.get(conn_id).map(|c| c.target) else {
-            self.tls.closed(conn_id);
+            self.tls_closed(conn_id);
             return;
         };
         if let Err(f) = fault::contain(|| self.close_parser(conn_id)) {
@@ -289,7 +291,22 @@ impl Pipeline {
         self.conns.remove(conn_id);
         self.attribution.closed(conn_id);
         // Last: what the close completed was served over TLS.
-        self.tls.closed(conn_id);
+        self.tls_closed(conn_id);
+    }
+
+    /// A connection's TLS state ends; one that stayed opaque is counted under its app.
+    fn tls_closed(&mut self, conn_id: u64) {
+        if let Some(c) = self.tls.closed(conn_id) {
+            self.opaque_closed(c);
+        }
+    }
+
+    fn opaque_closed(&mut self, c: ClosedOpaque) {
+        let ClosedOpaque { origin, reason } = c;
+        self.route(
+            origin.target,
+            Observed::TlsOpaque(TlsOpaque { role: origin.role, peer: origin.peer, reason }),
+        );
     }
 
     fn close_parser(&mut self, conn_id: u64) {
@@ -480,7 +497,8 @@ impl Sink for Pipeline {
                 // Every record of a traced process's connection, decided or not, so that
                 // a gap is seen wherever it falls.
                 let seg = self.streams.segment(d);
-                match self.tls.feed(d) {
+                let origin = || Origin { target, tgid: d.tgid, role: conn.role, peer: conn.peer.clone() };
+                match self.tls.feed(d, origin) {
                     Feed::Plain | Feed::Plaintext => {}
                     Feed::FirstPlaintext => self.plaintext_begins(d.conn_id),
                     Feed::Ciphertext { flagged } => {
@@ -495,7 +513,7 @@ impl Sink for Pipeline {
                     if !d.syscall.is_tls() && detect::is_tls_record(seg.chunk.bytes) {
                         // A handshake nobody decrypts (yet): its plaintext, if it comes,
                         // decides the protocol.
-                        self.tls.encrypted(d.conn_id);
+                        self.tls.encrypted(d.conn_id, origin());
                         return;
                     }
                     let Some(proto) = self.new_proto(app, conn.role, &seg.chunk, conn.peer.as_ref()) else {
@@ -567,6 +585,7 @@ impl Sink for Pipeline {
                 for id in owned {
                     self.close_conn(id);
                 }
+                self.tls.process_gone(*pid);
                 self.attribution.process_gone(*pid);
                 let mut dropped = Vec::new();
                 self.apps.exited(*pid, Instant::now(), &mut dropped);
@@ -595,7 +614,12 @@ impl Sink for Pipeline {
             for id in gone {
                 self.close_conn(id);
             }
-            self.tls.retain(|id| conns.get(id).is_some());
+            let mut closed = Vec::new();
+            self.tls.retain(|id| conns.get(id).is_some(), &mut closed);
+            for c in closed {
+                self.opaque_closed(c);
+            }
+            self.tls.retain_processes(targets::alive);
             let mut dropped = Vec::new();
             self.apps.sweep(now, &mut dropped);
             self.forget_apps(dropped);
@@ -605,6 +629,10 @@ impl Sink for Pipeline {
             self.tls.shrink_idle();
             self.apps.shrink_idle();
         }
+    }
+
+    fn libraries(&mut self, pid: u32, state: LibState) {
+        self.tls.libraries(pid, state);
     }
 
     fn report(&mut self, loss: &LossReport, live: Live) {

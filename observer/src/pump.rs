@@ -40,6 +40,9 @@ pub trait Sink {
     fn flush(&mut self, _conns: &ConnTable) {}
     /// Once a second: the loss counters and how much is being traced.
     fn report(&mut self, _loss: &LossReport, _live: Live) {}
+    /// What a traced process maps of the probed libraries changed (why its TLS is, or
+    /// is not, decrypted).
+    fn libraries(&mut self, _pid: u32, _state: libs::LibState) {}
 }
 
 /// What the pump is tracking right now.
@@ -91,16 +94,21 @@ fn role_code(r: Role) -> u8 {
 }
 
 impl Pump {
-    pub fn new(probe: Probe, selector: Selector, max_connections: usize, resolve_addresses: bool) -> Self {
+    pub fn new(
+        probe: Probe,
+        selector: Selector,
+        opts: &crate::ebpf::Options,
+        resolve_addresses: bool,
+    ) -> Self {
         Self {
             probe,
-            conns: ConnTable::new(max_connections),
+            conns: ConnTable::new(opts.max_connections as usize),
             selector,
             own_pid: std::process::id(),
             user: UserCounters::default(),
             resolve_addresses,
             listeners: HashMap::new(),
-            libs: Libraries::new(std::slice::from_ref(&libs::OPENSSL)),
+            libs: Libraries::new(std::slice::from_ref(&libs::OPENSSL), opts.libraries),
             remap: Vec::new(),
         }
     }
@@ -135,7 +143,7 @@ impl Pump {
                 tracing::info!(pid, why, "tracing process");
                 sink.tracked(pid, why);
                 self.enter_sockets(pid, epoch, None);
-                self.libs.scan(pid, &mut self.probe);
+                self.scan_libraries(pid, sink);
             }
             Err(e) => {
                 if e.is_full() {
@@ -278,13 +286,14 @@ impl Pump {
                 }
                 self.enter_sockets(*pid, 0, None);
                 self.libs.forked(*parent, *pid);
+                sink.libraries(*pid, self.libs.state(*pid));
             }
             Record::ProcExec { pid, tracked: true, epoch, .. } => {
                 sink.record(&rec, None);
                 self.enter_sockets(*pid, *epoch, None);
                 // A new image: other libraries.
                 self.libs.gone(*pid, std::time::Instant::now());
-                self.libs.scan(*pid, &mut self.probe);
+                self.scan_libraries(*pid, sink);
             }
             Record::ProcExec { pid, tracked: false, .. } => {
                 if let Some(why) = self.selector.matches_new(*pid) {
@@ -302,6 +311,12 @@ impl Pump {
                 }
             }
         }
+    }
+
+    /// Reads what `pid` maps, probes the libraries among them, and says what it has.
+    fn scan_libraries<S: Sink>(&mut self, pid: u32, sink: &mut S) {
+        self.libs.scan(pid, &mut self.probe);
+        sink.libraries(pid, self.libs.state(pid));
     }
 
     /// The bound address of a listening socket, cached: listeners live long, so /proc
@@ -377,7 +392,7 @@ impl Pump {
         // sooner they are set, the fewer of the first TLS calls are missed.
         for pid in std::mem::take(&mut self.remap) {
             if self.probe.epoch(pid).is_some() {
-                self.libs.scan(pid, &mut self.probe);
+                self.scan_libraries(pid, sink);
             }
         }
         sink.flush(&self.conns);

@@ -278,7 +278,7 @@ impl SelfStats {
         ));
         out.push(family(
             "observer_tls_connections_total",
-            "TLS connections closed, by whether their plaintext was seen (decrypted) or not (opaque: no probed OpenSSL, e.g. Go, rustls, BoringSSL, a stripped static build, or a handshake before the probes were set).",
+            "TLS connections closed, by whether their plaintext was seen (decrypted) or not (opaque: each app's observer_tls_opaque_connections_total says which and why).",
             MetricType::COUNTER,
             vec![
                 (vec![("plaintext", "decrypted")], self.tls.decrypted as f64),

@@ -209,3 +209,67 @@ fn hostile_tls_is_counted_as_nothing_and_the_next_requests_exactly() {
     assert!(m.sum("observer_tls_ciphertext_bytes_total", &[]) > 0.0);
     assert_eq!(m.sum("observer_parser_faults_total", &[]), 0.0);
 }
+
+/// TLS the agent cannot decrypt is counted under its app, by which connection it was and
+/// why: sessions closed after their handshake (served, `no_plaintext`), HTTPS requests the
+/// app makes with GnuTLS in a worker whose OpenSSL is probed (`not_tied`), and the same
+/// from a child process that maps no OpenSSL at all (`no_probed_library`, as a Go or
+/// rustls client would be). None of it is parsed; the requests around it are counted.
+#[test]
+fn tls_nobody_decrypts_is_counted_under_its_app_with_the_reason() {
+    if !ebpf_available() {
+        return;
+    }
+    let cert = Cert::new();
+    // Three workers: one calls the app itself while another serves that call.
+    let app = Gunicorn::start_https("sync", 3, &cert);
+    let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
+    let tls = Transport::Tls(cert.client());
+    for _ in 0..3 {
+        tls.handshake_only(app.port);
+    }
+    // A child process mapping a "libssl" that is none (no SSL_* functions: a stripped
+    // or foreign build under OpenSSL's name).
+    let dir = harness::TempDir::new("fake-libssl");
+    let fake = dir.0.join("libssl-0badc0de.so.3");
+    std::fs::copy("/usr/lib/x86_64-linux-gnu/libz.so.1", &fake).unwrap();
+    let url = format!("https://127.0.0.1:{}/", app.port);
+    let stripped = format!("&child=1&preload={}", fake.display());
+    for child in ["", "&child=1", "", "&child=1", stripped.as_str()] {
+        let req = format!("GET /gnutls?url={url}{child} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = harness::django::raw_exchange_over(&tls, app.port, req.as_bytes(), &[false]);
+        assert_eq!(r[0].status, 200, "the GnuTLS request{child} succeeded");
+    }
+    let opaque = |m: &Metrics, connection: &str, reason: &str| {
+        m.sum("observer_tls_opaque_connections_total", &[("connection", connection), ("reason", reason)])
+    };
+    // 5 requests to /gnutls, and the 5 HEADs they made to /.
+    let m = obs.wait_until("the requests and the opaque connections", |m| {
+        m.sum("django_http_responses_before_middlewares_total", &[]) >= 10.0
+            && m.sum("observer_tls_opaque_connections_total", &[]) >= 8.0
+            // The agent's own counters are published once a second.
+            && m.sum("observer_uprobe_libraries_without_symbols_total", &[]) >= 1.0
+    });
+    assert_eq!(m.sum("django_http_responses_before_middlewares_total", &[]), 10.0);
+    assert_eq!(m.sum("django_http_requests_total_by_method_total", &[("method", "HEAD")]), 5.0);
+    assert_eq!(
+        opaque(&m, "served", "no_plaintext"),
+        3.0,
+        "{:?}",
+        m.family("observer_tls_opaque_connections_total", &[])
+    );
+    assert_eq!(opaque(&m, "other", "not_tied"), 2.0);
+    assert_eq!(opaque(&m, "other", "no_probed_library"), 2.0);
+    assert_eq!(opaque(&m, "other", "library_unprobeable"), 1.0);
+    assert_eq!(m.sum("observer_tls_opaque_connections_total", &[]), 8.0, "nothing else is opaque");
+    assert_eq!(m.sum("observer_uprobe_libraries_without_symbols_total", &[]), 1.0);
+    // Under the app's own target labels, like its django_* series.
+    let s = m.samples.iter().find(|s| s.name == "observer_tls_opaque_connections_total").unwrap();
+    assert!(
+        s.labels.get("instance").is_some_and(|i| i.ends_with(&format!(":{}", app.port))),
+        "{:?}",
+        s.labels
+    );
+    assert_eq!(s.labels.get("job").map(String::as_str), Some("django"));
+    assert_eq!(m.sum("observer_parse_errors_total", &[]), 0.0, "none of it was parsed");
+}

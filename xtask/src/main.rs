@@ -57,7 +57,7 @@ enum Cmd {
         /// A short run (about 5 minutes): fewer rounds, shorter loads, a smaller churn.
         #[arg(long)]
         quick: bool,
-        /// Only these parts: arms, flood, capacity, memory, replay (default: all).
+        /// Only these parts: arms, tls, uprobe, flood, capacity, memory, replay (default: all).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

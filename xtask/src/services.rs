@@ -61,13 +61,41 @@ pub struct Postgres {
     server: Option<Guard>,
     pub dir: PathBuf,
     pub port: u16,
+    /// Serving TLS (`ssl=on`): the app connects with `sslmode=require`.
+    pub tls: bool,
 }
 
 const PG_USER: &str = "observer";
 const PG_PASSWORD: &str = "observer-demo";
 
+/// A self-signed certificate and its key in `dir` (`name.crt`, `name.key`).
+pub fn self_signed(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let out = Command::new("openssl")
+        .args(["req", "-new", "-x509", "-days", "1", "-nodes", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-newkey", "rsa:2048", "-out"])
+        .arg(&crt)
+        .arg("-keyout")
+        .arg(&key)
+        .output()
+        .context("openssl (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!("openssl: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((crt, key))
+}
+
 impl Postgres {
     pub fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// With `ssl=on` and a certificate made here.
+    pub fn start_tls() -> Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Result<Self> {
         let bin = fs::read_dir("/usr/lib/postgresql")
             .context("PostgreSQL is not installed (cargo xtask setup)")?
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -96,7 +124,22 @@ impl Postgres {
         let pwfile = dir.join("pw");
         fs::write(&pwfile, PG_PASSWORD)?;
         chown(&pwfile)?;
-        let mut pg = Self { server: None, dir: dir.clone(), port: free_port()? };
+        let mut pg = Self { server: None, dir: dir.clone(), port: free_port()?, tls };
+        let mut tls_args = Vec::new();
+        if tls {
+            let (crt, key) = self_signed(&dir, "server")?;
+            chown(&crt)?;
+            chown(&key)?;
+            fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            tls_args = vec![
+                "-c".to_string(),
+                "ssl=on".into(),
+                "-c".into(),
+                format!("ssl_cert_file={}", crt.display()),
+                "-c".into(),
+                format!("ssl_key_file={}", key.display()),
+            ];
+        }
         let as_postgres = |c: &mut Command| {
             c.uid(uid).gid(gid).env_clear().env("PATH", "/usr/bin:/bin").env("LC_ALL", "C.UTF-8");
         };
@@ -120,6 +163,7 @@ impl Postgres {
             .args(["-p", &pg.port.to_string(), "-k"])
             .arg(&dir)
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(&tls_args)
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.join("postgres.log"))?);
         pg.server = Some(Guard(server.spawn().context("starting postgres")?));
@@ -136,8 +180,9 @@ impl Postgres {
 
     /// OBSERVER_TEST_PG for the test app.
     pub fn settings(&self) -> String {
+        let sslmode = if self.tls { r#", "sslmode": "require""# } else { "" };
         format!(
-            r#"{{"host": "127.0.0.1", "port": {}, "name": "app", "user": "{PG_USER}", "password": "{PG_PASSWORD}", "conn_max_age": 60}}"#,
+            r#"{{"host": "127.0.0.1", "port": {}, "name": "app", "user": "{PG_USER}", "password": "{PG_PASSWORD}", "conn_max_age": 60{sslmode}}}"#,
             self.port
         )
     }
@@ -193,9 +238,30 @@ pub fn scalar(metrics: &str, name: &str) -> f64 {
 
 /// A throwaway Redis (nothing persisted) on a free loopback port.
 pub fn start_redis(dir: &Path) -> Result<(Guard, u16)> {
+    start_redis_with(dir, false)
+}
+
+/// The same, serving TLS only (`rediss://`; clients are not asked for a certificate).
+pub fn start_redis_tls(dir: &Path) -> Result<(Guard, u16)> {
+    start_redis_with(dir, true)
+}
+
+fn start_redis_with(dir: &Path, tls: bool) -> Result<(Guard, u16)> {
     let port = free_port()?;
+    let listen: Vec<String> = if tls {
+        let (crt, key) = self_signed(dir, "redis")?;
+        let (crt, key) = (crt.display().to_string(), key.display().to_string());
+        ["--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", &crt, "--tls-key-file", &key]
+            .into_iter()
+            .chain(["--tls-auth-clients", "no"])
+            .map(String::from)
+            .collect()
+    } else {
+        vec!["--port".into(), port.to_string()]
+    };
     let server = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(listen)
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--dir", dir.to_str().context("path")?, "--daemonize", "no", "--loglevel", "warning"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

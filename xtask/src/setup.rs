@@ -35,6 +35,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "strace",
     "openssl",
+    // A TLS library the agent does not probe (GnuTLS, through libcurl): the tests of
+    // connections it cannot decrypt.
+    "libcurl3-gnutls",
     // deploy checks: systemd-analyze verify; setpriv and unshare for the capability test.
     "systemd",
     "util-linux",

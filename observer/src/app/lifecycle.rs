@@ -114,6 +114,7 @@ pub struct Families {
     pub migrations: MigrationMetrics,
     pub cache: CacheMetrics,
     pub profile: ViewProfileMetrics,
+    pub tls: super::tls::TlsMetrics,
 }
 
 /// One app: what it serves and uses, and its families.
@@ -342,6 +343,7 @@ impl Apps {
                 migrations: MigrationMetrics::new(&registry)?,
                 cache: CacheMetrics::new(&registry)?,
                 profile: ViewProfileMetrics::new(&registry)?,
+                tls: super::tls::TlsMetrics::new(&registry)?,
             };
             Ok((registry, families))
         });

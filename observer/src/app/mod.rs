@@ -14,6 +14,7 @@ pub mod lifecycle;
 #[cfg(test)]
 mod lifecycle_tests;
 pub mod migrations;
+pub mod tls;
 
 use std::{
     ffi::{CString, OsString},

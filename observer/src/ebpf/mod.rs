@@ -47,6 +47,8 @@ pub struct Options {
     pub max_processes: u32,
     /// Syscalls in flight at once (one per thread inside a traced syscall).
     pub max_inflight: u32,
+    /// The uprobes' libraries (userspace bounds).
+    pub libraries: crate::libs::Bounds,
 }
 
 impl Default for Options {
@@ -57,6 +59,7 @@ impl Default for Options {
             max_connections: 65_536,
             max_processes: 8_192,
             max_inflight: 16_384,
+            libraries: crate::libs::Bounds::default(),
         }
     }
 }

@@ -90,8 +90,24 @@ enum Verdict {
     Nothing,
     /// A library of `kind`, its programs' file offsets.
     Probe { kind: usize, points: Vec<(&'static str, u64)> },
-    /// Attaching failed once: not tried again for this file.
-    Failed,
+    /// Named like a probed library but without its functions (stripped, static without
+    /// symbols, another implementation under the name), or attaching failed once (not
+    /// tried again): the process's TLS through it stays opaque.
+    Unusable,
+}
+
+/// What a process has of the probed libraries: why its TLS connections are, or are
+/// not, decrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum LibState {
+    /// It maps no library the agent knows (Go's TLS, rustls, a static build without its
+    /// symbols named like nothing).
+    #[default]
+    None,
+    /// It maps one that cannot be probed (see [`Verdict::Unusable`]).
+    Unusable,
+    /// It maps one with its probes set.
+    Probed,
 }
 
 struct Attached<L> {
@@ -113,37 +129,53 @@ pub struct LibStats {
     pub without_symbols: u64,
     /// `/proc/PID/maps` reads.
     pub scans: u64,
+    /// Times the file verdicts filled [`Bounds::max_files`] and started over.
+    pub verdicts_full: u64,
 }
 
-/// Files whose verdict is kept; past it the cache starts over (reading a file's
-/// symbol tables again is the only cost).
-const MAX_VERDICTS: usize = 8192;
+/// The registry's bounds (`--max-library-files`, `--uprobe-idle-grace`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Files whose verdict (what they are, their functions' offsets) is kept; past it
+    /// the cache starts over (reading a file's symbol tables again is the only cost).
+    pub max_files: usize,
+    /// How long a library no tracked process maps keeps its probes: an app that keeps
+    /// starting short-lived processes mapping it (a worker's helper, a cron-like loop)
+    /// must not set and remove 17 probes each time.
+    pub idle_grace: Duration,
+}
 
-/// How long a library no tracked process maps keeps its probes: an app that keeps
-/// starting short-lived processes mapping it (a worker's helper, a cron-like loop)
-/// must not set and remove 17 probes each time.
-pub const IDLE_GRACE: Duration = Duration::from_secs(30);
+impl Default for Bounds {
+    fn default() -> Self {
+        Self { max_files: 8192, idle_grace: Duration::from_secs(30) }
+    }
+}
 
 /// The probed libraries and which tracked processes map them.
 pub struct Libraries<L> {
     kinds: &'static [Kind],
+    bounds: Bounds,
     verdicts: HashMap<FileId, Verdict>,
     attached: HashMap<FileId, Attached<L>>,
-    /// Probed files no tracked process maps, since when (removed after [`IDLE_GRACE`]).
+    /// Probed files no tracked process maps, since when (removed after the idle grace).
     idle: HashMap<FileId, (Attached<L>, Instant)>,
     /// The probed files each tracked process maps.
     by_pid: IdMap<u32, Vec<FileId>>,
+    /// Tracked processes mapping a library that cannot be probed.
+    unusable: IdMap<u32, ()>,
     pub stats: LibStats,
 }
 
 impl<L> Libraries<L> {
-    pub fn new(kinds: &'static [Kind]) -> Self {
+    pub fn new(kinds: &'static [Kind], bounds: Bounds) -> Self {
         Self {
             kinds,
+            bounds,
             verdicts: HashMap::new(),
             attached: HashMap::new(),
             idle: HashMap::new(),
             by_pid: IdMap::default(),
+            unusable: IdMap::default(),
             stats: LibStats::default(),
         }
     }
@@ -179,7 +211,14 @@ impl<L> Libraries<L> {
             }
             let path = root.join(m.path.trim_start_matches('/'));
             let verdict = self.verdict(m, &path);
-            let Verdict::Probe { kind, points } = verdict else { continue };
+            let (kind, points) = match verdict {
+                Verdict::Probe { kind, points } => (kind, points),
+                Verdict::Unusable => {
+                    self.unusable.insert(pid, ());
+                    continue;
+                }
+                Verdict::Nothing => continue,
+            };
             if let Some((at, _)) = self.idle.remove(&m.file) {
                 self.attached.insert(m.file, at);
             }
@@ -206,7 +245,8 @@ impl<L> Libraries<L> {
                             "cannot set uprobes on a library: its TLS stays opaque"
                         );
                         self.stats.attach_errors += 1;
-                        self.verdicts.insert(m.file, Verdict::Failed);
+                        self.verdicts.insert(m.file, Verdict::Unusable);
+                        self.unusable.insert(pid, ());
                         continue;
                     }
                 }
@@ -224,8 +264,9 @@ impl<L> Libraries<L> {
         if let Some(v) = self.verdicts.get(&m.file) {
             return v.clone();
         }
-        if self.verdicts.len() >= MAX_VERDICTS {
+        if self.verdicts.len() >= self.bounds.max_files {
             self.verdicts.clear();
+            self.stats.verdicts_full += 1;
         }
         let v = self.read_verdict(m, path);
         self.verdicts.insert(m.file, v.clone());
@@ -257,6 +298,7 @@ impl<L> Libraries<L> {
                     path = m.path,
                     "a library without the functions the probes need (stripped or another implementation): its TLS stays opaque"
                 );
+                return Verdict::Unusable;
             }
         }
         Verdict::Nothing
@@ -264,6 +306,9 @@ impl<L> Libraries<L> {
 
     /// A tracked process forked: the child maps what its parent maps.
     pub fn forked(&mut self, parent: u32, child: u32) {
+        if self.unusable.contains_key(&parent) {
+            self.unusable.insert(child, ());
+        }
         let Some(files) = self.by_pid.get(&parent).cloned() else { return };
         for f in &files {
             if let Some(at) = self.attached.get_mut(f) {
@@ -275,8 +320,9 @@ impl<L> Libraries<L> {
 
     /// `pid` is gone (or replaced its image): a library no tracked process maps any more
     /// goes idle, and loses its probes in [`sweep`](Self::sweep) if none maps it again
-    /// within [`IDLE_GRACE`].
+    /// within the idle grace.
     pub fn gone(&mut self, pid: u32, now: Instant) {
+        self.unusable.remove(&pid);
         for f in self.by_pid.remove(&pid).unwrap_or_default() {
             let Some(at) = self.attached.get_mut(&f) else { continue };
             at.users = at.users.saturating_sub(1);
@@ -288,12 +334,12 @@ impl<L> Libraries<L> {
         }
     }
 
-    /// Removes the probes of libraries idle for [`IDLE_GRACE`] by `now`.
+    /// Removes the probes of libraries idle for the idle grace by `now`.
     pub fn sweep<A: Attach<Link = L>>(&mut self, now: Instant, a: &mut A) {
         let expired: Vec<FileId> = self
             .idle
             .iter()
-            .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= IDLE_GRACE)
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= self.bounds.idle_grace)
             .map(|(f, _)| *f)
             .collect();
         for f in expired {
@@ -309,6 +355,17 @@ impl<L> Libraries<L> {
     /// Processes with a probed library.
     pub fn processes(&self) -> usize {
         self.by_pid.len()
+    }
+
+    /// What `pid` maps of the probed libraries, as far as its mappings were read.
+    pub fn state(&self, pid: u32) -> LibState {
+        if self.by_pid.get(&pid).is_some_and(|f| !f.is_empty()) {
+            LibState::Probed
+        } else if self.unusable.contains_key(&pid) {
+            LibState::Unusable
+        } else {
+            LibState::None
+        }
     }
 }
 

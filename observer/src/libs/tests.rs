@@ -8,6 +8,10 @@ fn now() -> Instant {
     Instant::now()
 }
 
+fn grace() -> std::time::Duration {
+    Bounds::default().idle_grace
+}
+
 /// Records what would be attached; fails the `fail_at`-th attach.
 #[derive(Default)]
 struct Fake {
@@ -54,7 +58,7 @@ fn libssl() -> Option<ExecMapping> {
 #[test]
 fn a_library_gets_its_probes_once_and_loses_them_with_its_last_process() {
     let Some(ssl) = libssl() else { return };
-    let mut libs = Libraries::new(std::slice::from_ref(&OPENSSL));
+    let mut libs = Libraries::new(std::slice::from_ref(&OPENSSL), Bounds::default());
     let mut a = Fake::default();
     libs.mapped(10, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
     let set = a.live.len();
@@ -69,18 +73,19 @@ fn a_library_gets_its_probes_once_and_loses_them_with_its_last_process() {
     libs.mapped(10, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
     libs.forked(11, 12);
     assert_eq!((a.live.len(), libs.files(), libs.processes()), (set, 1, 3));
+    assert_eq!((libs.state(12), libs.state(99)), (LibState::Probed, LibState::None));
     libs.gone(10, now());
     libs.gone(11, now());
     assert_eq!(a.live.len(), set, "the child still maps it");
     let t0 = now();
     libs.gone(12, t0);
     // Idle: kept a while, in case another process maps it again soon.
-    libs.sweep(t0 + IDLE_GRACE / 2, &mut a);
+    libs.sweep(t0 + grace() / 2, &mut a);
     assert_eq!((a.live.len(), libs.files(), libs.processes()), (set, 1, 0));
     libs.mapped(13, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
     assert_eq!((a.calls, libs.stats.attached), (set, 1), "taken back from idle, not set again");
     libs.gone(13, t0);
-    libs.sweep(t0 + IDLE_GRACE, &mut a);
+    libs.sweep(t0 + grace(), &mut a);
     assert!(a.live.is_empty());
     assert_eq!((libs.files(), libs.processes()), (0, 0));
     assert_eq!((libs.stats.attached, libs.stats.detached, libs.stats.attach_errors), (1, 1, 0));
@@ -92,7 +97,7 @@ fn a_library_gets_its_probes_once_and_loses_them_with_its_last_process() {
 #[test]
 fn many_short_lived_processes_keep_one_set_of_probes() {
     let Some(ssl) = libssl() else { return };
-    let mut libs = Libraries::new(std::slice::from_ref(&OPENSSL));
+    let mut libs = Libraries::new(std::slice::from_ref(&OPENSSL), Bounds::default());
     let mut a = Fake::default();
     let t0 = now();
     for pid in 0..10_000u32 {
@@ -106,9 +111,28 @@ fn many_short_lived_processes_keep_one_set_of_probes() {
 }
 
 #[test]
+fn the_verdicts_are_bounded_and_say_when_they_start_over() {
+    let Some(ssl) = libssl() else { return };
+    let exe = mapping(std::fs::read_link("/proc/self/exe").unwrap().to_str().unwrap());
+    let mut libs =
+        Libraries::new(std::slice::from_ref(&OPENSSL), Bounds { max_files: 1, ..Bounds::default() });
+    let mut a = Fake::default();
+    libs.mapped(10, &[exe.clone(), ssl.clone()], Path::new("/"), &mut a);
+    assert_eq!(libs.stats.verdicts_full, 1, "the second file's verdict made room");
+    // Its symbols are read again, but its probes stay the ones set.
+    libs.mapped(11, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
+    assert_eq!((a.calls, libs.stats.verdicts_full), (OPENSSL.points.len(), 2));
+    // Known now: nothing read, nothing reset.
+    libs.mapped(12, &[ssl], Path::new("/"), &mut a);
+    assert_eq!(libs.stats.verdicts_full, 2);
+    libs.mapped(13, &[exe], Path::new("/"), &mut a);
+    assert_eq!(libs.stats.verdicts_full, 3);
+}
+
+#[test]
 fn a_file_without_the_functions_gets_nothing() {
     let exe = std::fs::read_link("/proc/self/exe").unwrap();
-    let mut libs: Libraries<u32> = Libraries::new(std::slice::from_ref(&OPENSSL));
+    let mut libs: Libraries<u32> = Libraries::new(std::slice::from_ref(&OPENSSL), Bounds::default());
     let mut a = Fake::default();
     libs.mapped(10, &[mapping(exe.to_str().unwrap())], Path::new("/"), &mut a);
     assert_eq!((a.calls, libs.files(), libs.stats.without_symbols), (0, 0, 0));
@@ -121,30 +145,39 @@ fn a_libssl_without_symbols_is_reported_once() {
     let fake = dir.join("libssl-0123abcd.so.3");
     std::fs::copy(std::fs::read_link("/proc/self/exe").unwrap(), &fake).unwrap();
     let m = mapping(fake.to_str().unwrap());
-    let mut libs: Libraries<u32> = Libraries::new(std::slice::from_ref(&OPENSSL));
+    let mut libs: Libraries<u32> = Libraries::new(std::slice::from_ref(&OPENSSL), Bounds::default());
     let mut a = Fake::default();
     libs.mapped(10, std::slice::from_ref(&m), Path::new("/"), &mut a);
     libs.mapped(11, &[m], Path::new("/"), &mut a);
     assert_eq!((a.calls, libs.stats.without_symbols), (0, 1));
+    // Why those processes' TLS stays opaque; a child inherits it, an exit forgets it.
+    assert_eq!(
+        (libs.state(10), libs.state(11), libs.state(12)),
+        (LibState::Unusable, LibState::Unusable, LibState::None)
+    );
+    libs.forked(11, 12);
+    libs.gone(11, now());
+    assert_eq!((libs.state(11), libs.state(12)), (LibState::None, LibState::Unusable));
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_refused_probe_removes_the_others_and_is_not_retried() {
     let Some(ssl) = libssl() else { return };
-    let mut libs = Libraries::new(std::slice::from_ref(&OPENSSL));
+    let mut libs = Libraries::new(std::slice::from_ref(&OPENSSL), Bounds::default());
     let mut a = Fake { fail_at: Some(3), ..Fake::default() };
     libs.mapped(10, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
     assert!(a.live.is_empty());
     assert_eq!((libs.stats.attach_errors, libs.files(), libs.processes()), (1, 0, 0));
     libs.mapped(11, &[ssl], Path::new("/"), &mut a);
     assert_eq!(a.calls, 3, "not tried again");
+    assert_eq!((libs.state(10), libs.state(11)), (LibState::Unusable, LibState::Unusable));
     libs.gone(10, now());
 }
 
 #[test]
 fn the_agents_own_process_scans() {
-    let mut libs: Libraries<u32> = Libraries::new(std::slice::from_ref(&OPENSSL));
+    let mut libs: Libraries<u32> = Libraries::new(std::slice::from_ref(&OPENSSL), Bounds::default());
     let mut a = Fake::default();
     libs.scan(std::process::id(), &mut a);
     assert_eq!(libs.stats.scans, 1);

@@ -9,7 +9,11 @@
 //! Every socket record of such a connection is counted as ciphertext and never parsed,
 //! so garbage never reaches a parser as if it were the protocol.
 
-use crate::{IdMap, events::Data};
+use crate::{
+    IdMap,
+    events::{Data, Role, SockAddr},
+    libs::LibState,
+};
 
 /// What to do with one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,12 +31,79 @@ pub enum Feed {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// Ciphertext seen, no plaintext yet.
-    Opaque,
+    Opaque(Box<Opaque>),
     /// Plaintext seen.
     Decrypted,
+}
+
+/// Whose a TLS connection is: the app it is counted under when it closes opaque.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The app (its root process).
+    pub target: u32,
+    pub tgid: u32,
+    pub role: Role,
+    pub peer: Option<SockAddr>,
+}
+
+/// A TLS connection whose plaintext has not been seen (yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opaque {
+    pub origin: Origin,
+    /// A socket syscall of it was made inside a probed `SSL_*` call.
+    flagged: bool,
+    /// What its process mapped when it was first seen.
+    lib: LibState,
+}
+
+/// Why a TLS connection closed without its plaintext seen (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opacity {
+    /// Its process maps no TLS library the agent probes: Go's crypto/tls, rustls, or a
+    /// static OpenSSL under another name without its symbols.
+    NoProbedLibrary,
+    /// Its process maps one that cannot be probed: stripped of the functions, or the
+    /// kernel refused the probes.
+    LibraryUnprobeable,
+    /// Its process's OpenSSL is probed, but no call of it was seen on this socket:
+    /// another TLS implementation in the same process, or a memory BIO whose reads the
+    /// agent could not tie to the socket.
+    NotTied,
+    /// Probed calls were seen on it, but no byte of plaintext: a handshake that failed
+    /// or a connection closed right after it.
+    NoPlaintext,
+}
+
+impl Opacity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoProbedLibrary => "no_probed_library",
+            Self::LibraryUnprobeable => "library_unprobeable",
+            Self::NotTied => "not_tied",
+            Self::NoPlaintext => "no_plaintext",
+        }
+    }
+
+    /// Why: from what the kernel saw of the connection and what its process maps (the
+    /// most it was known to map, then or at its close).
+    fn of(flagged: bool, lib: LibState) -> Self {
+        match (flagged, lib) {
+            (true, _) => Self::NoPlaintext,
+            (false, LibState::Probed) => Self::NotTied,
+            (false, LibState::Unusable) => Self::LibraryUnprobeable,
+            (false, LibState::None) => Self::NoProbedLibrary,
+        }
+    }
+}
+
+/// An opaque TLS connection that closed, and why it stayed opaque.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedOpaque {
+    pub origin: Origin,
+    pub reason: Opacity,
 }
 
 /// Counters of TLS connections (exported as `observer_tls_*`).
@@ -49,12 +120,15 @@ pub struct TlsStats {
 #[derive(Debug, Default)]
 pub struct Tls {
     conns: IdMap<u64, State>,
+    /// What each traced process maps of the probed libraries (from the pump).
+    libs: IdMap<u32, LibState>,
     pub stats: TlsStats,
 }
 
 impl Tls {
-    /// What to do with `d`, and what it tells of its connection.
-    pub fn feed(&mut self, d: &Data<'_>) -> Feed {
+    /// What to do with `d` (of `origin`'s connection), and what it tells of its
+    /// connection.
+    pub fn feed(&mut self, d: &Data<'_>, origin: impl FnOnce() -> Origin) -> Feed {
         if d.syscall.is_tls() {
             return match self.conns.insert(d.conn_id, State::Decrypted) {
                 Some(State::Decrypted) => Feed::Plaintext,
@@ -63,7 +137,15 @@ impl Tls {
         }
         if d.ciphertext {
             self.stats.ciphertext_bytes += d.total_len;
-            self.conns.entry(d.conn_id).or_insert(State::Opaque);
+            match self.conns.get_mut(&d.conn_id) {
+                Some(State::Opaque(o)) => o.flagged = true,
+                Some(State::Decrypted) => {}
+                None => {
+                    let mut o = self.opaque(origin());
+                    o.flagged = true;
+                    self.conns.insert(d.conn_id, State::Opaque(o));
+                }
+            }
             return Feed::Ciphertext { flagged: true };
         }
         if self.conns.contains_key(&d.conn_id) {
@@ -73,9 +155,32 @@ impl Tls {
         Feed::Plain
     }
 
+    fn opaque(&self, origin: Origin) -> Box<Opaque> {
+        let lib = self.libs.get(&origin.tgid).copied().unwrap_or_default();
+        Box::new(Opaque { origin, flagged: false, lib })
+    }
+
     /// The connection switched to TLS (a parser or detection says so).
-    pub fn encrypted(&mut self, conn_id: u64) {
-        self.conns.entry(conn_id).or_insert(State::Opaque);
+    pub fn encrypted(&mut self, conn_id: u64, origin: Origin) {
+        if !self.conns.contains_key(&conn_id) {
+            let o = self.opaque(origin);
+            self.conns.insert(conn_id, State::Opaque(o));
+        }
+    }
+
+    /// What `pid` maps of the probed libraries now.
+    pub fn libraries(&mut self, pid: u32, state: LibState) {
+        self.libs.insert(pid, state);
+    }
+
+    /// `pid` exited (its connections closing later keep what it mapped).
+    pub fn process_gone(&mut self, pid: u32) {
+        self.libs.remove(&pid);
+    }
+
+    /// Forgets processes `alive` says are gone (their exit was lost).
+    pub fn retain_processes(&mut self, alive: impl Fn(u32) -> bool) {
+        self.libs.retain(|pid, _| alive(*pid));
     }
 
     /// Whether the connection is known to be TLS.
@@ -83,23 +188,44 @@ impl Tls {
         self.conns.contains_key(&conn_id)
     }
 
-    /// The connection closed.
-    pub fn closed(&mut self, conn_id: u64) {
-        match self.conns.remove(&conn_id) {
-            Some(State::Decrypted) => self.stats.decrypted += 1,
-            Some(State::Opaque) => self.stats.opaque += 1,
-            None => {}
+    /// The connection closed: if it stayed opaque, whose it was and why.
+    pub fn closed(&mut self, conn_id: u64) -> Option<ClosedOpaque> {
+        let state = self.conns.remove(&conn_id)?;
+        self.ended(state)
+    }
+
+    fn ended(&mut self, state: State) -> Option<ClosedOpaque> {
+        match state {
+            State::Decrypted => {
+                self.stats.decrypted += 1;
+                None
+            }
+            State::Opaque(o) => {
+                self.stats.opaque += 1;
+                let now = self.libs.get(&o.origin.tgid).copied().unwrap_or_default();
+                let reason = Opacity::of(o.flagged, o.lib.max(now));
+                Some(ClosedOpaque { origin: o.origin, reason })
+            }
         }
     }
 
-    /// Forgets connections `keep` says are gone (their close was lost).
-    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
-        self.conns.retain(|id, _| keep(*id));
+    /// Ends the connections `keep` says are gone (their close was lost); the opaque
+    /// ones among them go to `closed`.
+    pub fn retain(&mut self, keep: impl Fn(u64) -> bool, closed: &mut Vec<ClosedOpaque>) {
+        let gone: Vec<u64> = self.conns.keys().copied().filter(|id| !keep(*id)).collect();
+        for id in gone {
+            if let Some(state) = self.conns.remove(&id)
+                && let Some(c) = self.ended(state)
+            {
+                closed.push(c);
+            }
+        }
     }
 
     /// Gives back memory after a burst of connections.
     pub fn shrink_idle(&mut self) {
         crate::conns::shrink_idle(&mut self.conns);
+        crate::conns::shrink_idle(&mut self.libs);
     }
 }
 
@@ -128,18 +254,26 @@ mod tests {
         }
     }
 
+    fn origin() -> Origin {
+        Origin { target: 7, tgid: 1, role: Role::Client, peer: None }
+    }
+
+    fn feed(t: &mut Tls, d: &Data<'_>) -> Feed {
+        t.feed(d, origin)
+    }
+
     #[test]
     fn a_probed_connection_feeds_its_plaintext_only() {
         let mut t = Tls::default();
-        assert_eq!(t.feed(&rec(1, Syscall::Write, true)), Feed::Ciphertext { flagged: true });
-        assert_eq!(t.feed(&rec(1, Syscall::SslWrite, false)), Feed::FirstPlaintext);
-        assert_eq!(t.feed(&rec(1, Syscall::Read, true)), Feed::Ciphertext { flagged: true });
-        assert_eq!(t.feed(&rec(1, Syscall::SslRead, false)), Feed::Plaintext);
+        assert_eq!(feed(&mut t, &rec(1, Syscall::Write, true)), Feed::Ciphertext { flagged: true });
+        assert_eq!(feed(&mut t, &rec(1, Syscall::SslWrite, false)), Feed::FirstPlaintext);
+        assert_eq!(feed(&mut t, &rec(1, Syscall::Read, true)), Feed::Ciphertext { flagged: true });
+        assert_eq!(feed(&mut t, &rec(1, Syscall::SslRead, false)), Feed::Plaintext);
         // A socket record the kernel did not see inside an SSL call (a close_notify
         // written by SSL_shutdown before its probe was set) is ciphertext all the same.
-        assert_eq!(t.feed(&rec(1, Syscall::Write, false)), Feed::Ciphertext { flagged: false });
+        assert_eq!(feed(&mut t, &rec(1, Syscall::Write, false)), Feed::Ciphertext { flagged: false });
         assert_eq!(t.stats.ciphertext_bytes, 300);
-        t.closed(1);
+        assert_eq!(t.closed(1), None, "decrypted");
         assert_eq!((t.stats.decrypted, t.stats.opaque), (1, 0));
         // The id is not TLS any more (ids are not reused, but the table must not grow).
         assert!(!t.knows(1));
@@ -148,11 +282,51 @@ mod tests {
     #[test]
     fn plain_connections_are_untouched_and_an_announced_switch_is_opaque() {
         let mut t = Tls::default();
-        assert_eq!(t.feed(&rec(2, Syscall::Sendto, false)), Feed::Plain);
-        t.encrypted(2);
-        assert_eq!(t.feed(&rec(2, Syscall::Sendto, false)), Feed::Ciphertext { flagged: false });
-        t.closed(2);
-        t.closed(3);
+        assert_eq!(feed(&mut t, &rec(2, Syscall::Sendto, false)), Feed::Plain);
+        t.encrypted(2, origin());
+        assert_eq!(feed(&mut t, &rec(2, Syscall::Sendto, false)), Feed::Ciphertext { flagged: false });
+        let closed = t.closed(2).unwrap();
+        assert_eq!((closed.origin, closed.reason), (origin(), Opacity::NoProbedLibrary));
+        assert_eq!(t.closed(3), None);
         assert_eq!((t.stats.decrypted, t.stats.opaque), (0, 1));
+    }
+
+    #[test]
+    fn an_opaque_connection_says_why() {
+        let mut t = Tls::default();
+        let reason = |t: &mut Tls, id| t.closed(id).map(|c| c.reason);
+        // Nothing probed in the process (a Go binary, rustls).
+        t.encrypted(1, origin());
+        assert_eq!(reason(&mut t, 1), Some(Opacity::NoProbedLibrary));
+        // A stripped libssl.
+        t.libraries(1, LibState::Unusable);
+        t.encrypted(2, origin());
+        assert_eq!(reason(&mut t, 2), Some(Opacity::LibraryUnprobeable));
+        // Probed, but this socket was never seen inside an SSL call.
+        t.libraries(1, LibState::Probed);
+        t.encrypted(3, origin());
+        assert_eq!(reason(&mut t, 3), Some(Opacity::NotTied));
+        // Seen inside SSL calls (the handshake), never any plaintext.
+        assert_eq!(feed(&mut t, &rec(4, Syscall::Write, true)), Feed::Ciphertext { flagged: true });
+        assert_eq!(reason(&mut t, 4), Some(Opacity::NoPlaintext));
+        // Announced first (SSLRequest), then seen inside an SSL call.
+        t.encrypted(5, origin());
+        feed(&mut t, &rec(5, Syscall::Read, true));
+        assert_eq!(reason(&mut t, 5), Some(Opacity::NoPlaintext));
+        // The library probed only after the connection began: known at its close.
+        t.libraries(1, LibState::None);
+        t.encrypted(6, origin());
+        t.libraries(1, LibState::Probed);
+        assert_eq!(reason(&mut t, 6), Some(Opacity::NotTied));
+        // A close lost with its process: what it mapped when the connection was seen.
+        t.libraries(1, LibState::Unusable);
+        t.encrypted(7, origin());
+        t.process_gone(1);
+        let mut closed = Vec::new();
+        t.retain(|_| false, &mut closed);
+        assert_eq!(closed.iter().map(|c| c.reason).collect::<Vec<_>>(), [Opacity::LibraryUnprobeable]);
+        assert_eq!(t.stats.opaque, 7);
+        t.retain_processes(|_| false);
+        assert!(t.libs.is_empty() && t.conns.is_empty());
     }
 }

@@ -87,6 +87,22 @@ impl Transport {
     }
 }
 
+impl Transport {
+    /// A TLS handshake with the server on `port`, then a close: a session that never
+    /// carries a byte of plaintext.
+    #[allow(dead_code)]
+    pub fn handshake_only(&self, port: u16) {
+        let Self::Tls(cfg) = self else { panic!("a handshake needs TLS") };
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        tcp.set_read_timeout(Some(super::patience(20))).unwrap();
+        let mut conn =
+            ClientConnection::new(cfg.clone(), "127.0.0.1".try_into().unwrap()).expect("TLS client");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).expect("TLS handshake");
+        }
+    }
+}
+
 /// A server that closes without a TLS close_notify (Python's `ssl` sockets do) ends the
 /// stream like a TCP close does: the response was delimited by the close.
 struct Lenient<S>(S);

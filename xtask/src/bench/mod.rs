@@ -6,7 +6,10 @@
 //! django-prometheus (middlewares, DB engine, cache backend), (C) the plain app traced by
 //! `observer run`. Each round starts the arms in a rotated order and loads four endpoints
 //! with wrk on loopback. Then a capacity ramp (nginx traced, no Django in the way), the
-//! observer's memory at scale, and the userspace replay benchmarks (criterion). Results
+//! observer's memory at scale, and the userspace replay benchmarks (criterion). The TLS
+//! part runs the same three arms with PostgreSQL (`sslmode=require`) and Redis
+//! (`rediss://`) over TLS, the observer reading their plaintext from the app's OpenSSL;
+//! the uprobe part measures what one probed library call costs. Results
 //! go to target/bench/ as JSON and to stdout as the README's table.
 
 mod capacity;
@@ -15,6 +18,7 @@ mod probe;
 mod report;
 pub mod scale;
 pub mod soak;
+mod uprobe;
 
 use std::{
     fs,
@@ -29,7 +33,7 @@ use serde::Serialize;
 
 use crate::{
     cargo, root, run,
-    services::{Guard, Postgres, free_port, request, start_redis, wait_port},
+    services::{Guard, Postgres, free_port, request, start_redis, start_redis_tls, wait_port},
 };
 use load::{Load, Wrk};
 use probe::ObserverCounters;
@@ -108,6 +112,10 @@ impl Arm {
 pub const ENDPOINTS: &[(&str, &str)] =
     &[("page", "/"), ("db", "/db/list"), ("cache", "/cache/hit"), ("large", "/big")];
 
+/// The TLS part's endpoints: the same database and cache views, their PostgreSQL and
+/// Redis connections over TLS.
+pub const TLS_ENDPOINTS: &[(&str, &str)] = &[("db-tls", "/db/list"), ("cache-tls", "/cache/hit")];
+
 /// One wrk run of one endpoint in one arm, and what it cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -134,6 +142,8 @@ pub struct ObserverCost {
     pub records: f64,
     pub lost: f64,
     pub exchanges: f64,
+    pub db_statements: f64,
+    pub cache_gets: f64,
 }
 
 /// A scratch directory removed at the end.
@@ -146,7 +156,7 @@ impl Drop for Scratch {
 }
 
 /// The parts of the benchmark, in the order they run.
-pub const PARTS: &[&str] = &["arms", "flood", "capacity", "memory", "replay"];
+pub const PARTS: &[&str] = &["arms", "tls", "uprobe", "flood", "capacity", "memory", "replay"];
 
 pub fn bench(quick: bool, only: &[String]) -> Result<()> {
     if let Some(bad) = only.iter().find(|p| !PARTS.contains(&p.as_str())) {
@@ -167,18 +177,11 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
         let pg = Postgres::start()?;
         migrate(&pg)?;
         let (redis, redis_port) = start_redis(&pg.dir)?;
-        let env = AppEnv { pg: pg.settings(), redis_port, down_port: free_port()? };
-        let arms = [Arm::A, Arm::B, Arm::C];
-        for round in (0..plan.rounds).filter(|_| on("arms")) {
-            for i in 0..arms.len() {
-                let arm = arms[(round + i) % arms.len()];
-                eprintln!("bench: round {}/{}, arm {arm:?} ({})", round + 1, plan.rounds, arm.describe());
-                runs.extend(run_arm(&plan, round, arm, &env, &scratch.0)?);
-            }
-        }
+        let env = AppEnv { pg: pg.settings(), redis_port, redis_tls: false, down_port: free_port()? };
         if on("arms") {
+            runs.extend(rounds(&plan, &env, ENDPOINTS, &scratch.0)?);
             eprintln!("bench: arm K ({}), once", Arm::K.describe());
-            runs.extend(run_arm(&plan, 0, Arm::K, &env, &scratch.0)?);
+            runs.extend(run_arm(&plan, 0, Arm::K, &env, ENDPOINTS, &scratch.0)?);
         }
         if on("flood") {
             eprintln!("bench: URL flood (routes unknown: the templated-view bound)");
@@ -187,6 +190,22 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
         drop(redis);
         drop(pg);
     }
+    if on("tls") {
+        eprintln!("bench: the arms again, PostgreSQL and Redis over TLS");
+        let pg = Postgres::start_tls()?;
+        migrate(&pg)?;
+        let (redis, redis_port) = start_redis_tls(&pg.dir)?;
+        let env = AppEnv { pg: pg.settings(), redis_port, redis_tls: true, down_port: free_port()? };
+        runs.extend(rounds(&plan, &env, TLS_ENDPOINTS, &scratch.0)?);
+        drop(redis);
+        drop(pg);
+    }
+    let uprobe = if on("uprobe") {
+        eprintln!("bench: the cost of one probed library call");
+        Some(uprobe::measure(&plan, &scratch.0)?)
+    } else {
+        None
+    };
     let capacity = if on("capacity") {
         eprintln!("bench: capacity ramp (nginx traced by the observer)");
         Some(capacity::ramp(&plan, &scratch.0)?)
@@ -206,8 +225,17 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
         Vec::new()
     };
 
-    let results =
-        report::Results::new(machine, plan, runs, capacity, memory, flood_result, replay, started.elapsed());
+    let results = report::Results::new(
+        machine,
+        plan,
+        runs,
+        capacity,
+        memory,
+        flood_result,
+        uprobe,
+        replay,
+        started.elapsed(),
+    );
     let dir = root().join("target/bench");
     fs::create_dir_all(&dir)?;
     let json = serde_json::to_string_pretty(&results)?;
@@ -226,7 +254,28 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
 struct AppEnv {
     pg: String,
     redis_port: u16,
+    /// Redis serves TLS (`rediss://`).
+    redis_tls: bool,
     down_port: u16,
+}
+
+/// Arms A, B and C in alternating rounds, each round in a rotated order.
+fn rounds(
+    plan: &Plan,
+    env: &AppEnv,
+    endpoints: &[(&'static str, &'static str)],
+    scratch: &Path,
+) -> Result<Vec<Run>> {
+    let arms = [Arm::A, Arm::B, Arm::C];
+    let mut runs = Vec::new();
+    for round in 0..plan.rounds {
+        for i in 0..arms.len() {
+            let arm = arms[(round + i) % arms.len()];
+            eprintln!("bench: round {}/{}, arm {arm:?} ({})", round + 1, plan.rounds, arm.describe());
+            runs.extend(run_arm(plan, round, arm, env, endpoints, scratch)?);
+        }
+    }
+    Ok(runs)
 }
 
 fn venv() -> PathBuf {
@@ -252,9 +301,15 @@ fn migrate(pg: &Postgres) -> Result<()> {
 
 /// The test app under gunicorn (sync workers, persistent database connections).
 fn start_app(plan: &Plan, arm: Arm, env: &AppEnv, port: u16) -> Result<Guard> {
+    // rediss:// with the server's certificate not checked (made by the bench).
+    let location = if env.redis_tls {
+        format!("rediss://127.0.0.1:{}/0?ssl_cert_reqs=none", env.redis_port)
+    } else {
+        format!("redis://127.0.0.1:{}/0", env.redis_port)
+    };
     let cache = format!(
-        r#"{{"kind": "django_redis", "location": "redis://127.0.0.1:{}/0", "down": "redis://127.0.0.1:{}/0"}}"#,
-        env.redis_port, env.down_port
+        r#"{{"kind": "django_redis", "location": "{location}", "down": "redis://127.0.0.1:{}/0"}}"#,
+        env.down_port
     );
     let mut pg: serde_json::Value = serde_json::from_str(&env.pg)?;
     pg["failing_aliases"] = false.into();
@@ -331,7 +386,14 @@ impl Observer {
     }
 }
 
-fn run_arm(plan: &Plan, round: usize, arm: Arm, env: &AppEnv, scratch: &Path) -> Result<Vec<Run>> {
+fn run_arm(
+    plan: &Plan,
+    round: usize,
+    arm: Arm,
+    env: &AppEnv,
+    endpoints: &[(&'static str, &'static str)],
+    scratch: &Path,
+) -> Result<Vec<Run>> {
     let port = free_port()?;
     let app = start_app(plan, arm, env, port)?;
     let app_pid = app.0.id();
@@ -340,7 +402,7 @@ fn run_arm(plan: &Plan, round: usize, arm: Arm, env: &AppEnv, scratch: &Path) ->
         _ => None,
     };
     // Warm up every endpoint (imports, connections; in C the app's discovery).
-    for (_, path) in ENDPOINTS {
+    for (_, path) in endpoints {
         let w = Wrk {
             port,
             path,
@@ -365,7 +427,7 @@ fn run_arm(plan: &Plan, round: usize, arm: Arm, env: &AppEnv, scratch: &Path) ->
         }
     }
     let mut out = Vec::new();
-    for (endpoint, path) in ENDPOINTS {
+    for (endpoint, path) in endpoints {
         let before = observer.as_ref().map(Observer::settled).transpose()?;
         let obs_cpu0 = observer.as_ref().map_or(0.0, |o| probe::cpu_seconds(o.pid()));
         let app0 = probe::tree_cpu(app_pid);
@@ -401,12 +463,31 @@ fn run_arm(plan: &Plan, round: usize, arm: Arm, env: &AppEnv, scratch: &Path) ->
                     records: after.records - before.records,
                     lost: after.lost - before.lost,
                     exchanges: after.exchanges - before.exchanges,
+                    db_statements: after.db_statements - before.db_statements,
+                    cache_gets: after.cache_gets - before.cache_gets,
                 })
             }
             _ => None,
         };
+        // An arm whose observer counted none of the endpoint's statements or lookups
+        // (TLS not decrypted, say) would measure nothing: an error, not a number.
+        if let Some(c) = &cost {
+            let (what, n) = if path.starts_with("/db/") {
+                ("database statements", c.db_statements)
+            } else if path.starts_with("/cache/") {
+                ("cache gets", c.cache_gets)
+            } else {
+                ("exchanges", c.exchanges)
+            };
+            if n < load.requests as f64 {
+                bail!(
+                    "{path} in arm {arm:?}: the observer counted {n} {what} for {} requests",
+                    load.requests
+                );
+            }
+        }
         eprintln!(
-            "bench:   {endpoint:6} {:>8.0} req/s  p50 {:>6} us  p99 {:>6} us{}",
+            "bench:   {endpoint:9} {:>8.0} req/s  p50 {:>6} us  p99 {:>6} us{}",
             load.rps(),
             load.p50_us,
             load.p99_us,

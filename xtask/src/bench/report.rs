@@ -7,7 +7,9 @@ use std::{fmt::Write as _, fs, process::Command, time::Duration};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use super::{Arm, ENDPOINTS, Flood, Plan, Run, capacity::Capacity, scale::Memory};
+use super::{
+    Arm, ENDPOINTS, Flood, Plan, Run, TLS_ENDPOINTS, capacity::Capacity, scale::Memory, uprobe::UprobeCost,
+};
 use crate::{cargo, root, run};
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,6 +125,9 @@ pub struct Results {
     pub ratios: Vec<Ratio>,
     /// Geometric means over the endpoints of the median ratios.
     pub overall: Overall,
+    /// The same over the TLS part's endpoints.
+    pub tls_overall: Option<Overall>,
+    pub uprobe: Option<UprobeCost>,
     pub capacity: Option<Capacity>,
     pub memory: Option<Memory>,
     pub flood: Option<Flood>,
@@ -153,14 +158,19 @@ impl Results {
         capacity: Option<Capacity>,
         memory: Option<Memory>,
         flood: Option<Flood>,
+        uprobe: Option<UprobeCost>,
         replay: Vec<Replay>,
         elapsed: Duration,
     ) -> Self {
         let mut summary = Vec::new();
         let mut ratios = Vec::new();
-        for (endpoint, _) in ENDPOINTS {
+        let ran = |e: &str| runs.iter().any(|r| r.endpoint == e);
+        for (endpoint, _) in ENDPOINTS.iter().chain(TLS_ENDPOINTS).filter(|(e, _)| ran(e)) {
             for arm in [Arm::A, Arm::B, Arm::C, Arm::K] {
                 let rs: Vec<&Run> = runs.iter().filter(|r| r.arm == arm && r.endpoint == *endpoint).collect();
+                if rs.is_empty() {
+                    continue;
+                }
                 let f = |g: &dyn Fn(&Run) -> f64| Spread::of(rs.iter().map(|r| g(r)).collect());
                 let per_req = |r: &Run, x: f64| x / r.load.requests.max(1) as f64;
                 let secs = |r: &Run| r.load.duration_us as f64 / 1e6;
@@ -240,12 +250,23 @@ impl Results {
                 b_over_a_p99: within(Arm::B, &|r| r.load.p99_us as f64),
             });
         }
-        let overall = Overall {
-            c_over_a_rps: geomean(ratios.iter().map(|r| r.c_over_a_rps.median)),
-            b_over_a_rps: geomean(ratios.iter().map(|r| r.b_over_a_rps.median)),
-            c_over_a_p99: geomean(ratios.iter().map(|r| r.c_over_a_p99.median)),
-            b_over_a_p99: geomean(ratios.iter().map(|r| r.b_over_a_p99.median)),
+        let overall_of = |endpoints: &[(&str, &str)]| {
+            let rs: Vec<&Ratio> =
+                ratios.iter().filter(|r| endpoints.iter().any(|e| e.0 == r.endpoint)).collect();
+            (!rs.is_empty()).then(|| Overall {
+                c_over_a_rps: geomean(rs.iter().map(|r| r.c_over_a_rps.median)),
+                b_over_a_rps: geomean(rs.iter().map(|r| r.b_over_a_rps.median)),
+                c_over_a_p99: geomean(rs.iter().map(|r| r.c_over_a_p99.median)),
+                b_over_a_p99: geomean(rs.iter().map(|r| r.b_over_a_p99.median)),
+            })
         };
+        let overall = overall_of(ENDPOINTS).unwrap_or(Overall {
+            c_over_a_rps: 0.0,
+            b_over_a_rps: 0.0,
+            c_over_a_p99: 0.0,
+            b_over_a_p99: 0.0,
+        });
+        let tls_overall = overall_of(TLS_ENDPOINTS);
         let commit = Command::new("git")
             .args(["rev-parse", "--short", "HEAD"])
             .current_dir(root())
@@ -263,6 +284,8 @@ impl Results {
             summary,
             ratios,
             overall,
+            tls_overall,
+            uprobe,
             capacity,
             memory,
             flood,
@@ -296,14 +319,23 @@ impl Results {
         );
         // The arms' tables only when the arms ran (`--only` may leave them out).
         if !self.runs.is_empty() {
-            let _ = writeln!(
-                s,
-                "Headline (geometric mean over the endpoints of the per-round ratios): **C/A throughput {:.3}, B/A throughput {:.3}; C/A p99 {:.3}, B/A p99 {:.3}.**\n",
-                self.overall.c_over_a_rps,
-                self.overall.b_over_a_rps,
-                self.overall.c_over_a_p99,
-                self.overall.b_over_a_p99
-            );
+            if self.runs.iter().any(|r| ENDPOINTS.iter().any(|e| e.0 == r.endpoint)) {
+                let _ = writeln!(
+                    s,
+                    "Headline (geometric mean over the endpoints of the per-round ratios): **C/A throughput {:.3}, B/A throughput {:.3}; C/A p99 {:.3}, B/A p99 {:.3}.**\n",
+                    self.overall.c_over_a_rps,
+                    self.overall.b_over_a_rps,
+                    self.overall.c_over_a_p99,
+                    self.overall.b_over_a_p99
+                );
+            }
+            if let Some(t) = &self.tls_overall {
+                let _ = writeln!(
+                    s,
+                    "TLS (`db-tls`, `cache-tls`: PostgreSQL with `sslmode=require`, Redis over `rediss://`, the plaintext read from the app's OpenSSL): **C/A throughput {:.3}, B/A throughput {:.3}; C/A p99 {:.3}, B/A p99 {:.3}.**\n",
+                    t.c_over_a_rps, t.b_over_a_rps, t.c_over_a_p99, t.b_over_a_p99
+                );
+            }
             let _ = writeln!(
                 s,
                 "| endpoint | C/A req/s | B/A req/s | C/A p99 | B/A p99 |\n|---|---|---|---|---|"
@@ -363,6 +395,27 @@ impl Results {
                 for (name, ns, per) in o.programs.iter().take(10) {
                     let _ = writeln!(s, "| {name} | {ns:.0} | {per:.1} |");
                 }
+            }
+        }
+        if let Some(u) = &self.uprobe {
+            let _ = writeln!(
+                s,
+                "\nOne probed library call ({} calls per sample, calls that move no bytes), ns per call:\n",
+                u.calls_per_sample
+            );
+            let _ = writeln!(
+                s,
+                "| call | probes | bare | probed, process traced | probed, process not traced |\n|---|---|---|---|---|"
+            );
+            for (name, probes, c) in [("SSL_read", "entry + return", &u.read), ("SSL_free", "entry", &u.free)]
+            {
+                let _ = writeln!(
+                    s,
+                    "| `{name}` | {probes} | {} | {} | {} |",
+                    sp(c.bare_ns, 1.0, 1),
+                    sp(c.traced_ns, 1.0, 0),
+                    sp(c.untraced_ns, 1.0, 0)
+                );
             }
         }
         if let Some(c) = &self.capacity {

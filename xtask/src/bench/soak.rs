@@ -66,7 +66,7 @@ pub fn soak(minutes: f64, interval: u64) -> Result<()> {
     let pg = Postgres::start()?;
     migrate(&pg)?;
     let (redis, redis_port) = start_redis(&pg.dir)?;
-    let env = AppEnv { pg: pg.settings(), redis_port, down_port: free_port()? };
+    let env = AppEnv { pg: pg.settings(), redis_port, redis_tls: false, down_port: free_port()? };
     let app_port = free_port()?;
     let app = start_app(&plan, Arm::A, &env, app_port)?;
     let (churn_server, churn_port) = scale::serve(scale::Mode::Churn)?;

@@ -18,6 +18,7 @@ urlpatterns = [
     path("files/<path:rest>", views.files, name="files"),
     path("u/<uuid:id>/", views.by_uuid, name="by-uuid"),
     path("slow", views.slow, name="slow"),
+    path("gnutls", views.gnutls, name="gnutls"),
     path("async/", views.aview, name="async-view"),
     path("async/stream", views.astream, name="async-stream"),
     path("db/create", dbviews.create, name="db-create"),
