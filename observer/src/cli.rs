@@ -134,6 +134,11 @@ struct RunArgs {
     /// [default: 4096].
     #[arg(long, value_name = "N")]
     max_pending_statements: Option<usize>,
+    /// Failed PostgreSQL connects held for libpq's retry with the other encryption
+    /// (`sslmode=prefer`/`allow`) at once; past it one counts as two attempts
+    /// [default: 256].
+    #[arg(long, value_name = "N")]
+    max_held_connect_failures: Option<usize>,
     /// Redis and memcached commands sent and not yet answered per connection
     /// [default: 4096].
     #[arg(long, value_name = "N")]
@@ -506,6 +511,10 @@ async fn run(args: RunArgs) -> Result<()> {
             .n_plus_one_threshold
             .or(file.n_plus_one_threshold)
             .unwrap_or(d.n_plus_one_threshold),
+        max_held_connect_failures: args
+            .max_held_connect_failures
+            .or(file.max_held_connect_failures)
+            .unwrap_or(d.max_held_connect_failures),
     };
     // A bound of 0 would hold nothing, and the parsers' bounds are at least one entry.
     for (flag, v) in [
@@ -514,6 +523,7 @@ async fn run(args: RunArgs) -> Result<()> {
         ("--max-pending-statements", settings.postgres.max_pending),
         ("--max-pending-cache-commands", settings.cache_commands),
         ("--max-parsers", settings.max_parsers),
+        ("--max-held-connect-failures", settings.max_held_connect_failures),
     ] {
         if v == 0 {
             bail!("{flag} must be positive");

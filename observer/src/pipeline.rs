@@ -97,6 +97,7 @@ impl Pipeline {
 
     /// With what the apps' lifecycle reads of the host and runs in the background.
     pub fn with_host(settings: Settings, shared: Arc<Mutex<Exposition>>, host: Box<dyn Host>) -> Self {
+        let fallback = Fallback::new(settings.max_held_connect_failures);
         Self {
             apps: Apps::new(settings.clone(), shared.clone(), host),
             settings,
@@ -104,7 +105,7 @@ impl Pipeline {
             conns: Parsers::default(),
             streams: Streams::default(),
             tls: Tls::default(),
-            fallback: Fallback::default(),
+            fallback,
             now_ns: 0,
             stats: SelfStats::default(),
             events: Vec::new(),
@@ -643,6 +644,7 @@ impl Sink for Pipeline {
         self.stats.parser_states = self.conns.len();
         self.stats.stream_gaps = self.streams.gaps.iter().map(|(g, n)| (g.as_str(), *n)).collect();
         self.stats.tls = self.tls.stats;
+        self.stats.held_failures_released = self.fallback.released_early;
         self.stats.profile_attributed.clone_from(&self.attribution.attributed);
         self.stats.profile_unattributed.clone_from(&self.attribution.unattributed);
         if let Some(top) = self.top.as_mut() {

@@ -47,6 +47,8 @@ pub struct SelfStats {
     pub db_statements: u64,
     /// Database connections that switched to TLS/GSS encryption (counted, not parsed).
     pub db_encrypted: u64,
+    /// Failed connects released early from the encryption-retry hold (bound reached).
+    pub held_failures_released: u64,
     /// TLS connections and ciphertext (`stream::tls`).
     pub tls: crate::stream::tls::TlsStats,
     /// Client connections recognised as no database or cache protocol (and ignored).
@@ -290,6 +292,11 @@ impl SelfStats {
             "Database connections that switched to TLS or GSS encryption (TLS ones are parsed from the app's OpenSSL plaintext when it is probed; GSS ones are counted as connections, not parsed).",
             MetricType::COUNTER,
             vec![(vec![("vendor", "postgresql")], self.db_encrypted as f64)],
+        ));
+        out.push(counter(
+            "observer_db_held_failures_released_total",
+            "Failed PostgreSQL connects released before libpq's encryption retry could follow (--max-held-connect-failures held at once): a retry of one counts as a second attempt.",
+            self.held_failures_released,
         ));
         out.push(counter(
             "observer_not_db_connections_total",

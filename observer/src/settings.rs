@@ -47,6 +47,8 @@ pub struct Settings {
     /// A request in which one statement shape ran this many times is an N+1 suspect
     /// (0: never).
     pub n_plus_one_threshold: u32,
+    /// Failed PostgreSQL connects held for libpq's encryption retry at once.
+    pub max_held_connect_failures: usize,
 }
 
 impl Default for Settings {
@@ -74,6 +76,7 @@ impl Default for Settings {
             migrations_interval: Duration::from_secs(300),
             discovery_delay: Duration::from_secs(10),
             n_plus_one_threshold: 10,
+            max_held_connect_failures: crate::protocol::postgres::fallback::MAX_HELD,
         }
     }
 }

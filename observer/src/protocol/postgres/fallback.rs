@@ -27,17 +27,29 @@ struct Held<P, T> {
 
 /// libpq retries within the same call, before returning: well under this.
 pub const WINDOW_NS: u64 = 500_000_000;
-/// Failures held at once; past it the oldest is released at once.
-const MAX_HELD: usize = 256;
+/// Failures held at once by default (`--max-held-connect-failures`); past it the
+/// oldest is released at once.
+pub const MAX_HELD: usize = 256;
 
 /// Failed attempts that a retry may still replace.
 pub struct Fallback<P, T> {
     held: Vec<Held<P, T>>,
+    max: usize,
+    /// Failures released before their window ended to make room: if libpq retried
+    /// one of them, that connect counts as two attempts.
+    pub released_early: u64,
 }
 
 impl<P, T> Default for Fallback<P, T> {
     fn default() -> Self {
-        Self { held: Vec::new() }
+        Self::new(MAX_HELD)
+    }
+}
+
+impl<P, T> Fallback<P, T> {
+    /// Holding at most `max` failures (at least one).
+    pub fn new(max: usize) -> Self {
+        Self { held: Vec::new(), max: max.max(1), released_early: 0 }
     }
 }
 
@@ -45,7 +57,8 @@ impl<P: PartialEq, T> Fallback<P, T> {
     /// Holds the failure `what` of an attempt made with `tls` at `at_ns`. Returns a
     /// failure that had to be released to make room.
     pub fn hold(&mut self, key: Key<P>, tls: bool, at_ns: u64, what: T) -> Option<T> {
-        let out = (self.held.len() >= MAX_HELD).then(|| self.held.remove(0).what);
+        let out = (self.held.len() >= self.max).then(|| self.held.remove(0).what);
+        self.released_early += u64::from(out.is_some());
         self.held.push(Held { key, tls, at_ns, what });
         out
     }
@@ -133,6 +146,6 @@ mod tests {
             assert!(f.hold(key(i, "app"), true, 0, i).is_none());
         }
         assert_eq!(f.hold(key(9999, "app"), true, 0, 9999), Some(0), "the oldest goes out");
-        assert_eq!(f.len(), MAX_HELD);
+        assert_eq!((f.len(), f.released_early), (MAX_HELD, 1));
     }
 }
