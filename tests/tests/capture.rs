@@ -485,3 +485,78 @@ fn tls_plaintext_is_read_from_the_apps_openssl() {
     assert_eq!(trace.counters["observer_tls_records_total"], plain.len() as u64);
     assert_eq!(trace.counters["observer_uprobe_libraries_attached_total"], 1);
 }
+
+/// A process that maps OpenSSL and starts short-lived processes: forks that exit at once
+/// (a prefork server's workers, many times over) and execs of a binary that maps the
+/// same library file.
+const SHORT_LIVED: &str = r#"
+import os, ssl, subprocess, sys
+sys.stdin.readline()
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+for _ in range(int(sys.argv[2])):
+    subprocess.run(["/usr/bin/openssl", "version"], stdout=subprocess.DEVNULL, check=True)
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+
+/// The agent's perf-event and BPF-link file descriptors: its kernel objects per probe.
+fn probe_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| {
+                    let l = l.to_string_lossy();
+                    l.contains("perf_event") || l.contains("bpf-link") || l.contains("bpf_link")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// 10,000 short-lived processes mapping one OpenSSL: one set of uprobes, set once, no
+/// kernel object and no tracked process left over per process; and when the last
+/// process mapping it is gone, the probes go too (after `--uprobe-idle-grace`).
+#[test]
+fn ten_thousand_short_lived_processes_keep_one_set_of_uprobes() {
+    use std::io::{BufRead as _, Write as _};
+    if !ebpf_available() {
+        return;
+    }
+    let mut parent = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", SHORT_LIVED, "10000", "300"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the parent");
+    let obs =
+        harness::django::ObserverRun::start(&["--pid", &parent.id().to_string(), "--uprobe-idle-grace", "1"]);
+    let baseline = {
+        // The probes are set when the parent is tracked (it mapped OpenSSL already).
+        let m = obs.wait_until("the parent's probes", |m| {
+            m.sum("observer_uprobe_libraries_attached_total", &[]) >= 1.0
+        });
+        assert_eq!(m.sum("observer_uprobe_libraries_attached_total", &[]), 1.0);
+        probe_fds(obs.pid())
+    };
+    let mut stdin = parent.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(parent.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    let m = obs.wait_until("the children gone", |m| m.sum("observer_processes", &[]) <= 1.0);
+    assert_eq!(m.sum("observer_uprobe_libraries_attached_total", &[]), 1.0, "set once");
+    assert_eq!(m.sum("observer_uprobe_libraries_detached_total", &[]), 0.0, "the parent still maps it");
+    assert_eq!(m.sum("observer_uprobe_attach_errors_total", &[]), 0.0);
+    assert_eq!(probe_fds(obs.pid()), baseline, "no kernel object per process");
+    // The last process mapping it goes: its probes go after the grace (and the next sweep).
+    stdin.write_all(b"end\n").unwrap();
+    parent.wait().unwrap();
+    obs.wait_until("the probes removed", |m| m.sum("observer_uprobe_libraries_detached_total", &[]) >= 1.0);
+    let left = probe_fds(obs.pid());
+    eprintln!("the agent's perf-event and BPF-link fds: {baseline} with the probes, {left} without");
+    assert!(left < baseline, "the probes' file descriptors are closed ({left} of {baseline} left)");
+}
