@@ -560,3 +560,63 @@ fn ten_thousand_short_lived_processes_keep_one_set_of_uprobes() {
     eprintln!("the agent's perf-event and BPF-link fds: {baseline} with the probes, {left} without");
     assert!(left < baseline, "the probes' file descriptors are closed ({left} of {baseline} left)");
 }
+
+/// OpenSSL linked statically into the binary (as into an interpreter or an extension
+/// module): its functions are found in the ELF's static symbol table, the probes set on
+/// the executable itself, and the plaintext read as from a shared libssl.
+#[test]
+fn tls_plaintext_is_read_from_a_statically_linked_openssl() {
+    if !ebpf_available() {
+        return;
+    }
+    use std::io::{BufRead as _, Write as _};
+    let dir = TempDir::new("static-tls");
+    let exe = dir.0.join("static-tls-client");
+    let src = harness::django::root().join("tests/apps/static_tls/client.c");
+    let lib = |n: &str| format!("/usr/lib/x86_64-linux-gnu/{n}");
+    let out = std::process::Command::new("gcc")
+        .args(["-O1", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .args([lib("libssl.a"), lib("libcrypto.a"), "-lpthread".into(), "-ldl".into()])
+        .output()
+        .expect("gcc (cargo xtask setup installs it and libssl-dev)");
+    assert!(out.status.success(), "gcc: {}", String::from_utf8_lossy(&out.stderr));
+    let cert = harness::tls::Cert::new();
+    let mut server = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", TLS_ECHO, &cert.crt, &cert.key])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the TLS server");
+    let mut port = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    let mut client = std::process::Command::new(&exe)
+        .arg(port.trim())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the static client");
+    let pid = client.id();
+    let mut obs = Observer::start(&["--pid", &pid.to_string()]);
+    obs.wait_for_log("uprobes set on a library", patience(10));
+    client.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut said = String::new();
+    std::io::BufReader::new(client.stdout.take().unwrap()).read_line(&mut said).unwrap();
+    let status = client.wait().unwrap();
+    let trace = obs.stop();
+    harness::stop(&mut server, libc::SIGKILL);
+    assert!(status.success() && said.trim() == "done", "client: {status} {said:?}");
+    let data = trace.of("data", pid);
+    let text = |r: &Value| String::from_utf8(b64d(r["data"].as_str().unwrap())).unwrap();
+    let writes: Vec<String> = data.iter().filter(|r| r["syscall"] == "SSL_write").map(|r| text(r)).collect();
+    assert_eq!(writes, ["static 0\n", "static 1\n", "static 2\n"]);
+    let read: String = data.iter().filter(|r| r["syscall"] == "SSL_read").map(|r| text(r)).collect();
+    assert_eq!(read, "echo: static 0\necho: static 1\necho: static 2\n");
+    let conn = &data.iter().find(|r| r["syscall"] == "SSL_write").unwrap()["conn_id"];
+    assert!(
+        data.iter()
+            .filter(|r| r["syscall"].as_str().unwrap().starts_with("SSL_"))
+            .all(|r| &r["conn_id"] == conn)
+    );
+    assert_eq!(trace.counters["observer_uprobe_libraries_attached_total"], 1, "the executable itself");
+}

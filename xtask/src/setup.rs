@@ -38,6 +38,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // A TLS library the agent does not probe (GnuTLS, through libcurl): the tests of
     // connections it cannot decrypt.
     "libcurl3-gnutls",
+    // A client with OpenSSL linked in statically (its symbols in .symtab only).
+    "gcc",
+    "libssl-dev",
     // deploy checks: systemd-analyze verify; setpriv and unshare for the capability test.
     "systemd",
     "util-linux",
