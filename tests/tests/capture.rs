@@ -389,6 +389,19 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
+/// [`TLS_ECHO`] started with `cert`, and the port it listens on.
+fn tls_echo_server(cert: &harness::tls::Cert) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut server = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", TLS_ECHO, &cert.crt, &cert.key])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the TLS server");
+    let mut port = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    (server, port.trim().to_string())
+}
+
 /// The traced client: waits for "go" on stdin, then imports `ssl` (so OpenSSL is loaded
 /// after tracing started, as a worker's first request does), and over two connections
 /// sends lines and reads their echoes.
@@ -421,15 +434,9 @@ fn tls_plaintext_is_read_from_the_apps_openssl() {
     use std::io::{BufRead as _, Write as _};
     let cert = harness::tls::Cert::new();
     let python = "/usr/bin/python3";
-    let mut server = std::process::Command::new(python)
-        .args(["-c", TLS_ECHO, &cert.crt, &cert.key])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the TLS server");
-    let mut port = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    let (mut server, port) = tls_echo_server(&cert);
     let mut client = std::process::Command::new(python)
-        .args(["-c", TLS_CLIENT, port.trim(), &cert.crt])
+        .args(["-c", TLS_CLIENT, &port, &cert.crt])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -583,15 +590,9 @@ fn tls_plaintext_is_read_from_a_statically_linked_openssl() {
         .expect("gcc (cargo xtask setup installs it and libssl-dev)");
     assert!(out.status.success(), "gcc: {}", String::from_utf8_lossy(&out.stderr));
     let cert = harness::tls::Cert::new();
-    let mut server = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", TLS_ECHO, &cert.crt, &cert.key])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the TLS server");
-    let mut port = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap()).read_line(&mut port).unwrap();
+    let (mut server, port) = tls_echo_server(&cert);
     let mut client = std::process::Command::new(&exe)
-        .arg(port.trim())
+        .arg(&port)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
