@@ -402,6 +402,15 @@ fn tls_echo_server(cert: &harness::tls::Cert) -> (std::process::Child, String) {
     (server, port.trim().to_string())
 }
 
+/// Tells a client waiting on its stdin to go; its exit status and the line it printed.
+fn go(client: &mut std::process::Child) -> (std::process::ExitStatus, String) {
+    use std::io::{BufRead as _, Write as _};
+    client.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(client.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (client.wait().unwrap(), line)
+}
+
 /// The traced client: waits for "go" on stdin, then imports `ssl` (so OpenSSL is loaded
 /// after tracing started, as a worker's first request does), and over two connections
 /// sends lines and reads their echoes.
@@ -431,7 +440,6 @@ fn tls_plaintext_is_read_from_the_apps_openssl() {
     if !ebpf_available() {
         return;
     }
-    use std::io::{BufRead as _, Write as _};
     let cert = harness::tls::Cert::new();
     let python = "/usr/bin/python3";
     let (mut server, port) = tls_echo_server(&cert);
@@ -443,10 +451,7 @@ fn tls_plaintext_is_read_from_the_apps_openssl() {
         .expect("start the TLS client");
     let pid = client.id();
     let mut obs = Observer::start(&["--pid", &pid.to_string()]);
-    client.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut out = String::new();
-    std::io::BufReader::new(client.stdout.take().unwrap()).read_line(&mut out).unwrap();
-    let status = client.wait().unwrap();
+    let (status, out) = go(&mut client);
     obs.wait_for_log("uprobes set on a library", patience(10));
     let trace = obs.stop();
     harness::stop(&mut server, libc::SIGKILL);
@@ -576,7 +581,6 @@ fn tls_plaintext_is_read_from_a_statically_linked_openssl() {
     if !ebpf_available() {
         return;
     }
-    use std::io::{BufRead as _, Write as _};
     let dir = TempDir::new("static-tls");
     let exe = dir.0.join("static-tls-client");
     let src = harness::django::root().join("tests/apps/static_tls/client.c");
@@ -600,10 +604,7 @@ fn tls_plaintext_is_read_from_a_statically_linked_openssl() {
     let pid = client.id();
     let mut obs = Observer::start(&["--pid", &pid.to_string()]);
     obs.wait_for_log("uprobes set on a library", patience(10));
-    client.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut said = String::new();
-    std::io::BufReader::new(client.stdout.take().unwrap()).read_line(&mut said).unwrap();
-    let status = client.wait().unwrap();
+    let (status, said) = go(&mut client);
     let trace = obs.stop();
     harness::stop(&mut server, libc::SIGKILL);
     assert!(status.success() && said.trim() == "done", "client: {status} {said:?}");

@@ -212,14 +212,8 @@ impl Tls {
     /// Ends the connections `keep` says are gone (their close was lost); the opaque
     /// ones among them go to `closed`.
     pub fn retain(&mut self, keep: impl Fn(u64) -> bool, closed: &mut Vec<ClosedOpaque>) {
-        let gone: Vec<u64> = self.conns.keys().copied().filter(|id| !keep(*id)).collect();
-        for id in gone {
-            if let Some(state) = self.conns.remove(&id)
-                && let Some(c) = self.ended(state)
-            {
-                closed.push(c);
-            }
-        }
+        let gone: Vec<State> = self.conns.extract_if(|id, _| !keep(*id)).map(|(_, s)| s).collect();
+        closed.extend(gone.into_iter().filter_map(|s| self.ended(s)));
     }
 
     /// Gives back memory after a burst of connections.
