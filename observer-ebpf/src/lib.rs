@@ -54,11 +54,14 @@ pub enum RecordKind {
     /// [`ProcEvent`]: a tracked process mapped a file executable (`mmap` with
     /// `PROT_EXEC`): a library it loaded may be one the uprobes serve (OpenSSL).
     ProcMap = 10,
+    /// [`SqliteCall`] followed by `cap_len` bytes: a call of a tracked process into its
+    /// SQLite library (a uprobe).
+    Sqlite = 11,
 }
 
 impl RecordKind {
     /// All kinds, in tag order.
-    pub const ALL: [RecordKind; 10] = [
+    pub const ALL: [RecordKind; 11] = [
         Self::Data,
         Self::ConnOpen,
         Self::ConnClose,
@@ -69,6 +72,7 @@ impl RecordKind {
         Self::ProcExit,
         Self::ConnFailed,
         Self::ProcMap,
+        Self::Sqlite,
     ];
 
     /// Decodes a tag read from the ring buffer.
@@ -197,6 +201,57 @@ pub struct DataHeader {
     /// jump tells userspace exactly where a stream has a hole (see [`FLAG_NO_SEQ`]).
     pub seq: u32,
     pub _pad2: u32,
+}
+
+/// Which SQLite call a [`SqliteCall`] record is (see `observer::protocol::sqlite`).
+pub mod sqlite_op {
+    /// `sqlite3_open_v2` returned: `handle` the `sqlite3*`, `ret` its result code, the
+    /// bytes the file name.
+    pub const OPEN: u8 = 1;
+    /// `sqlite3_prepare_v2`/`_v3` returned: `handle` the statement, `arg` the
+    /// `sqlite3*`, `ret` the result code, the bytes the SQL text (`total_len` its length
+    /// as the caller gave it; 0: NUL-terminated, unknown).
+    pub const PREPARE: u8 = 2;
+    /// `sqlite3_bind_parameter_count(stmt)`: an execute starts (once per parameter set).
+    pub const BIND: u8 = 3;
+    /// `sqlite3_stmt_readonly(stmt)`: an `executemany` starts.
+    pub const READONLY: u8 = 4;
+    /// `sqlite3_changes(db)`: a DML step is done.
+    pub const CHANGES: u8 = 5;
+    /// `sqlite3_last_insert_rowid(db)`: an execute is done, successfully.
+    pub const LAST_ROWID: u8 = 6;
+    /// `sqlite3_extended_errcode(db)` returned `ret`: the call before it failed.
+    pub const ERRCODE: u8 = 7;
+    /// `sqlite3_finalize(stmt)`.
+    pub const FINALIZE: u8 = 8;
+    /// `sqlite3_close_v2(db)` / `sqlite3_close(db)`.
+    pub const CLOSE: u8 = 9;
+}
+
+/// Header of a [`RecordKind::Sqlite`] record; `cap_len` bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SqliteCall {
+    pub kind: u32,
+    pub cap_len: u32,
+    /// The call's entry (`bpf_ktime_get_ns`).
+    pub enter_ns: u64,
+    /// Its return, for calls probed at both ends; else the entry again.
+    pub exit_ns: u64,
+    /// The `sqlite3*` or `sqlite3_stmt*` the call is about.
+    pub handle: u64,
+    /// A second handle (the connection of a prepared statement).
+    pub arg: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    /// The text's true length when the caller said it (prepare's `nByte`); else 0.
+    pub total_len: u32,
+    /// A [`sqlite_op`] value.
+    pub op: u8,
+    pub flags: u8,
+    pub _pad: u16,
+    /// The call's result code (return-probed calls), else 0.
+    pub ret: i64,
 }
 
 /// Role of a traced connection.
@@ -413,8 +468,11 @@ pub mod counter {
     pub const TLS_RECORDS: u32 = 15;
     /// `SSL*` to socket ties not kept because the table update failed.
     pub const TLS_TABLE_ERROR: u32 = 16;
+    /// SQLite call records written to the ring buffer (records lost to a full ring count
+    /// under [`RING_FULL_CONTROL`]).
+    pub const SQLITE_RECORDS: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 #[cfg(feature = "user")]
@@ -449,6 +507,8 @@ mod host {
     const _: () = assert!(size_of::<SockVal>() == 24);
     const _: () = assert!(size_of::<SslKey>() == 16);
     const _: () = assert!(size_of::<SslConn>() == 16);
+    // It is written over a data record's header in the scratch buffer.
+    const _: () = assert!(size_of::<SqliteCall>() == size_of::<DataHeader>());
     const _: () = assert!(MAX_CAPTURE.is_power_of_two());
 
     #[test]

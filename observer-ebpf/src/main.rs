@@ -12,6 +12,8 @@
 #[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]
+mod sqlite;
+#[cfg(target_arch = "bpf")]
 mod tls;
 
 /// The host build of this bin is only a placeholder so that `cargo build --workspace`

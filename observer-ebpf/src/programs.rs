@@ -92,7 +92,7 @@ static WAKEUP_BYTES: Global<u32> = Global::new(1 << 20);
 
 /// All records, in order. Userspace sets the size (`--ring-buffer-bytes`).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
 
 /// Tracked processes by TGID. Userspace adds the selected ones; forks add children.
 #[map]
@@ -309,7 +309,7 @@ fn next_conn_id() -> u64 {
 /// records wake it only once a good part of the ring is used; the reader also polls on a
 /// short timer.
 #[inline(always)]
-fn wakeup_flag() -> u64 {
+pub(crate) fn wakeup_flag() -> u64 {
     const BPF_RB_AVAIL_DATA: u64 = 0;
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -1343,6 +1343,7 @@ pub fn sched_process_exit(_c: RawTracePointContext) -> u32 {
     // tracked (it may have been untracked since).
     let _ = INFLIGHT.remove(pid_tgid);
     crate::tls::thread_exit(pid_tgid);
+    crate::sqlite::thread_exit(pid_tgid);
     if tracked(tgid).is_none() {
         return 0;
     }

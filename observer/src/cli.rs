@@ -139,6 +139,15 @@ struct RunArgs {
     /// [default: 256].
     #[arg(long, value_name = "N")]
     max_held_connect_failures: Option<usize>,
+    /// SQLite prepared statements remembered (their shape and table), over all traced
+    /// processes; past it one is counted without its shape [default: 65536].
+    #[arg(long, value_name = "N")]
+    max_sqlite_statements: Option<usize>,
+    /// SQLite connections remembered (their database file, which names the alias);
+    /// past it one's statements are counted only if the app has one SQLite database
+    /// [default: 16384].
+    #[arg(long, value_name = "N")]
+    max_sqlite_connections: Option<usize>,
     /// Redis and memcached commands sent and not yet answered per connection
     /// [default: 4096].
     #[arg(long, value_name = "N")]
@@ -515,6 +524,17 @@ async fn run(args: RunArgs) -> Result<()> {
             .max_held_connect_failures
             .or(file.max_held_connect_failures)
             .unwrap_or(d.max_held_connect_failures),
+        sqlite: crate::protocol::sqlite::Limits {
+            max_statements: args
+                .max_sqlite_statements
+                .or(file.max_sqlite_statements)
+                .unwrap_or(d.sqlite.max_statements),
+            max_connections: args
+                .max_sqlite_connections
+                .or(file.max_sqlite_connections)
+                .unwrap_or(d.sqlite.max_connections),
+            ..d.sqlite
+        },
     };
     // A bound of 0 would hold nothing, and the parsers' bounds are at least one entry.
     for (flag, v) in [
@@ -524,6 +544,8 @@ async fn run(args: RunArgs) -> Result<()> {
         ("--max-pending-cache-commands", settings.cache_commands),
         ("--max-parsers", settings.max_parsers),
         ("--max-held-connect-failures", settings.max_held_connect_failures),
+        ("--max-sqlite-statements", settings.sqlite.max_statements),
+        ("--max-sqlite-connections", settings.sqlite.max_connections),
     ] {
         if v == 0 {
             bail!("{flag} must be positive");

@@ -68,6 +68,8 @@ pub struct FileConfig {
     pub max_inflight_syscalls: Option<u32>,
     pub max_library_files: Option<usize>,
     pub max_held_connect_failures: Option<usize>,
+    pub max_sqlite_statements: Option<usize>,
+    pub max_sqlite_connections: Option<usize>,
     pub uprobe_idle_grace: Option<u64>,
     pub models: Option<Vec<String>>,
     pub max_models: Option<usize>,

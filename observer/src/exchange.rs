@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::{
     app::{lifecycle::App, tls::Connection},
     django::{
-        db::{DbObservation, POSTGRESQL},
+        db::{DbObservation, POSTGRESQL, SQLITE},
         http::{Body, HttpObservation, UNNAMED_VIEW},
     },
     events::{Role, SockAddr},
@@ -70,6 +70,8 @@ pub struct DbEvent {
     pub peer: Option<SockAddr>,
     pub user: Option<Box<str>>,
     pub database: Option<Box<str>>,
+    /// The database file (SQLite), as the app opened it.
+    pub file: Option<Arc<str>>,
     /// django-prometheus's `vendor` label.
     pub vendor: &'static str,
     pub what: DbWhat,
@@ -158,6 +160,15 @@ impl Count {
 pub fn classify(app: &App, obs: Observed, stats: &mut SelfStats) -> Option<Count> {
     match obs {
         Observed::Http(h) => Some(Count::Http(h)),
+        Observed::Db(ev) if ev.vendor == SQLITE => {
+            // Only the files of the app's DATABASES: another user of SQLite in the
+            // process (a library's own cache) is not the app's database.
+            let Some(alias) = app.aliases.by_file(ev.file.as_deref()) else {
+                stats.sqlite_other_files += 1;
+                return None;
+            };
+            Some(Count::Db { alias: alias.to_string(), vendor: ev.vendor, what: ev.what })
+        }
         Observed::Db(ev) => {
             if ev.confirm && ev.peer.as_ref().is_none_or(|p| app.aliases.by_address(p).is_none()) {
                 return None;
@@ -397,6 +408,7 @@ mod tests {
             peer: Some(addr(peer)),
             user: None,
             database: None,
+            file: None,
             vendor: POSTGRESQL,
             what,
         })

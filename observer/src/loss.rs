@@ -145,6 +145,7 @@ impl LossReport {
                     kc(counter::TLS_UNTIED),
                 ),
                 c("observer_table_errors_total", &[("table", "tls")], kc(counter::TLS_TABLE_ERROR)),
+                c("observer_sqlite_records_total", &[], kc(counter::SQLITE_RECORDS)),
                 c("observer_uprobe_libraries_attached_total", &[], u.libs.attached),
                 c("observer_uprobe_libraries_detached_total", &[], u.libs.detached),
                 c("observer_uprobe_attach_errors_total", &[], u.libs.attach_errors),

@@ -14,7 +14,7 @@ use std::{
 use crate::{
     app::lifecycle::{App, Apps, Host, ProcHost},
     conns::{ConnInfo, ConnTable},
-    django::db::POSTGRESQL,
+    django::db::{POSTGRESQL, SQLITE},
     events::{Data, Direction, Record, Role, SockAddr},
     exchange::{self, CacheLookup, DbEvent, DbStatement, DbWhat, HttpExchange, Observed, TlsOpaque},
     fault,
@@ -31,6 +31,7 @@ use crate::{
             fallback::{Fallback, Key},
         },
         redis::RedisParser,
+        sqlite::{self, Sqlite},
     },
     pump::{Live, Sink},
     selfmetrics::SelfStats,
@@ -65,6 +66,9 @@ pub struct Pipeline {
     events: Vec<Event>,
     pg_events: Vec<postgres::Event>,
     cache_events: Vec<protocol::CacheEvent>,
+    /// What the apps' SQLite calls add up to.
+    sqlite: Sqlite,
+    sqlite_events: Vec<sqlite::Emitted>,
     /// Which request each statement and cache lookup belongs to.
     attribution: Attribution,
     /// `observer top`'s screen, when this pipeline feeds one.
@@ -98,6 +102,8 @@ impl Pipeline {
     /// With what the apps' lifecycle reads of the host and runs in the background.
     pub fn with_host(settings: Settings, shared: Arc<Mutex<Exposition>>, host: Box<dyn Host>) -> Self {
         let fallback = Fallback::new(settings.max_held_connect_failures);
+        let sqlite =
+            Sqlite::new(sqlite::Limits { keep_shapes: settings.postgres.keep_shapes, ..settings.sqlite });
         Self {
             apps: Apps::new(settings.clone(), shared.clone(), host),
             settings,
@@ -111,6 +117,8 @@ impl Pipeline {
             events: Vec::new(),
             pg_events: Vec::new(),
             cache_events: Vec::new(),
+            sqlite,
+            sqlite_events: Vec::new(),
             attribution: Attribution::default(),
             top: None,
             last_gc: Instant::now(),
@@ -246,7 +254,7 @@ impl Pipeline {
                 }
             };
             let held_key = hold.then(key);
-            let db = DbEvent { confirm, peer, user, database, vendor: POSTGRESQL, what };
+            let db = DbEvent { confirm, peer, user, database, file: None, vendor: POSTGRESQL, what };
             match held_key {
                 Some(k) => {
                     if let Some((t, released)) = self.fallback.hold(k, tls, now, (target, db)) {
@@ -278,6 +286,53 @@ impl Pipeline {
         }
         // Keep the buffer's allocation for the next chunk.
         self.cache_events = events;
+    }
+
+    /// What the apps' SQLite calls added up to, into their families and their requests'
+    /// profiles.
+    fn handle_sqlite_events(&mut self) {
+        let mut events = std::mem::take(&mut self.sqlite_events);
+        for e in events.drain(..) {
+            let Some(target) = self.apps.root_of(e.tgid) else {
+                self.stats.unattributed_records += 1;
+                continue;
+            };
+            let db = |file, what| DbEvent {
+                confirm: false,
+                peer: None,
+                user: None,
+                database: None,
+                file,
+                vendor: SQLITE,
+                what,
+            };
+            match e.event {
+                sqlite::Event::Attempt { file, failed } => {
+                    self.route(target, Observed::Db(db(Some(file.clone()), DbWhat::Attempt)));
+                    if failed {
+                        self.route(target, Observed::Db(db(Some(file), DbWhat::AttemptFailed)));
+                    }
+                }
+                sqlite::Event::Statement(st) => {
+                    let work = Work::Db {
+                        executes: st.executes,
+                        seconds: st.seconds(),
+                        shape: st.shape,
+                        text: st.shape_text.clone(),
+                    };
+                    self.attribution.work(e.tgid, e.tid, work);
+                    let what = DbWhat::Statement(DbStatement {
+                        executes: u64::from(st.executes),
+                        many: st.many,
+                        error_type: st.error,
+                        seconds: st.seconds(),
+                        writes: st.writes.clone(),
+                    });
+                    self.route(target, Observed::Db(db(st.file.clone(), what)));
+                }
+            }
+        }
+        self.sqlite_events = events;
     }
 
     /// The connection is gone: its parser's last events, then its state goes.
@@ -495,6 +550,11 @@ impl Sink for Pipeline {
                     self.stats.unattributed_records += 1;
                     return;
                 };
+                // A thread's socket I/O ends the SQLite batch it had in flight.
+                self.sqlite.quiesce(d.tgid, d.tid, &mut self.sqlite_events);
+                if !self.sqlite_events.is_empty() {
+                    self.handle_sqlite_events();
+                }
                 // Every record of a traced process's connection, decided or not, so that
                 // a gap is seen wherever it falls.
                 let seg = self.streams.segment(d);
@@ -587,10 +647,17 @@ impl Sink for Pipeline {
                     self.close_conn(id);
                 }
                 self.tls.process_gone(*pid);
+                self.sqlite.process_gone(*pid, &mut self.sqlite_events);
+                self.handle_sqlite_events();
                 self.attribution.process_gone(*pid);
                 let mut dropped = Vec::new();
                 self.apps.exited(*pid, Instant::now(), &mut dropped);
                 self.forget_apps(dropped);
+            }
+            Record::Sqlite(c) => {
+                self.now_ns = self.now_ns.max(c.exit_ns);
+                self.sqlite.call(c, &mut self.sqlite_events);
+                self.handle_sqlite_events();
             }
             Record::ConnDup(_) | Record::FdEpoch(_) | Record::ProcExec { .. } => {}
         }
@@ -604,6 +671,8 @@ impl Sink for Pipeline {
                 self.route(target, Observed::Db(ev));
             }
         }
+        self.sqlite.expire(self.now_ns, &mut self.sqlite_events);
+        self.handle_sqlite_events();
         let now = Instant::now();
         self.apps.discover_quiet(now);
         self.poll_discoveries();
@@ -625,6 +694,7 @@ impl Sink for Pipeline {
             self.apps.sweep(now, &mut dropped);
             self.forget_apps(dropped);
             self.attribution.retain_threads(targets::thread_alive);
+            self.sqlite.retain_threads(targets::thread_alive);
             self.conns.shrink_idle();
             self.streams.shrink_idle();
             self.tls.shrink_idle();
@@ -645,6 +715,7 @@ impl Sink for Pipeline {
         self.stats.stream_gaps = self.streams.gaps.iter().map(|(g, n)| (g.as_str(), *n)).collect();
         self.stats.tls = self.tls.stats;
         self.stats.held_failures_released = self.fallback.released_early;
+        self.stats.sqlite = self.sqlite.stats.clone();
         self.stats.profile_attributed.clone_from(&self.attribution.attributed);
         self.stats.profile_unattributed.clone_from(&self.attribution.unattributed);
         if let Some(top) = self.top.as_mut() {

@@ -108,7 +108,7 @@ impl Pump {
             user: UserCounters::default(),
             resolve_addresses,
             listeners: HashMap::new(),
-            libs: Libraries::new(std::slice::from_ref(&libs::OPENSSL), opts.libraries),
+            libs: Libraries::new(&libs::KINDS, opts.libraries),
             remap: Vec::new(),
         }
     }
@@ -286,7 +286,7 @@ impl Pump {
                 }
                 self.enter_sockets(*pid, 0, None);
                 self.libs.forked(*parent, *pid);
-                sink.libraries(*pid, self.libs.state(*pid));
+                sink.libraries(*pid, self.libs.state(*pid, libs::TLS));
             }
             Record::ProcExec { pid, tracked: true, epoch, .. } => {
                 sink.record(&rec, None);
@@ -304,7 +304,7 @@ impl Pump {
                 sink.record(&rec, None);
                 self.forget_process(*pid);
             }
-            Record::ConnFailed(_) => sink.record(&rec, None),
+            Record::ConnFailed(_) | Record::Sqlite(_) => sink.record(&rec, None),
             Record::ProcMap { pid, .. } => {
                 if !self.remap.contains(pid) {
                     self.remap.push(*pid);
@@ -316,7 +316,7 @@ impl Pump {
     /// Reads what `pid` maps, probes the libraries among them, and says what it has.
     fn scan_libraries<S: Sink>(&mut self, pid: u32, sink: &mut S) {
         self.libs.scan(pid, &mut self.probe);
-        sink.libraries(pid, self.libs.state(pid));
+        sink.libraries(pid, self.libs.state(pid, libs::TLS));
     }
 
     /// The bound address of a listening socket, cached: listeners live long, so /proc

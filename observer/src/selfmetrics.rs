@@ -53,6 +53,10 @@ pub struct SelfStats {
     pub tls: crate::stream::tls::TlsStats,
     /// Client connections recognised as no database or cache protocol (and ignored).
     pub not_db_connections: u64,
+    /// What the SQLite calls could not be followed in (`protocol::sqlite`).
+    pub sqlite: crate::protocol::sqlite::SqliteStats,
+    /// SQLite statements and connections on files that are none of the app's DATABASES.
+    pub sqlite_other_files: u64,
     /// Pods of this node known from the Kubernetes API (`--kubernetes`).
     pub kubernetes_pods: usize,
     /// Cache lookups turned into django_cache_get_* samples.
@@ -192,10 +196,10 @@ impl SelfStats {
             .entry("observer_records_lost_total")
             .or_default()
             .push((vec![("reason", "parser_fault")], self.records_lost_parser_fault as f64));
-        by_name
-            .entry("observer_table_full_total")
-            .or_default()
-            .push((vec![("table", "parsers")], self.parsers_full as f64));
+        let full = by_name.entry("observer_table_full_total").or_default();
+        full.push((vec![("table", "parsers")], self.parsers_full as f64));
+        full.push((vec![("table", "sqlite_connections")], self.sqlite.connections_full as f64));
+        full.push((vec![("table", "sqlite_statements")], self.sqlite.statements_full as f64));
         for (name, samples) in by_name {
             out.push(family(name, loss_help(name), MetricType::COUNTER, samples));
         }
@@ -297,6 +301,24 @@ impl SelfStats {
             "observer_db_held_failures_released_total",
             "Failed PostgreSQL connects released before libpq's encryption retry could follow (--max-held-connect-failures held at once): a retry of one counts as a second attempt.",
             self.held_failures_released,
+        ));
+        let lite = &self.sqlite;
+        out.push(counter(
+            "observer_sqlite_calls_total",
+            "Calls into the apps' SQLite libraries followed (uprobes: open, prepare, bind, changes, last_insert_rowid, errcode, finalize, close).",
+            lite.calls,
+        ));
+        out.push(family(
+            "observer_sqlite_executes_total",
+            "SQLite executes that needed a guess or were left out: unknown_statement (prepared before tracing: counted, no shape), connect_statement (Django's own connect-time PRAGMAs: not counted, as by django-prometheus), unmatched_end (its start was lost: not counted), abandoned (Python raised before its step: counted as ProgrammingError), other_file (a file that is none of the app's DATABASES: not counted).",
+            MetricType::COUNTER,
+            vec![
+                (vec![("kind", "unknown_statement")], lite.unknown_statements as f64),
+                (vec![("kind", "connect_statement")], lite.connect_statements as f64),
+                (vec![("kind", "unmatched_end")], lite.unmatched_ends as f64),
+                (vec![("kind", "abandoned")], lite.abandoned as f64),
+                (vec![("kind", "other_file")], self.sqlite_other_files as f64),
+            ],
         ));
         out.push(counter(
             "observer_not_db_connections_total",

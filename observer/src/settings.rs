@@ -29,6 +29,8 @@ pub struct Settings {
     /// Connections with parser state at once.
     pub max_parsers: usize,
     pub postgres: postgres::Limits,
+    /// The SQLite tables' bounds (`--max-sqlite-statements`).
+    pub sqlite: crate::protocol::sqlite::Limits,
     /// Model labels counted (all models when unset); they are created at 0.
     pub models: Option<Vec<String>>,
     /// Distinct model labels per app.
@@ -67,6 +69,7 @@ impl Default for Settings {
             http: http1::Limits::default(),
             max_parsers: 65_536,
             postgres: postgres::Limits::default(),
+            sqlite: crate::protocol::sqlite::Limits::default(),
             models: None,
             max_models: 1000,
             cache_commands: redis::Limits::default().max_pending,

@@ -285,6 +285,22 @@ impl Sink for Printer {
                 json!({"type": "map_exec", "ts_ns": ts_ns, "pid": pid}).to_string()
             }
             Record::ProcMap { pid, ts_ns } => format!("{} pid={pid} mapped a file executable", self.wall(*ts_ns)),
+            Record::Sqlite(c) if self.json => json!({"type": "sqlite", "ts_ns": c.enter_ns, "exit_ns": c.exit_ns,
+                "pid": c.tgid, "tid": c.tid, "op": format!("{:?}", c.op), "handle": c.handle, "arg": c.arg,
+                "ret": c.ret, "text": self.preview(c.text), "truncated": c.truncated})
+            .to_string(),
+            Record::Sqlite(c) => format!(
+                "{} pid={}/{} sqlite {:?} handle={:#x} arg={:#x} ret={} {}us {}",
+                self.wall(c.enter_ns),
+                c.tgid,
+                c.tid,
+                c.op,
+                c.handle,
+                c.arg,
+                c.ret,
+                c.exit_ns.saturating_sub(c.enter_ns) / 1000,
+                self.preview(c.text)
+            ),
         };
         self.emit(&line);
     }

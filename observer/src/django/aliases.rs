@@ -52,6 +52,8 @@ struct Entry {
 #[derive(Debug, Clone, Default)]
 pub struct AliasTable {
     entries: Vec<Entry>,
+    /// SQLite aliases and their NAME (a path, possibly relative, or `:memory:`).
+    files: Vec<(String, String)>,
 }
 
 fn unix_socket(dir: &str, port: u16) -> Endpoint {
@@ -116,7 +118,16 @@ impl AliasTable {
                 },
             })
             .collect();
+        let mut files = Vec::new();
         for d in databases {
+            let sqlite = match &d.vendor {
+                Some(v) => v == super::db::SQLITE,
+                None => d.engine.as_deref().is_some_and(|e| e.contains("sqlite")),
+            };
+            if sqlite {
+                files.push((d.alias.clone(), d.name.clone().unwrap_or_default()));
+                continue;
+            }
             let postgres = match &d.vendor {
                 Some(v) => v == super::db::POSTGRESQL,
                 None => d.engine.as_deref().is_some_and(|e| e.contains("postgres") || e.contains("postgis")),
@@ -132,11 +143,34 @@ impl AliasTable {
                 endpoints: endpoints(d.host.as_deref(), &d.port, resolve),
             });
         }
-        Self { entries }
+        Self { entries, files }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && self.files.is_empty()
+    }
+
+    /// The SQLite alias whose NAME is `file` as the app opened it: the same string, or
+    /// the same path when one of them is relative (to the app's working directory).
+    /// Without a file (a connection opened before tracing) the alias is known only when
+    /// the app has one SQLite database.
+    pub fn by_file(&self, file: Option<&str>) -> Option<&str> {
+        let Some(file) = file else {
+            return match self.files.as_slice() {
+                [(alias, _)] => Some(alias),
+                _ => None,
+            };
+        };
+        let same = |name: &str| {
+            name == file || {
+                let (abs, rel) = if name.starts_with('/') { (name, file) } else { (file, name) };
+                !rel.starts_with('/')
+                    && !rel.is_empty()
+                    && abs.ends_with(&format!("/{}", rel.trim_start_matches("./")))
+            }
+        };
+        let hits: Vec<&(String, String)> = self.files.iter().filter(|(_, n)| same(n)).collect();
+        hits.iter().find(|(a, _)| a == DEFAULT).or(hits.first()).map(|(a, _)| a.as_str())
     }
 
     /// The alias of a connection to `peer` that started as `user` on `database`.

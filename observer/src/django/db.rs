@@ -20,6 +20,8 @@ use crate::protocol::postgres::sql::WriteOp;
 
 /// `DatabaseWrapper.vendor` of Django's PostgreSQL (and PostGIS) backends.
 pub const POSTGRESQL: &str = "postgresql";
+/// django-prometheus's `vendor` for SQLite (Django's `DatabaseWrapper.vendor`).
+pub const SQLITE: &str = "sqlite";
 
 /// What one statement unit (one execute() or executemany() call) contributes.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -139,6 +139,7 @@ impl Probe {
             .map_max_entries("INFLIGHT", opts.max_inflight)
             .map_max_entries("SSL_CALLS", opts.max_inflight)
             .map_max_entries("SSL_CONNS", opts.max_connections)
+            .map_max_entries("SQL_CALLS", opts.max_inflight)
             .load(OBJECT)
             .map_err(LoadError::Object)?;
 

@@ -46,6 +46,60 @@ pub enum Record<'a> {
         pid: u32,
         ts_ns: u64,
     },
+    /// A call into the process's SQLite library.
+    Sqlite(SqliteCall<'a>),
+}
+
+/// Which SQLite call (see `observer_ebpf::sqlite_op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqliteOp {
+    Open,
+    Prepare,
+    Bind,
+    Readonly,
+    Changes,
+    LastRowid,
+    Errcode,
+    Finalize,
+    Close,
+}
+
+impl SqliteOp {
+    fn from_u8(v: u8) -> Option<Self> {
+        use observer_ebpf::sqlite_op as o;
+        Some(match v {
+            o::OPEN => Self::Open,
+            o::PREPARE => Self::Prepare,
+            o::BIND => Self::Bind,
+            o::READONLY => Self::Readonly,
+            o::CHANGES => Self::Changes,
+            o::LAST_ROWID => Self::LastRowid,
+            o::ERRCODE => Self::Errcode,
+            o::FINALIZE => Self::Finalize,
+            o::CLOSE => Self::Close,
+            _ => return None,
+        })
+    }
+}
+
+/// One SQLite call of a tracked process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteCall<'a> {
+    pub enter_ns: u64,
+    pub exit_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub op: SqliteOp,
+    /// The `sqlite3*` or `sqlite3_stmt*` the call is about.
+    pub handle: u64,
+    /// The connection of a prepared statement.
+    pub arg: u64,
+    /// The result code of `open`/`prepare`, the error code `extended_errcode` returned.
+    pub ret: i64,
+    /// The file name (`open`) or the SQL text (`prepare`), as captured.
+    pub text: &'a [u8],
+    /// `text` is only a prefix.
+    pub truncated: bool,
 }
 
 /// Direction of bytes, from the traced process's point of view.
@@ -292,6 +346,28 @@ pub fn decode(buf: &[u8]) -> Result<Record<'_>, DecodeError> {
                 RecordKind::ProcMap => Record::ProcMap { pid: p.pid, ts_ns: p.ts_ns },
                 _ => Record::ProcExit { pid: p.pid, ts_ns: p.ts_ns },
             })
+        }
+        RecordKind::Sqlite => {
+            let h: observer_ebpf::SqliteCall = read(buf)?;
+            let op = SqliteOp::from_u8(h.op).ok_or(DecodeError::Invalid)?;
+            let start = size_of::<observer_ebpf::SqliteCall>();
+            let text =
+                buf.get(start..start + h.cap_len as usize).ok_or(DecodeError::Short { len: buf.len() })?;
+            if h.exit_ns < h.enter_ns {
+                return Err(DecodeError::Invalid);
+            }
+            Ok(Record::Sqlite(SqliteCall {
+                enter_ns: h.enter_ns,
+                exit_ns: h.exit_ns,
+                tgid: h.tgid,
+                tid: h.tid,
+                op,
+                handle: h.handle,
+                arg: h.arg,
+                ret: h.ret,
+                text,
+                truncated: h.flags & (FLAG_TRUNCATED | FLAG_FAULT) != 0,
+            }))
         }
     }
 }

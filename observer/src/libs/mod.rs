@@ -1,4 +1,5 @@
-//! The libraries in traced processes that uprobes serve: OpenSSL (TLS plaintext) today.
+//! The libraries in traced processes that uprobes serve: OpenSSL (TLS plaintext) and
+//! SQLite (the database calls of apps without a database socket).
 //!
 //! A uprobe is set on a file (device and inode), not on a process: once on a library it
 //! fires in every process that maps it, and the kernel programs return at once for a
@@ -76,6 +77,45 @@ pub const OPENSSL: Kind = Kind {
     file_hint: "libssl",
 };
 
+/// SQLite 3 (the system's `libsqlite3.so.0` that Python's `_sqlite3` links on Debian, or
+/// compiled into `_sqlite3` or the interpreter). Only calls made once per execute, per
+/// statement or per connection are probed, never one made per row (`sqlite3_step`,
+/// `sqlite3_column_*`): see `protocol::sqlite` for what each one tells.
+pub const SQLITE: Kind = Kind {
+    name: "sqlite",
+    required: &[
+        "sqlite3_open_v2",
+        "sqlite3_prepare_v2",
+        "sqlite3_bind_parameter_count",
+        "sqlite3_last_insert_rowid",
+    ],
+    points: &[
+        p("sqlite3_open_v2", "sqlite_open"),
+        p("sqlite3_open_v2", "sqlite_open_ret"),
+        p("sqlite3_prepare_v2", "sqlite_prepare"),
+        p("sqlite3_prepare_v2", "sqlite_prepare_ret"),
+        p("sqlite3_prepare_v3", "sqlite_prepare_v3"),
+        p("sqlite3_prepare_v3", "sqlite_prepare_ret"),
+        p("sqlite3_bind_parameter_count", "sqlite_bind_count"),
+        p("sqlite3_stmt_readonly", "sqlite_readonly"),
+        p("sqlite3_changes", "sqlite_changes"),
+        p("sqlite3_last_insert_rowid", "sqlite_last_rowid"),
+        p("sqlite3_extended_errcode", "sqlite_errcode"),
+        p("sqlite3_extended_errcode", "sqlite_errcode_ret"),
+        p("sqlite3_finalize", "sqlite_finalize"),
+        p("sqlite3_close_v2", "sqlite_close"),
+        p("sqlite3_close", "sqlite_close"),
+    ],
+    file_hint: "libsqlite3",
+};
+
+/// Every library the agent probes; [`TLS`] and [`SQLITE_KIND`] index it.
+pub static KINDS: [Kind; 2] = [OPENSSL, SQLITE];
+/// Index of OpenSSL in [`KINDS`] (what decides whether TLS is decrypted).
+pub const TLS: usize = 0;
+/// Index of SQLite in [`KINDS`].
+pub const SQLITE_KIND: usize = 1;
+
 /// Sets and removes uprobes (the loaded kernel programs; a fake in tests).
 pub trait Attach {
     type Link;
@@ -88,12 +128,14 @@ pub trait Attach {
 enum Verdict {
     /// Nothing the agent probes.
     Nothing,
-    /// A library of `kind`, its programs' file offsets.
-    Probe { kind: usize, points: Vec<(&'static str, u64)> },
+    /// A file of the kinds in `kinds` (a bit per index of the registry's kinds; a
+    /// static build may hold OpenSSL and SQLite both), its programs' file offsets; it is
+    /// unusable for the kinds in `unusable`.
+    Probe { kinds: u32, unusable: u32, points: Vec<(&'static str, u64)> },
     /// Named like a probed library but without its functions (stripped, static without
     /// symbols, another implementation under the name), or attaching failed once (not
-    /// tried again): the process's TLS through it stays opaque.
-    Unusable,
+    /// tried again), for the kinds in the mask: the process's TLS through it stays opaque.
+    Unusable(u32),
 }
 
 /// What a process has of the probed libraries: why its TLS connections are, or are
@@ -112,6 +154,8 @@ pub enum LibState {
 
 struct Attached<L> {
     links: Vec<(&'static str, L)>,
+    /// What the file is (bits of kind indexes).
+    kinds: u32,
     /// Tracked processes mapping it.
     users: usize,
 }
@@ -161,8 +205,8 @@ pub struct Libraries<L> {
     idle: HashMap<FileId, (Attached<L>, Instant)>,
     /// The probed files each tracked process maps.
     by_pid: IdMap<u32, Vec<FileId>>,
-    /// Tracked processes mapping a library that cannot be probed.
-    unusable: IdMap<u32, ()>,
+    /// Tracked processes mapping a library that cannot be probed (bits of kind indexes).
+    unusable: IdMap<u32, u32>,
     pub stats: LibStats,
 }
 
@@ -211,14 +255,20 @@ impl<L> Libraries<L> {
             }
             let path = root.join(m.path.trim_start_matches('/'));
             let verdict = self.verdict(m, &path);
-            let (kind, points) = match verdict {
-                Verdict::Probe { kind, points } => (kind, points),
-                Verdict::Unusable => {
-                    self.unusable.insert(pid, ());
+            let (kinds, points) = match verdict {
+                Verdict::Probe { kinds, unusable, points } => {
+                    if unusable != 0 {
+                        *self.unusable.entry(pid).or_default() |= unusable;
+                    }
+                    (kinds, points)
+                }
+                Verdict::Unusable(mask) => {
+                    *self.unusable.entry(pid).or_default() |= mask;
                     continue;
                 }
                 Verdict::Nothing => continue,
             };
+            let library = self.names(kinds);
             if let Some((at, _)) = self.idle.remove(&m.file) {
                 self.attached.insert(m.file, at);
             }
@@ -227,7 +277,7 @@ impl<L> Libraries<L> {
                 match attach_all(a, &path, &points) {
                     Ok(links) => {
                         tracing::info!(
-                            library = self.kinds[kind].name,
+                            library,
                             path = m.path,
                             pid,
                             probes = links.len(),
@@ -235,18 +285,18 @@ impl<L> Libraries<L> {
                             "uprobes set on a library"
                         );
                         self.stats.attached += 1;
-                        self.attached.insert(m.file, Attached { links, users: 0 });
+                        self.attached.insert(m.file, Attached { links, kinds, users: 0 });
                     }
                     Err(e) => {
                         tracing::warn!(
-                            library = self.kinds[kind].name,
+                            library,
                             path = m.path,
                             error = e,
-                            "cannot set uprobes on a library: its TLS stays opaque"
+                            "cannot set uprobes on a library: its calls stay unseen (TLS opaque)"
                         );
                         self.stats.attach_errors += 1;
-                        self.verdicts.insert(m.file, Verdict::Unusable);
-                        self.unusable.insert(pid, ());
+                        self.verdicts.insert(m.file, Verdict::Unusable(kinds));
+                        *self.unusable.entry(pid).or_default() |= kinds;
                         continue;
                     }
                 }
@@ -278,36 +328,54 @@ impl<L> Libraries<L> {
     /// the mapping's device and inode: on overlayfs, a container's root, the mapping
     /// names the real file underneath while the path shows the overlay's; the kernel
     /// sets a uprobe on the real file, as the process maps it.)
+    /// The file's symbol tables are read once for all kinds.
     fn read_verdict(&mut self, m: &ExecMapping, path: &Path) -> Verdict {
         let name = m.path.rsplit('/').next().unwrap_or("");
+        let symbols: Vec<&'static str> =
+            self.kinds.iter().flat_map(|k| k.points.iter().map(|p| p.symbol)).collect();
+        let Ok(offsets) = elf::function_offsets(path, &symbols) else { return Verdict::Nothing };
+        let (mut kinds, mut unusable, mut points) = (0u32, 0u32, Vec::new());
         for (i, kind) in self.kinds.iter().enumerate() {
-            let symbols: Vec<&'static str> = kind.points.iter().map(|p| p.symbol).collect();
-            let Ok(offsets) = elf::function_offsets(path, &symbols) else { return Verdict::Nothing };
             if kind.required.iter().all(|r| offsets.contains_key(r)) {
-                let points = kind
-                    .points
-                    .iter()
-                    .filter_map(|p| offsets.get(p.symbol).map(|&off| (p.program, off)))
-                    .collect();
-                return Verdict::Probe { kind: i, points };
-            }
-            if name.starts_with(kind.file_hint) || !offsets.is_empty() {
+                kinds |= 1 << i;
+                points.extend(
+                    kind.points.iter().filter_map(|p| offsets.get(p.symbol).map(|&off| (p.program, off))),
+                );
+            } else if name.starts_with(kind.file_hint)
+                || kind.points.iter().any(|p| offsets.contains_key(p.symbol))
+            {
+                unusable |= 1 << i;
                 self.stats.without_symbols += 1;
                 tracing::warn!(
                     library = kind.name,
                     path = m.path,
-                    "a library without the functions the probes need (stripped or another implementation): its TLS stays opaque"
+                    "a library without the functions the probes need (stripped or another implementation): its calls stay unseen (TLS opaque)"
                 );
-                return Verdict::Unusable;
             }
         }
-        Verdict::Nothing
+        match (kinds, unusable) {
+            (0, 0) => Verdict::Nothing,
+            (0, u) => Verdict::Unusable(u),
+            (k, u) => Verdict::Probe { kinds: k, unusable: u, points },
+        }
+    }
+
+    /// The names of the kinds in `mask`, for the log.
+    fn names(&self, mask: u32) -> String {
+        let names: Vec<&str> = self
+            .kinds
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, k)| k.name)
+            .collect();
+        names.join("+")
     }
 
     /// A tracked process forked: the child maps what its parent maps.
     pub fn forked(&mut self, parent: u32, child: u32) {
-        if self.unusable.contains_key(&parent) {
-            self.unusable.insert(child, ());
+        if let Some(&mask) = self.unusable.get(&parent) {
+            self.unusable.insert(child, mask);
         }
         let Some(files) = self.by_pid.get(&parent).cloned() else { return };
         for f in &files {
@@ -357,11 +425,14 @@ impl<L> Libraries<L> {
         self.by_pid.len()
     }
 
-    /// What `pid` maps of the probed libraries, as far as its mappings were read.
-    pub fn state(&self, pid: u32) -> LibState {
-        if self.by_pid.get(&pid).is_some_and(|f| !f.is_empty()) {
+    /// What `pid` maps of the libraries of kind `kind` (an index of the kinds given to
+    /// [`new`](Self::new)), as far as its mappings were read.
+    pub fn state(&self, pid: u32, kind: usize) -> LibState {
+        let bit = 1u32 << kind;
+        let probed = |f: &FileId| self.attached.get(f).is_some_and(|a| a.kinds & bit != 0);
+        if self.by_pid.get(&pid).is_some_and(|f| f.iter().any(probed)) {
             LibState::Probed
-        } else if self.unusable.contains_key(&pid) {
+        } else if self.unusable.get(&pid).is_some_and(|m| m & bit != 0) {
             LibState::Unusable
         } else {
             LibState::None

@@ -73,7 +73,7 @@ fn a_library_gets_its_probes_once_and_loses_them_with_its_last_process() {
     libs.mapped(10, std::slice::from_ref(&ssl), Path::new("/"), &mut a);
     libs.forked(11, 12);
     assert_eq!((a.live.len(), libs.files(), libs.processes()), (set, 1, 3));
-    assert_eq!((libs.state(12), libs.state(99)), (LibState::Probed, LibState::None));
+    assert_eq!((libs.state(12, 0), libs.state(99, 0)), (LibState::Probed, LibState::None));
     libs.gone(10, now());
     libs.gone(11, now());
     assert_eq!(a.live.len(), set, "the child still maps it");
@@ -152,12 +152,12 @@ fn a_libssl_without_symbols_is_reported_once() {
     assert_eq!((a.calls, libs.stats.without_symbols), (0, 1));
     // Why those processes' TLS stays opaque; a child inherits it, an exit forgets it.
     assert_eq!(
-        (libs.state(10), libs.state(11), libs.state(12)),
+        (libs.state(10, 0), libs.state(11, 0), libs.state(12, 0)),
         (LibState::Unusable, LibState::Unusable, LibState::None)
     );
     libs.forked(11, 12);
     libs.gone(11, now());
-    assert_eq!((libs.state(11), libs.state(12)), (LibState::None, LibState::Unusable));
+    assert_eq!((libs.state(11, 0), libs.state(12, 0)), (LibState::None, LibState::Unusable));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -171,7 +171,7 @@ fn a_refused_probe_removes_the_others_and_is_not_retried() {
     assert_eq!((libs.stats.attach_errors, libs.files(), libs.processes()), (1, 0, 0));
     libs.mapped(11, &[ssl], Path::new("/"), &mut a);
     assert_eq!(a.calls, 3, "not tried again");
-    assert_eq!((libs.state(10), libs.state(11)), (LibState::Unusable, LibState::Unusable));
+    assert_eq!((libs.state(10, 0), libs.state(11, 0)), (LibState::Unusable, LibState::Unusable));
     libs.gone(10, now());
 }
 
@@ -183,4 +183,28 @@ fn the_agents_own_process_scans() {
     assert_eq!(libs.stats.scans, 1);
     libs.gone(std::process::id(), now());
     assert!(a.live.is_empty());
+}
+
+const SYSTEM_LIBSQLITE: &str = "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0";
+
+#[test]
+fn sqlite_and_openssl_are_told_apart_in_one_registry() {
+    let Some(ssl) = libssl() else { return };
+    if !Path::new(SYSTEM_LIBSQLITE).exists() {
+        eprintln!("skipped: no {SYSTEM_LIBSQLITE} on this machine");
+        return;
+    }
+    let lite = mapping(std::fs::canonicalize(SYSTEM_LIBSQLITE).unwrap().to_str().unwrap());
+    let mut libs = Libraries::new(&KINDS, Bounds::default());
+    let mut a = Fake::default();
+    libs.mapped(10, std::slice::from_ref(&lite), Path::new("/"), &mut a);
+    // Debian's libsqlite3 defines every function the probes name.
+    assert_eq!(a.live.len(), SQLITE.points.len(), "{:?}", a.live);
+    assert!(a.live.iter().all(|l| l.0.starts_with("sqlite_")));
+    assert_eq!((libs.state(10, SQLITE_KIND), libs.state(10, TLS)), (LibState::Probed, LibState::None));
+    libs.mapped(11, &[ssl, lite], Path::new("/"), &mut a);
+    assert_eq!(a.live.len(), SQLITE.points.len() + OPENSSL.points.len());
+    assert_eq!((libs.state(11, SQLITE_KIND), libs.state(11, TLS)), (LibState::Probed, LibState::Probed));
+    libs.gone(10, now());
+    assert_eq!(libs.state(10, SQLITE_KIND), LibState::None);
 }

@@ -11,6 +11,7 @@ pub mod lines;
 pub mod memcached;
 pub mod postgres;
 pub mod redis;
+pub mod sqlite;
 
 use crate::events::Direction;
 

@@ -66,6 +66,17 @@ if _pg:
             "OPTIONS": {},
         }
     PROMETHEUS_EXPORT_MIGRATIONS = bool(_pg.get("export_migrations"))
+# OBSERVER_TEST_SQLITE (JSON: name = a database file or ":memory:", conn_max_age) makes
+# "default" a SQLite database, and "broken" one in a directory that does not exist.
+_lite = os.environ.get("OBSERVER_TEST_SQLITE")
+if _lite:
+    _lite = json.loads(_lite)
+    _engine = "django_prometheus.db.backends.sqlite3" if DJANGO_PROMETHEUS else "django.db.backends.sqlite3"
+    _base = {"ENGINE": _engine, "NAME": _lite["name"], "CONN_MAX_AGE": _lite.get("conn_max_age", 0)}
+    DATABASES = {
+        "default": _base,
+        "broken": {**_base, "NAME": "/nonexistent-observer-dir/broken.sqlite3"},
+    }
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # OBSERVER_TEST_CACHE (JSON: kind = django_redis | native_redis | pymemcache, location,
