@@ -313,7 +313,21 @@ impl Pipeline {
                         self.route(target, Observed::Db(db(Some(file), DbWhat::AttemptFailed)));
                     }
                 }
-                sqlite::Event::Statement(st) => {
+                sqlite::Event::Statement(mut st) => {
+                    if st.file.is_none()
+                        && let Some(handle) = st.db
+                        && !self.sqlite.knows(e.tgid, handle)
+                    {
+                        // A connection opened before tracing: its file is the one SQLite
+                        // database the process has open, if it has one.
+                        let files = targets::open_sqlite_files(e.tgid);
+                        let file: Arc<str> = match files.as_slice() {
+                            [one] => one.as_str().into(),
+                            _ => "".into(),
+                        };
+                        self.sqlite.learn(e.tgid, handle, file.clone());
+                        st.file = Some(file).filter(|f| !f.is_empty());
+                    }
                     let work = Work::Db {
                         executes: st.executes,
                         seconds: st.seconds(),

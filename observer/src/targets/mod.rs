@@ -301,6 +301,28 @@ pub fn socket_fds(pid: u32) -> Vec<(u32, u64)> {
     .collect()
 }
 
+/// The SQLite database files a process has open (their first bytes say so), as their
+/// fd links name them; journals and WAL files are not databases.
+pub fn open_sqlite_files(pid: u32) -> Vec<String> {
+    use std::io::Read as _;
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    let mut out: Vec<String> = Vec::new();
+    for e in dir.flatten() {
+        let Ok(link) = fs::read_link(e.path()) else { continue };
+        let Some(path) = link.to_str() else { continue };
+        if !path.starts_with('/') || ["-journal", "-wal", "-shm"].iter().any(|s| path.ends_with(s)) {
+            continue;
+        }
+        let mut head = [0u8; 16];
+        let is_db = fs::File::open(e.path()).and_then(|mut f| f.read_exact(&mut head)).is_ok()
+            && &head == b"SQLite format 3\0";
+        if is_db && !out.iter().any(|p| p == path) {
+            out.push(path.to_string());
+        }
+    }
+    out
+}
+
 /// Whether a process exists (a zombie still does).
 pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

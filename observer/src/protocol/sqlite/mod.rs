@@ -72,8 +72,11 @@ impl Default for Limits {
 /// One `cursor.execute()` or `executemany()`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Statement {
-    /// The database file it ran on, when its connection was opened while traced.
+    /// The database file it ran on, when its connection was opened while traced (or
+    /// [`learned`](Sqlite::learn) since).
     pub file: Option<Arc<str>>,
+    /// Its connection's handle, when seen.
+    pub db: Option<u64>,
     pub executes: u32,
     pub many: bool,
     /// The exception class Python raised.
@@ -419,6 +422,21 @@ impl Sqlite {
         self.threads.retain(|k, t| t.op.is_some() || alive(k.0, k.1));
     }
 
+    /// The file of a connection opened before tracing began, found otherwise (the one
+    /// SQLite database the process has open); an empty name marks it as not findable.
+    pub fn learn(&mut self, tgid: u32, db: u64, file: Arc<str>) {
+        if self.conns.len() >= self.limits.max_connections {
+            self.stats.connections_full += 1;
+            return;
+        }
+        self.conns.insert((tgid, db), file);
+    }
+
+    /// Whether the file of a connection is known, or known not to be findable.
+    pub fn knows(&self, tgid: u32, db: u64) -> bool {
+        self.conns.contains_key(&(tgid, db))
+    }
+
     /// Entries held now: connections, statements, threads.
     pub fn sizes(&self) -> (usize, usize, usize) {
         (self.conns.len(), self.stmts.len(), self.threads.len())
@@ -434,7 +452,7 @@ impl Sqlite {
             self.stats.unknown_statements += 1;
         }
         let db = op.db.or(prepared.map(|p| p.db));
-        let file = db.and_then(|d| self.conns.get(&(key.0, d)).cloned());
+        let file = db.and_then(|d| self.conns.get(&(key.0, d)).cloned()).filter(|f| !f.is_empty());
         let (shape, shape_text) = match prepared.and_then(|p| p.shape.clone()) {
             Some((h, t)) => (Some(h), t),
             None => (None, None),
@@ -449,6 +467,7 @@ impl Sqlite {
             tid: key.1,
             event: Event::Statement(Statement {
                 file,
+                db,
                 executes: op.binds,
                 many: op.many,
                 error,
