@@ -96,7 +96,12 @@ fn side_by_side(s: &Setup) {
     drive(app.port);
     let after = Metrics::parse(&http_get(app.port, "/metrics"));
     let mut theirs = BTreeMap::new();
-    for name in EXACT.iter().chain(&["django_db_query_duration_seconds_sum"]) {
+    for name in EXACT.iter().chain(&[
+        "django_db_query_duration_seconds_sum",
+        "django_model_inserts_total",
+        "django_model_updates_total",
+        "django_model_deletes_total",
+    ]) {
         theirs.insert(*name, delta(&after, &before, name));
     }
     let exact_now = |m: &Metrics| EXACT.iter().all(|n| family(m, n) == theirs[n]);
@@ -134,6 +139,22 @@ fn side_by_side(s: &Setup) {
     let their_sum = theirs["django_db_query_duration_seconds_sum"][key];
     eprintln!("[{}] duration sums: ours {our_sum:.6} s, django-prometheus {their_sum:.6} s", s.name);
     assert!(our_sum > 0.0 && our_sum <= their_sum, "[{}] duration sum {our_sum} vs {their_sum}", s.name);
+    // Derived, as on PostgreSQL: model counters count INSERT/UPDATE/DELETE statements on
+    // the model's table (from the prepared SQL); django-prometheus counts save()/create()/
+    // delete() of instances. bulk_create (one INSERT) and executemany (four) add inserts,
+    // QuerySet.update() one update.
+    assert_eq!(theirs["django_model_inserts_total"], fam(&[("model=item", 8.0)]), "[{}]", s.name);
+    if !s.warm_up {
+        // Statements cached by Python before tracing have no text, so no table.
+        assert_eq!(family(&ours, "django_model_inserts_total"), fam(&[("model=item", 13.0)]), "[{}]", s.name);
+        assert_eq!(family(&ours, "django_model_updates_total"), fam(&[("model=item", 2.0)]), "[{}]", s.name);
+        assert_eq!(
+            family(&ours, "django_model_deletes_total"),
+            theirs["django_model_deletes_total"],
+            "[{}]",
+            s.name
+        );
+    }
     let m = obs.metrics();
     eprintln!(
         "[{}] observer_sqlite_executes_total: {:?}",
