@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use harness::{
     TempDir,
-    django::{Gunicorn, Metrics, ObserverRun, delta, family, http_get, http_status, root, venv_bin},
+    django::{Gunicorn, Metrics, ObserverRun, delta, family, http_get, http_status, migrate},
     ebpf_available,
 };
 use serde_json::json;
@@ -59,21 +59,6 @@ fn drive(port: u16) {
     }
 }
 
-fn migrate(settings: &str) {
-    let out = std::process::Command::new(venv_bin("python"))
-        .args(["manage.py", "migrate"])
-        .current_dir(root().join("tests/apps/djangoapp"))
-        .env("OBSERVER_TEST_SQLITE", settings)
-        .output()
-        .expect("run manage.py migrate");
-    assert!(
-        out.status.success(),
-        "migrate: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 struct Setup {
     name: &'static str,
     worker: &'static str,
@@ -86,7 +71,7 @@ fn side_by_side(s: &Setup) {
     let dir = TempDir::new("sqlite");
     let file = format!("{}/db.sqlite3", dir.path());
     let settings = json!({"name": file, "conn_max_age": s.conn_max_age}).to_string();
-    migrate(&settings);
+    migrate("OBSERVER_TEST_SQLITE", &settings, &[]);
     let app = Gunicorn::start_with(s.worker, 1, true, &[("OBSERVER_TEST_SQLITE", &settings)]);
     if s.warm_up {
         drive(app.port);

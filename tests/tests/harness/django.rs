@@ -24,6 +24,25 @@ pub fn venv_bin(name: &str) -> PathBuf {
     p
 }
 
+/// `manage.py migrate` of the test app with `args`, its database given by the
+/// environment variable `var` (OBSERVER_TEST_PG, OBSERVER_TEST_SQLITE).
+pub fn migrate(var: &str, settings: &str, args: &[&str]) {
+    let out = Command::new(venv_bin("python"))
+        .arg("manage.py")
+        .arg("migrate")
+        .args(args)
+        .current_dir(root().join("tests/apps/djangoapp"))
+        .env(var, settings)
+        .output()
+        .expect("run manage.py migrate");
+    assert!(
+        out.status.success(),
+        "migrate: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -14,10 +14,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::{
-    TempDir,
-    django::{free_port, root, venv_bin},
-};
+use super::{TempDir, django::free_port};
 
 pub const USER: &str = "observer";
 pub const PASSWORD: &str = "observer-test-password";
@@ -197,20 +194,7 @@ impl Postgres {
 
     /// Runs the test app's `manage.py migrate [args]` with these settings.
     pub fn migrate(&self, settings: &str, args: &[&str]) {
-        let out = Command::new(venv_bin("python"))
-            .arg("manage.py")
-            .arg("migrate")
-            .args(args)
-            .current_dir(root().join("tests/apps/djangoapp"))
-            .env("OBSERVER_TEST_PG", settings)
-            .output()
-            .expect("run manage.py migrate");
-        assert!(
-            out.status.success(),
-            "migrate: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        super::django::migrate("OBSERVER_TEST_PG", settings, args);
     }
 }
 

@@ -255,42 +255,11 @@ impl Sqlite {
                     return;
                 }
                 self.settle(key, c.enter_ns, out);
-                let t = self.threads.entry(key).or_default();
-                let start = match t.prepared.take() {
-                    Some((stmt, at, _)) if stmt == c.handle => at,
-                    _ => c.enter_ns,
-                };
-                t.failed_prepare = None;
-                t.op = Some(Op {
-                    start_ns: start,
-                    last_ns: c.enter_ns,
-                    stmt: c.handle,
-                    db: None,
-                    many: false,
-                    binds: 1,
-                    last_bind_ns: c.enter_ns,
-                    end_before_last_bind: c.enter_ns,
-                });
+                self.start(key, c, false);
             }
             SqliteOp::Readonly => {
                 self.settle(key, c.enter_ns, out);
-                let t = self.threads.entry(key).or_default();
-                t.last_ns = c.enter_ns;
-                let start = match t.prepared.take() {
-                    Some((stmt, at, _)) if stmt == c.handle => at,
-                    _ => c.enter_ns,
-                };
-                t.failed_prepare = None;
-                t.op = Some(Op {
-                    start_ns: start,
-                    last_ns: c.enter_ns,
-                    stmt: c.handle,
-                    db: None,
-                    many: true,
-                    binds: 0,
-                    last_bind_ns: c.enter_ns,
-                    end_before_last_bind: c.enter_ns,
-                });
+                self.start(key, c, true);
             }
             SqliteOp::Changes => {
                 if let Some(op) = self.threads.get_mut(&key).and_then(|t| t.op.as_mut()) {
@@ -367,6 +336,28 @@ impl Sqlite {
                 self.conns.remove(&(c.tgid, c.handle));
             }
         }
+    }
+
+    /// An execute (`many`: a batch) starts at `c`, a bind or `stmt_readonly`; at the
+    /// thread's prepare of the same statement if that came just before (a cache miss).
+    fn start(&mut self, key: (u32, u32), c: &SqliteCall<'_>, many: bool) {
+        let t = self.threads.entry(key).or_default();
+        t.last_ns = c.enter_ns;
+        let start = match t.prepared.take() {
+            Some((stmt, at, _)) if stmt == c.handle => at,
+            _ => c.enter_ns,
+        };
+        t.failed_prepare = None;
+        t.op = Some(Op {
+            start_ns: start,
+            last_ns: c.enter_ns,
+            stmt: c.handle,
+            db: None,
+            many,
+            binds: u32::from(!many),
+            last_bind_ns: c.enter_ns,
+            end_before_last_bind: c.enter_ns,
+        });
     }
 
     /// A thread's call that is not part of its batch: the batch is over; an execute that
