@@ -38,14 +38,7 @@ const VIEWS: [(&str, u16); 15] = [
 ];
 
 /// Counted exactly as django-prometheus counts them.
-const EXACT: [&str; 6] = [
-    "django_db_new_connections_total",
-    "django_db_new_connection_errors_total",
-    "django_db_execute_total",
-    "django_db_execute_many_total",
-    "django_db_errors_total",
-    "django_db_query_duration_seconds_count",
-];
+const EXACT: [&str; 6] = harness::django::DB_EXACT;
 
 type Family = BTreeMap<String, f64>;
 

@@ -24,6 +24,16 @@ pub fn venv_bin(name: &str) -> PathBuf {
     p
 }
 
+/// The django_db_* families observer counts exactly as django-prometheus does.
+pub const DB_EXACT: [&str; 6] = [
+    "django_db_new_connections_total",
+    "django_db_new_connection_errors_total",
+    "django_db_execute_total",
+    "django_db_execute_many_total",
+    "django_db_errors_total",
+    "django_db_query_duration_seconds_count",
+];
+
 /// `manage.py migrate` of the test app with `args`, its database given by the
 /// environment variable `var` (OBSERVER_TEST_PG, OBSERVER_TEST_SQLITE).
 pub fn migrate(var: &str, settings: &str, args: &[&str]) {
