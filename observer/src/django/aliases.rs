@@ -164,9 +164,12 @@ impl AliasTable {
         let same = |name: &str| {
             name == file || {
                 let (abs, rel) = if name.starts_with('/') { (name, file) } else { (file, name) };
+                let rel = rel.trim_start_matches("./");
+                // `abs` ends with "/" + `rel` (checked without building it: this runs
+                // for every statement).
                 !rel.starts_with('/')
                     && !rel.is_empty()
-                    && abs.ends_with(&format!("/{}", rel.trim_start_matches("./")))
+                    && abs.strip_suffix(rel).is_some_and(|head| head.ends_with('/'))
             }
         };
         let hits: Vec<&(String, String)> = self.files.iter().filter(|(_, n)| same(n)).collect();
@@ -299,5 +302,28 @@ mod tests {
         assert_eq!(t.by_address(&inet("127.0.0.1:6000")), Some("default"));
         let t = AliasTable::build(&[db("default", "localhost", "6000", "app", "u")], &[], false);
         assert_eq!(t.by_address(&inet("127.0.0.1:6000")), None);
+    }
+
+    #[test]
+    fn sqlite_aliases_by_file() {
+        let lite = |alias: &str, name: &str| Database {
+            alias: alias.into(),
+            vendor: Some("sqlite".into()),
+            name: Some(name.into()),
+            ..Database::default()
+        };
+        let t = AliasTable::build(
+            &[lite("default", "/srv/app/db.sqlite3"), lite("other", "data/other.db")],
+            &[],
+            false,
+        );
+        assert_eq!(t.by_file(Some("/srv/app/db.sqlite3")), Some("default"));
+        assert_eq!(t.by_file(Some("/srv/app/data/other.db")), Some("other"), "a relative NAME by its suffix");
+        assert_eq!(t.by_file(Some("/srv/app/xdata/other.db")), None, "a suffix only at a path boundary");
+        assert_eq!(t.by_file(Some("/tmp/cache.db")), None);
+        assert_eq!(t.by_file(None), None, "two SQLite aliases: unknown");
+        let one = AliasTable::build(&[lite("default", "./db.sqlite3")], &[], false);
+        assert_eq!(one.by_file(Some("/srv/db.sqlite3")), Some("default"));
+        assert_eq!(one.by_file(None), Some("default"));
     }
 }

@@ -157,11 +157,10 @@ struct Op {
 #[derive(Debug, Default)]
 struct Thread {
     op: Option<Op>,
-    /// The statement this thread last prepared and when (an execute on it starts there);
-    /// a failed prepare has no statement (0) and is kept with its connection.
-    prepared: Option<(u64, u64, u64)>,
-    /// A prepare that failed: (db, entry, return) until its `extended_errcode`.
-    failed_prepare: Option<(u64, u64, u64)>,
+    /// The statement this thread last prepared and when (an execute on it starts there).
+    prepared: Option<(u64, u64)>,
+    /// A prepare that failed: (db, entry) until its `extended_errcode`.
+    failed_prepare: Option<(u64, u64)>,
     last_ns: u64,
 }
 
@@ -191,20 +190,14 @@ impl Sqlite {
             SqliteOp::Open => {
                 let file: Arc<str> = String::from_utf8_lossy(trim_nul(c.text)).into();
                 if c.ret == 0 && c.handle != 0 {
-                    if self.conns.len() >= self.limits.max_connections
-                        && !self.conns.contains_key(&(c.tgid, c.handle))
-                    {
-                        self.stats.connections_full += 1;
-                    } else {
-                        self.conns.insert((c.tgid, c.handle), file.clone());
-                    }
+                    self.remember(c.tgid, c.handle, file.clone());
                 }
                 out.push(Emitted {
                     tgid: c.tgid,
                     tid: c.tid,
                     event: Event::Attempt { file, failed: c.ret != 0 },
                 });
-                self.settle(key, c.enter_ns, out);
+                self.settle(key, out);
             }
             SqliteOp::Prepare => {
                 // executemany() of a statement in use by another cursor prepares a fresh
@@ -215,20 +208,28 @@ impl Sqlite {
                     .and_then(|t| t.op.as_ref())
                     .is_some_and(|o| o.many && o.binds == 0);
                 if !own {
-                    self.settle(key, c.enter_ns, out);
+                    self.settle(key, out);
                 }
                 let t = self.threads.entry(key).or_default();
                 t.last_ns = c.exit_ns;
                 if c.ret != 0 || c.handle == 0 {
                     // A batch whose statement did not compile ends at its error.
                     if !own {
-                        t.failed_prepare = Some((c.arg, c.enter_ns, c.exit_ns));
+                        t.failed_prepare = Some((c.arg, c.enter_ns));
                     }
                     t.prepared = None;
                     return;
                 }
                 t.failed_prepare = None;
-                t.prepared = Some((c.handle, c.enter_ns, c.exit_ns));
+                t.prepared = Some((c.handle, c.enter_ns));
+                // The table is full: the statement is counted without its shape, which
+                // is then not worth computing.
+                if self.stmts.len() >= self.limits.max_statements
+                    && !self.stmts.contains_key(&(c.tgid, c.handle))
+                {
+                    self.stats.statements_full += 1;
+                    return;
+                }
                 let text = trim_nul(c.text);
                 let connect = DJANGO_CONNECT_STATEMENTS.contains(&text);
                 let kind = sql::classify(text);
@@ -236,12 +237,6 @@ impl Sqlite {
                     let h = shape::fingerprint_of(text, &mut self.scratch);
                     (h, self.limits.keep_shapes.then(|| String::from_utf8_lossy(&self.scratch).into()))
                 });
-                if self.stmts.len() >= self.limits.max_statements
-                    && !self.stmts.contains_key(&(c.tgid, c.handle))
-                {
-                    self.stats.statements_full += 1;
-                    return;
-                }
                 self.stmts.insert((c.tgid, c.handle), Prepared { db: c.arg, kind, shape, connect });
             }
             SqliteOp::Bind => {
@@ -254,11 +249,11 @@ impl Sqlite {
                     op.last_ns = c.enter_ns;
                     return;
                 }
-                self.settle(key, c.enter_ns, out);
+                self.settle(key, out);
                 self.start(key, c, false);
             }
             SqliteOp::Readonly => {
-                self.settle(key, c.enter_ns, out);
+                self.settle(key, out);
                 self.start(key, c, true);
             }
             SqliteOp::Changes => {
@@ -311,7 +306,7 @@ impl Sqlite {
                     op.last_ns = c.enter_ns;
                     op.db = op.db.or(Some(c.handle));
                     self.finish(key, op, error.or(Some("DatabaseError")), out);
-                } else if let Some((db, at, _)) = t.failed_prepare.take().filter(|f| f.0 == c.handle) {
+                } else if let Some((db, at)) = t.failed_prepare.take().filter(|f| f.0 == c.handle) {
                     // cursor.execute() whose statement did not compile (a syntax error,
                     // a missing table): django-prometheus counted the execute.
                     let op = Op {
@@ -332,7 +327,7 @@ impl Sqlite {
                 self.stmts.remove(&(c.tgid, c.handle));
             }
             SqliteOp::Close => {
-                self.settle(key, c.enter_ns, out);
+                self.settle(key, out);
                 self.conns.remove(&(c.tgid, c.handle));
             }
         }
@@ -344,7 +339,7 @@ impl Sqlite {
         let t = self.threads.entry(key).or_default();
         t.last_ns = c.enter_ns;
         let start = match t.prepared.take() {
-            Some((stmt, at, _)) if stmt == c.handle => at,
+            Some((stmt, at)) if stmt == c.handle => at,
             _ => c.enter_ns,
         };
         t.failed_prepare = None;
@@ -362,7 +357,7 @@ impl Sqlite {
 
     /// A thread's call that is not part of its batch: the batch is over; an execute that
     /// never ended in SQLite was abandoned by Python.
-    fn settle(&mut self, key: (u32, u32), _now: u64, out: &mut Vec<Emitted>) {
+    fn settle(&mut self, key: (u32, u32), out: &mut Vec<Emitted>) {
         let Some(op) = self.threads.get_mut(&key).and_then(|t| t.op.take()) else { return };
         if op.many {
             self.finish(key, op, None, out);
@@ -374,9 +369,13 @@ impl Sqlite {
 
     /// The thread did socket I/O: a batch it had in flight is over.
     pub fn quiesce(&mut self, tgid: u32, tid: u32, out: &mut Vec<Emitted>) {
+        // Called for every socket record: nothing to hash when no thread uses SQLite.
+        if self.threads.is_empty() {
+            return;
+        }
         let key = (tgid, tid);
         if self.threads.get(&key).is_some_and(|t| t.op.as_ref().is_some_and(|o| o.many)) {
-            self.settle(key, 0, out);
+            self.settle(key, out);
         }
     }
 
@@ -391,7 +390,7 @@ impl Sqlite {
             .map(|(k, _)| *k)
             .collect();
         for key in idle {
-            self.settle(key, now_ns, out);
+            self.settle(key, out);
         }
     }
 
@@ -400,7 +399,7 @@ impl Sqlite {
         let threads: Vec<(u32, u32)> = self.threads.keys().filter(|k| k.0 == tgid).copied().collect();
         for key in threads {
             if self.threads.get(&key).is_some_and(|t| t.op.as_ref().is_some_and(|o| o.many)) {
-                self.settle(key, 0, out);
+                self.settle(key, out);
             }
             self.threads.remove(&key);
         }
@@ -416,7 +415,12 @@ impl Sqlite {
     /// The file of a connection opened before tracing began, found otherwise (the one
     /// SQLite database the process has open); an empty name marks it as not findable.
     pub fn learn(&mut self, tgid: u32, db: u64, file: Arc<str>) {
-        if self.conns.len() >= self.limits.max_connections {
+        self.remember(tgid, db, file);
+    }
+
+    /// A connection's file, within `max_connections`.
+    fn remember(&mut self, tgid: u32, db: u64, file: Arc<str>) {
+        if self.conns.len() >= self.limits.max_connections && !self.conns.contains_key(&(tgid, db)) {
             self.stats.connections_full += 1;
             return;
         }
