@@ -56,6 +56,7 @@ const CORE: &[(&str, &str)] = &[
     ("postgres", "postgres_metrics_match_django_prometheus_over_tcp_and_unix_sockets"),
     ("cache", "django_redis_matches_django_prometheus"),
     ("cache", "memcached_matches_django_prometheus_except_failures"),
+    ("sqlite", "sqlite_metrics_match_django_prometheus"),
     ("faults", "a_killed_agent_leaves_nothing_attached_and_a_new_one_picks_up_open_connections"),
 ];
 
