@@ -392,7 +392,7 @@ mod tests {
     #[test]
     fn the_core_suite_names_binaries_and_tests_that_exist() {
         let bins: Vec<(String, PathBuf)> =
-            ["observer-lib", "capture", "servers", "postgres", "cache", "faults"]
+            ["observer-lib", "capture", "servers", "postgres", "cache", "sqlite", "faults"]
                 .iter()
                 .map(|n| (n.to_string(), PathBuf::from(format!("/b/{n}"))))
                 .collect();
