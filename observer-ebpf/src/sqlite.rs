@@ -7,7 +7,9 @@
 //! `close`) are a fixed-size record each; the calls whose result matters (`open_v2`,
 //! `prepare_v2`/`_v3`, `extended_errcode`) stash their arguments under the thread at entry
 //! (`SQL_CALLS`) and write one record at return, with the file name or the SQL text.
-//! Nothing is probed that runs once per row (`sqlite3_step`, `sqlite3_column_*`).
+//! Nothing is probed that runs once per row (`sqlite3_step`, `sqlite3_column_*`); what
+//! SQLite calls from inside a step (`sqlite3_exec` of a schema query after a DDL) is
+//! skipped by probing `sqlite3_exec` as a depth only.
 
 use core::ptr::addr_of_mut;
 
@@ -45,6 +47,10 @@ struct SqlCall {
 }
 
 const NONE: u8 = 0;
+/// `sqlite3_exec`, stashed only to open a depth: SQLite runs it from inside a step (a
+/// `CREATE TABLE` re-reads the schema with it), and the prepares it makes are not the
+/// app's. No record. Outside the record ops ([`sqlite_op`]).
+const EXEC: u8 = 0xff;
 
 /// SQLite calls in flight by pid_tgid; the slot is reused and removed at thread exit.
 #[map]
@@ -351,6 +357,20 @@ pub fn sqlite_errcode_ret(ctx: RetProbeContext) -> u32 {
     let Some(c) = take(pid_tgid, sqlite_op::ERRCODE) else { return 0 };
     let code: i32 = ctx.ret();
     emit_text(pid_tgid, sqlite_op::ERRCODE, &c, c.a, 0, i64::from(code), Text::None);
+    0
+}
+
+/// `int sqlite3_exec(sqlite3*, const char *sql, callback, void *, char **errmsg)`: only
+/// what it calls is skipped (Python's `sqlite3` module does not call it).
+#[uprobe]
+pub fn sqlite_exec(_ctx: ProbeContext) -> u32 {
+    stash(EXEC, 0, 0, 0, 0);
+    0
+}
+
+#[uretprobe]
+pub fn sqlite_exec_ret(_ctx: RetProbeContext) -> u32 {
+    let _ = take(bpf_get_current_pid_tgid(), EXEC);
     0
 }
 

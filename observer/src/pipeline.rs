@@ -313,20 +313,15 @@ impl Pipeline {
                         self.route(target, Observed::Db(db(Some(file), DbWhat::AttemptFailed)));
                     }
                 }
+                sqlite::Event::ConnectFailed { file, db: handle } => {
+                    let file = file.or_else(|| self.sqlite_file(e.tgid, handle));
+                    self.route(target, Observed::Db(db(file, DbWhat::AttemptFailed)));
+                }
                 sqlite::Event::Statement(mut st) => {
                     if st.file.is_none()
                         && let Some(handle) = st.db
-                        && !self.sqlite.knows(e.tgid, handle)
                     {
-                        // A connection opened before tracing: its file is the one SQLite
-                        // database the process has open, if it has one.
-                        let files = targets::open_sqlite_files(e.tgid);
-                        let file: Arc<str> = match files.as_slice() {
-                            [one] => one.as_str().into(),
-                            _ => "".into(),
-                        };
-                        self.sqlite.learn(e.tgid, handle, file.clone());
-                        st.file = Some(file).filter(|f| !f.is_empty());
+                        st.file = self.sqlite_file(e.tgid, handle);
                     }
                     let work = Work::Db {
                         executes: st.executes,
@@ -347,6 +342,20 @@ impl Pipeline {
             }
         }
         self.sqlite_events = events;
+    }
+
+    /// The file of a connection whose open was not seen (opened before tracing): the one
+    /// SQLite database its process has open, if it has one; looked up once per handle.
+    fn sqlite_file(&mut self, tgid: u32, handle: u64) -> Option<Arc<str>> {
+        if self.sqlite.knows(tgid, handle) {
+            return None;
+        }
+        let file: Arc<str> = match targets::open_sqlite_files(tgid).as_slice() {
+            [one] => one.as_str().into(),
+            _ => "".into(),
+        };
+        self.sqlite.learn(tgid, handle, file.clone());
+        Some(file).filter(|f| !f.is_empty())
     }
 
     /// The connection is gone: its parser's last events, then its state goes.

@@ -2,7 +2,9 @@
 //! /db/ views (create, save, delete, bulk_create, QuerySet.update, executemany, a list, a
 //! unique violation caught and one uncaught, a missing table, a statement SQLite refuses,
 //! a rolled back transaction, a database file that cannot be opened, raw SQL, an
-//! iterator), django-prometheus's sqlite3 engine inside the app and observer outside,
+//! iterator, a write refused because another process holds the write lock, a file that
+//! is not a database, an in-memory database), django-prometheus's sqlite3 engine inside
+//! the app and observer outside,
 //! reading the app's libsqlite3 calls (uprobes). The exact families must match label
 //! set by label set.
 
@@ -18,7 +20,7 @@ use harness::{
 use serde_json::json;
 
 /// The views, in order, and the status each answers on SQLite.
-const VIEWS: [(&str, u16); 15] = [
+const VIEWS: [(&str, u16); 18] = [
     ("create", 200),
     ("save", 200),
     ("delete", 200),
@@ -35,6 +37,10 @@ const VIEWS: [(&str, u16); 15] = [
     ("broken", 200),
     ("raw", 200),
     ("iterate", 200),
+    // Run while the test holds the write lock (see `drive`).
+    ("locked", 200),
+    ("notadb", 200),
+    ("memory", 200),
 ];
 
 /// Counted exactly as django-prometheus counts them.
@@ -46,9 +52,43 @@ fn fam(pairs: &[(&str, f64)]) -> Family {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
-fn drive(port: u16) {
-    for (view, status) in VIEWS {
-        assert_eq!(http_status(port, &format!("/db/{view}")), Some(status), "/db/{view}");
+/// One pass over the views; `skip` are left out.
+fn drive(port: u16, file: &str, skip: &[&str]) {
+    for (view, status) in VIEWS.iter().filter(|(v, _)| !skip.contains(v)) {
+        let _lock = (*view == "locked").then(|| Locker::hold(file));
+        assert_eq!(http_status(port, &format!("/db/{view}")), Some(*status), "/db/{view}");
+    }
+}
+
+/// Another process (not traced) holding `file`'s write lock until dropped.
+struct Locker(std::process::Child);
+
+impl Locker {
+    fn hold(file: &str) -> Self {
+        use std::io::BufRead;
+        let script = "import sqlite3, sys\n\
+            c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+            c.execute('BEGIN IMMEDIATE')\n\
+            print('locked', flush=True)\n\
+            sys.stdin.read()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script, file])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the locker");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "locked", "the locker holds the lock");
+        Self(child)
+    }
+}
+
+impl Drop for Locker {
+    fn drop(&mut self) {
+        // Its stdin closes: it exits, releasing the lock.
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
     }
 }
 
@@ -63,15 +103,21 @@ struct Setup {
 fn side_by_side(s: &Setup) {
     let dir = TempDir::new("sqlite");
     let file = format!("{}/db.sqlite3", dir.path());
-    let settings = json!({"name": file, "conn_max_age": s.conn_max_age}).to_string();
+    let notadb = format!("{}/notadb.sqlite3", dir.path());
+    std::fs::write(&notadb, "this is not a database\n".repeat(200)).unwrap();
+    let settings =
+        json!({"name": file, "conn_max_age": s.conn_max_age, "timeout": 0.1, "notadb": notadb}).to_string();
     migrate("OBSERVER_TEST_SQLITE", &settings, &[]);
     let app = Gunicorn::start_with(s.worker, 1, true, &[("OBSERVER_TEST_SQLITE", &settings)]);
     if s.warm_up {
-        drive(app.port);
+        // Not the in-memory database nor the file that is not one: a connection opened
+        // before tracing is taken for the one SQLite database file its process has open
+        // (a limitation, in the README).
+        drive(app.port, &file, &["memory", "notadb"]);
     }
     let before = Metrics::parse(&http_get(app.port, "/metrics"));
     let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
-    drive(app.port);
+    drive(app.port, &file, &[]);
     let after = Metrics::parse(&http_get(app.port, "/metrics"));
     let mut theirs = BTreeMap::new();
     for name in EXACT.iter().chain(&[
@@ -99,12 +145,18 @@ fn side_by_side(s: &Setup) {
         theirs["django_db_errors_total"],
         fam(&[
             ("alias=default,type=IntegrityError,vendor=sqlite", 2.0),
-            ("alias=default,type=OperationalError,vendor=sqlite", 2.0)
+            // A missing table, a syntax error, a write refused by another's lock.
+            ("alias=default,type=OperationalError,vendor=sqlite", 3.0),
+            // A query on a file that is not a database.
+            ("alias=notadb,type=DatabaseError,vendor=sqlite", 1.0),
         ]),
         "[{}]",
         s.name
     );
     assert_eq!(theirs["django_db_execute_many_total"], fam(&[(key, 4.0)]), "[{}]", s.name);
+    // The in-memory database, under its alias: three statements on one connection.
+    assert_eq!(theirs["django_db_execute_total"]["alias=memory,vendor=sqlite"], 3.0, "[{}]", s.name);
+    assert_eq!(theirs["django_db_new_connections_total"]["alias=memory,vendor=sqlite"], 1.0, "[{}]", s.name);
     assert_eq!(
         theirs["django_db_new_connection_errors_total"],
         fam(&[("alias=broken,vendor=sqlite", 1.0)]),
@@ -119,12 +171,13 @@ fn side_by_side(s: &Setup) {
     assert!(our_sum > 0.0 && our_sum <= their_sum, "[{}] duration sum {our_sum} vs {their_sum}", s.name);
     // Derived, as on PostgreSQL: model counters count INSERT/UPDATE/DELETE statements on
     // the model's table (from the prepared SQL); django-prometheus counts save()/create()/
-    // delete() of instances. bulk_create (one INSERT) and executemany (four) add inserts,
+    // delete() of instances, refused or not. bulk_create (one INSERT) and executemany
+    // (four) add inserts,
     // QuerySet.update() one update.
-    assert_eq!(theirs["django_model_inserts_total"], fam(&[("model=item", 8.0)]), "[{}]", s.name);
+    assert_eq!(theirs["django_model_inserts_total"], fam(&[("model=item", 9.0)]), "[{}]", s.name);
     if !s.warm_up {
         // Statements cached by Python before tracing have no text, so no table.
-        assert_eq!(family(&ours, "django_model_inserts_total"), fam(&[("model=item", 13.0)]), "[{}]", s.name);
+        assert_eq!(family(&ours, "django_model_inserts_total"), fam(&[("model=item", 14.0)]), "[{}]", s.name);
         assert_eq!(family(&ours, "django_model_updates_total"), fam(&[("model=item", 2.0)]), "[{}]", s.name);
         assert_eq!(
             family(&ours, "django_model_deletes_total"),
@@ -133,7 +186,11 @@ fn side_by_side(s: &Setup) {
             s.name
         );
     }
-    let m = obs.metrics();
+    // Django's connect statements (the in-memory connection's at least) were seen and
+    // left out, and said so.
+    let m = obs.wait_until("connect statements counted", |m| {
+        family(m, "observer_sqlite_executes_total").contains_key("kind=connect_statement")
+    });
     eprintln!(
         "[{}] observer_sqlite_executes_total: {:?}",
         s.name,

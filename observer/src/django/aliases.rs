@@ -153,7 +153,8 @@ impl AliasTable {
     /// The SQLite alias whose NAME is `file` as the app opened it: the same string, or
     /// the same path when one of them is relative (to the app's working directory).
     /// Without a file (a connection opened before tracing) the alias is known only when
-    /// the app has one SQLite database.
+    /// the app has one SQLite database. Django's test runner opens an in-memory NAME as
+    /// `file:memorydb_<alias>?mode=memory&cache=shared`: that alias.
     pub fn by_file(&self, file: Option<&str>) -> Option<&str> {
         let Some(file) = file else {
             return match self.files.as_slice() {
@@ -161,6 +162,10 @@ impl AliasTable {
                 _ => None,
             };
         };
+        if let Some(rest) = file.strip_prefix("file:memorydb_") {
+            let alias = rest.split('?').next().unwrap_or(rest);
+            return self.files.iter().find(|(a, _)| a == alias).map(|(a, _)| a.as_str());
+        }
         let same = |name: &str| {
             name == file || {
                 let (abs, rel) = if name.starts_with('/') { (name, file) } else { (file, name) };
@@ -313,15 +318,22 @@ mod tests {
             ..Database::default()
         };
         let t = AliasTable::build(
-            &[lite("default", "/srv/app/db.sqlite3"), lite("other", "data/other.db")],
+            &[
+                lite("default", "/srv/app/db.sqlite3"),
+                lite("other", "data/other.db"),
+                lite("mem", ":memory:"),
+            ],
             &[],
             false,
         );
+        assert_eq!(t.by_file(Some(":memory:")), Some("mem"));
+        assert_eq!(t.by_file(Some("file:memorydb_mem?mode=memory&cache=shared")), Some("mem"), "test runs");
+        assert_eq!(t.by_file(Some("file:memorydb_gone?mode=memory&cache=shared")), None);
         assert_eq!(t.by_file(Some("/srv/app/db.sqlite3")), Some("default"));
         assert_eq!(t.by_file(Some("/srv/app/data/other.db")), Some("other"), "a relative NAME by its suffix");
         assert_eq!(t.by_file(Some("/srv/app/xdata/other.db")), None, "a suffix only at a path boundary");
         assert_eq!(t.by_file(Some("/tmp/cache.db")), None);
-        assert_eq!(t.by_file(None), None, "two SQLite aliases: unknown");
+        assert_eq!(t.by_file(None), None, "several SQLite aliases: unknown");
         let one = AliasTable::build(&[lite("default", "./db.sqlite3")], &[], false);
         assert_eq!(one.by_file(Some("/srv/db.sqlite3")), Some("default"));
         assert_eq!(one.by_file(None), Some("default"));

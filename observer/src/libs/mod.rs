@@ -102,6 +102,8 @@ pub const SQLITE: Kind = Kind {
         p("sqlite3_last_insert_rowid", "sqlite_last_rowid"),
         p("sqlite3_extended_errcode", "sqlite_errcode"),
         p("sqlite3_extended_errcode", "sqlite_errcode_ret"),
+        p("sqlite3_exec", "sqlite_exec"),
+        p("sqlite3_exec", "sqlite_exec_ret"),
         p("sqlite3_finalize", "sqlite_finalize"),
         p("sqlite3_close_v2", "sqlite_close"),
         p("sqlite3_close", "sqlite_close"),

@@ -104,6 +104,13 @@ pub enum Event {
         failed: bool,
     },
     Statement(Statement),
+    /// One of Django's connect-time statements failed on connection `db`: Python raised
+    /// in `get_new_connection`, which django-prometheus counts as a failed connection
+    /// (e.g. a file that is not a database: its open succeeds, its first statement not).
+    ConnectFailed {
+        file: Option<Arc<str>>,
+        db: u64,
+    },
 }
 
 /// An event and the thread it happened on (for the per-request profile).
@@ -159,8 +166,9 @@ struct Thread {
     op: Option<Op>,
     /// The statement this thread last prepared and when (an execute on it starts there).
     prepared: Option<(u64, u64)>,
-    /// A prepare that failed: (db, entry) until its `extended_errcode`.
-    failed_prepare: Option<(u64, u64)>,
+    /// A prepare that failed: (db, entry, one of Django's connect statements) until its
+    /// `extended_errcode`.
+    failed_prepare: Option<(u64, u64, bool)>,
     last_ns: u64,
 }
 
@@ -212,10 +220,12 @@ impl Sqlite {
                 }
                 let t = self.threads.entry(key).or_default();
                 t.last_ns = c.exit_ns;
+                let text = trim_nul(c.text);
+                let connect = DJANGO_CONNECT_STATEMENTS.contains(&text);
                 if c.ret != 0 || c.handle == 0 {
                     // A batch whose statement did not compile ends at its error.
                     if !own {
-                        t.failed_prepare = Some((c.arg, c.enter_ns));
+                        t.failed_prepare = Some((c.arg, c.enter_ns, connect));
                     }
                     t.prepared = None;
                     return;
@@ -230,8 +240,6 @@ impl Sqlite {
                     self.stats.statements_full += 1;
                     return;
                 }
-                let text = trim_nul(c.text);
-                let connect = DJANGO_CONNECT_STATEMENTS.contains(&text);
                 let kind = sql::classify(text);
                 let shape = (!text.is_empty()).then(|| {
                     let h = shape::fingerprint_of(text, &mut self.scratch);
@@ -306,7 +314,11 @@ impl Sqlite {
                     op.last_ns = c.enter_ns;
                     op.db = op.db.or(Some(c.handle));
                     self.finish(key, op, error.or(Some("DatabaseError")), out);
-                } else if let Some((db, at)) = t.failed_prepare.take().filter(|f| f.0 == c.handle) {
+                } else if let Some((db, _, true)) = t.failed_prepare.filter(|f| f.0 == c.handle) {
+                    t.failed_prepare = None;
+                    self.stats.connect_statements += 1;
+                    self.connect_failed(c.tgid, c.tid, db, out);
+                } else if let Some((db, at, _)) = t.failed_prepare.take().filter(|f| f.0 == c.handle) {
                     // cursor.execute() whose statement did not compile (a syntax error,
                     // a missing table): django-prometheus counted the execute.
                     let op = Op {
@@ -437,10 +449,19 @@ impl Sqlite {
         (self.conns.len(), self.stmts.len(), self.threads.len())
     }
 
+    fn connect_failed(&self, tgid: u32, tid: u32, db: u64, out: &mut Vec<Emitted>) {
+        let file = self.conns.get(&(tgid, db)).cloned().filter(|f| !f.is_empty());
+        out.push(Emitted { tgid, tid, event: Event::ConnectFailed { file, db } });
+    }
+
     fn finish(&mut self, key: (u32, u32), op: Op, error: Option<&'static str>, out: &mut Vec<Emitted>) {
         let prepared = self.stmts.get(&(key.0, op.stmt));
-        if prepared.is_some_and(|p| p.connect) {
+        if let Some(p) = prepared.filter(|p| p.connect) {
             self.stats.connect_statements += 1;
+            if error.is_some() {
+                let db = op.db.unwrap_or(p.db);
+                self.connect_failed(key.0, key.1, db, out);
+            }
             return;
         }
         if prepared.is_none() && op.stmt != 0 {

@@ -186,6 +186,77 @@ fn djangos_own_connect_statements_are_not_counted() {
 }
 
 #[test]
+fn a_failed_connect_statement_is_a_failed_connection_not_an_execute() {
+    // Django runs its PRAGMAs in get_new_connection: a failure there is what
+    // django-prometheus counts as a connection error (the open itself succeeded).
+    let (s, ev) = run(&[
+        open(1, b"/srv/db.sqlite3\0", 0),
+        SqliteCall { ret: 26, ..prepare(2, 0, b"PRAGMA foreign_keys = ON\0") },
+        errcode(3, 26),
+        prepare(4, 2, b"PRAGMA legacy_alter_table = OFF\0"),
+        call(SqliteOp::Bind, 5, 2),
+        errcode(6, 5),
+    ]);
+    let failed = Event::ConnectFailed { file: Some("/srv/db.sqlite3".into()), db: DB };
+    assert_eq!(ev[1..], [failed.clone(), failed]);
+    assert_eq!(s.stats.connect_statements, 2);
+}
+
+#[test]
+fn a_statement_finalized_on_another_thread() {
+    // Python may free a statement (its cursor collected) on any thread; the handle is
+    // then reused by a new prepare.
+    let mut s = Sqlite::default();
+    let mut out = Vec::new();
+    let other = |c: SqliteCall<'static>| SqliteCall { tid: 9, ..c };
+    s.call(&prepare(1, ST, INSERT), &mut out);
+    s.call(&call(SqliteOp::Bind, 2, ST), &mut out);
+    s.call(&other(call(SqliteOp::Finalize, 3, ST + 1)), &mut out);
+    s.call(&call(SqliteOp::LastRowid, 4, DB), &mut out);
+    s.call(&other(call(SqliteOp::Finalize, 5, ST)), &mut out);
+    s.call(&prepare(6, ST, b"DELETE FROM \"shop_item\" WHERE id = ?\0"), &mut out);
+    s.call(&call(SqliteOp::Bind, 7, ST), &mut out);
+    s.call(&call(SqliteOp::LastRowid, 8, DB), &mut out);
+    let st: Vec<&Statement> = out
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Statement(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(st.len(), 2);
+    assert_eq!((st[0].start_ns, st[0].end_ns, st[0].writes[0].0.op), (1, 4, WriteOp::Insert));
+    assert_eq!((st[1].start_ns, st[1].writes[0].0.op), (6, WriteOp::Delete));
+    assert_eq!(s.stats.unknown_statements, 0);
+}
+
+#[test]
+fn a_process_forked_with_a_statement_open() {
+    // The child has the parent's handles at the same addresses: its calls are its own
+    // (statements unknown to it), and its finalize does not touch the parent's.
+    let mut s = Sqlite::default();
+    let mut out = Vec::new();
+    let child = |c: SqliteCall<'static>| SqliteCall { tgid: 70, tid: 70, ..c };
+    s.call(&prepare(1, ST, INSERT), &mut out);
+    s.call(&call(SqliteOp::Bind, 2, ST), &mut out);
+    s.call(&child(call(SqliteOp::Bind, 3, ST)), &mut out);
+    s.call(&child(call(SqliteOp::LastRowid, 4, DB)), &mut out);
+    s.call(&child(call(SqliteOp::Finalize, 5, ST)), &mut out);
+    s.call(&call(SqliteOp::LastRowid, 6, DB), &mut out);
+    s.process_gone(70, &mut out);
+    let got: Vec<(u32, u64, bool)> = out
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Statement(st) => Some((e.tgid, st.start_ns, st.shape.is_some())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![(70, 3, false), (7, 1, true)]);
+    assert_eq!(s.stats.unknown_statements, 1);
+    assert_eq!(s.sizes().1, 1, "the parent's statement stays");
+}
+
+#[test]
 fn an_execute_python_abandoned_before_its_step_is_a_programming_error() {
     let (s, ev) = run(&[
         call(SqliteOp::Bind, 1, ST),

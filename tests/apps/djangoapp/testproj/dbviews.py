@@ -187,3 +187,38 @@ def nplus1_fixed(request):
 
     names = [t.item.name for t in Tag.objects.select_related("item").order_by("id")[:12]]
     return HttpResponse("%d\n" % len(names))
+
+
+def locked(request):
+    """A write while another process holds the database's write lock (SQLite only: the
+    test holds it; the "default" alias waits its short timeout, then gives up)."""
+    try:
+        Item.objects.create(name=_name("locked"), price=1)
+    except OperationalError:
+        return HttpResponse("locked\n")
+    return HttpResponse("not locked?\n", status=500)
+
+
+def notadb(request):
+    """A query on the "notadb" alias, whose file is not a SQLite database: SQLite opens it
+    and runs Django's connect statements (nothing there reads the file); the first one
+    that reads the schema fails (SQLITE_NOTADB, a DatabaseError)."""
+    from django.db import DatabaseError
+
+    try:
+        with connections["notadb"].cursor() as c:
+            c.execute("SELECT count(*) FROM sqlite_master")
+    except DatabaseError:
+        return HttpResponse("not a database\n")
+    return HttpResponse("a database?\n", status=500)
+
+
+def memory(request):
+    """The in-memory "memory" alias (SQLite only): a table of its own, written and read
+    back (one database per connection, kept by Django for the thread)."""
+    with connections["memory"].cursor() as c:
+        c.execute("CREATE TABLE IF NOT EXISTS scratch (n INTEGER)")
+        c.execute("INSERT INTO scratch (n) VALUES (%s)", [1])
+        c.execute("SELECT count(*) FROM scratch")
+        (n,) = c.fetchone()
+    return HttpResponse("%d\n" % n)

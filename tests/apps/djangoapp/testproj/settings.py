@@ -66,17 +66,24 @@ if _pg:
             "OPTIONS": {},
         }
     PROMETHEUS_EXPORT_MIGRATIONS = bool(_pg.get("export_migrations"))
-# OBSERVER_TEST_SQLITE (JSON: name = a database file or ":memory:", conn_max_age) makes
-# "default" a SQLite database, and "broken" one in a directory that does not exist.
+# OBSERVER_TEST_SQLITE (JSON: name = a database file, conn_max_age, and optionally
+# timeout = how long a write waits for a lock, notadb = a file that is not a database)
+# makes "default" a SQLite database, "broken" one in a directory that does not exist,
+# "memory" an in-memory one, and "notadb" one on the given file.
 _lite = os.environ.get("OBSERVER_TEST_SQLITE")
 if _lite:
     _lite = json.loads(_lite)
     _engine = "django_prometheus.db.backends.sqlite3" if DJANGO_PROMETHEUS else "django.db.backends.sqlite3"
     _base = {"ENGINE": _engine, "NAME": _lite["name"], "CONN_MAX_AGE": _lite.get("conn_max_age", 0)}
+    if "timeout" in _lite:
+        _base["OPTIONS"] = {"timeout": _lite["timeout"]}
     DATABASES = {
         "default": _base,
         "broken": {**_base, "NAME": "/nonexistent-observer-dir/broken.sqlite3"},
+        "memory": {**_base, "NAME": ":memory:"},
     }
+    if "notadb" in _lite:
+        DATABASES["notadb"] = {**_base, "NAME": _lite["notadb"]}
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # OBSERVER_TEST_CACHE (JSON: kind = django_redis | native_redis | pymemcache, location,
