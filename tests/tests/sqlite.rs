@@ -100,14 +100,23 @@ struct Setup {
     warm_up: bool,
 }
 
-fn side_by_side(s: &Setup) {
-    let dir = TempDir::new("sqlite");
+/// A database file, a file that is not one, and the app's settings for them.
+fn databases(dir: &TempDir, conn_max_age: u32) -> (String, String) {
     let file = format!("{}/db.sqlite3", dir.path());
     let notadb = format!("{}/notadb.sqlite3", dir.path());
     std::fs::write(&notadb, "this is not a database\n".repeat(200)).unwrap();
     let settings =
-        json!({"name": file, "conn_max_age": s.conn_max_age, "timeout": 0.1, "notadb": notadb}).to_string();
+        json!({"name": file, "conn_max_age": conn_max_age, "timeout": 0.1, "notadb": notadb}).to_string();
     migrate("OBSERVER_TEST_SQLITE", &settings, &[]);
+    (file, settings)
+}
+
+/// What django-prometheus counted for one pass, by family.
+type Counted = BTreeMap<&'static str, Family>;
+
+fn side_by_side(s: &Setup) -> Counted {
+    let dir = TempDir::new("sqlite");
+    let (file, settings) = databases(&dir, s.conn_max_age);
     let app = Gunicorn::start_with(s.worker, 1, true, &[("OBSERVER_TEST_SQLITE", &settings)]);
     if s.warm_up {
         // Not the in-memory database nor the file that is not one: a connection opened
@@ -196,6 +205,38 @@ fn side_by_side(s: &Setup) {
         s.name,
         family(&m, "observer_sqlite_executes_total")
     );
+    theirs
+}
+
+/// The worker processes of a gunicorn master now.
+fn workers(master: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).unwrap_or_default()
+}
+
+/// The same pass on Django's own sqlite3 backend (no django-prometheus in the app),
+/// two sync workers each recycled after 4 requests: what observer counts must be what
+/// django-prometheus counted for the pass in one long-lived worker.
+fn recycled(expected: &Counted) {
+    let dir = TempDir::new("sqlite-recycled");
+    let (file, settings) = databases(&dir, 0);
+    let recycle = ["--max-requests", "4", "--max-requests-jitter", "0"];
+    let app = Gunicorn::start_full(&[], "sync", 2, false, &[("OBSERVER_TEST_SQLITE", &settings)], &recycle);
+    let first = workers(app.pid());
+    let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
+    drive(app.port, &file, &[]);
+    let exact_now = |m: &Metrics| EXACT.iter().all(|n| family(m, n) == expected[n]);
+    let deadline = std::time::Instant::now() + harness::patience(20);
+    let mut ours = obs.metrics();
+    while !exact_now(&ours) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        ours = obs.metrics();
+    }
+    let last = workers(app.pid());
+    eprintln!("[recycled] workers {first:?} at the start, {last:?} at the end");
+    assert!(first.split_whitespace().all(|w| !last.contains(w)), "every worker was recycled");
+    for name in EXACT {
+        assert_eq!(family(&ours, name), expected[name], "[recycled] {name}");
+    }
 }
 
 #[test]
@@ -212,6 +253,9 @@ fn sqlite_metrics_match_django_prometheus() {
             warm_up: true,
         },
     ] {
-        side_by_side(&s);
+        let counted = side_by_side(&s);
+        if s.name.starts_with("sync") {
+            recycled(&counted);
+        }
     }
 }

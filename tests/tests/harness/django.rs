@@ -107,7 +107,8 @@ impl Gunicorn {
         Self::start_full(&[], worker_class, workers, false, &[], &args)
     }
 
-    fn start_full(
+    /// With extra gunicorn arguments (e.g. `--max-requests`).
+    pub fn start_full(
         prefix: &[&str],
         worker_class: &str,
         workers: u32,
