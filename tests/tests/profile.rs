@@ -1,6 +1,6 @@
 //! Per-view profile (beyond django-prometheus): every statement and cache lookup goes to
 //! the request (and view) it was made for, the N+1 view is flagged and its fix is not, for
-//! sync, gthread and ASGI workers; and under concurrency (gthread, 4 threads, concurrent
+//! sync, gthread and ASGI workers, on PostgreSQL and on SQLite; and under concurrency (gthread, 4 threads, concurrent
 //! clients) every statement lands on the right view.
 //!
 //! The known numbers come from django-prometheus in the same app: its
@@ -12,8 +12,9 @@ mod harness;
 use std::{collections::BTreeMap, thread};
 
 use harness::{
+    TempDir,
     caches::Redis,
-    django::{Gunicorn, Metrics, ObserverRun, free_port, http_get, http_status},
+    django::{Gunicorn, Metrics, ObserverRun, free_port, http_get, http_status, migrate},
     ebpf_available,
     postgres::Postgres,
 };
@@ -31,7 +32,8 @@ fn hist(m: &Metrics, family: &str, view: &str, part: &str) -> f64 {
 }
 
 struct App {
-    _pg: Postgres,
+    /// The database: PostgreSQL's server, or the SQLite file's directory.
+    _db: (Option<Postgres>, Option<TempDir>),
     _redis: Redis,
     app: Gunicorn,
     obs: ObserverRun,
@@ -41,16 +43,28 @@ fn start(worker: &str) -> App {
     let pg = Postgres::start();
     let settings = pg.settings(json!({"failing_aliases": false, "conn_max_age": 0}));
     pg.migrate(&settings, &[]);
+    start_on(worker, (Some(pg), None), ("OBSERVER_TEST_PG", settings))
+}
+
+/// The same app on a SQLite file (Django's default database).
+fn start_sqlite(worker: &str) -> App {
+    let dir = TempDir::new("profile-sqlite");
+    let settings = json!({"name": format!("{}/db.sqlite3", dir.path()), "conn_max_age": 0}).to_string();
+    migrate("OBSERVER_TEST_SQLITE", &settings, &[]);
+    start_on(worker, (None, Some(dir)), ("OBSERVER_TEST_SQLITE", settings))
+}
+
+fn start_on(worker: &str, db: (Option<Postgres>, Option<TempDir>), (var, settings): (&str, String)) -> App {
     let redis = Redis::start();
     let cache = json!({
         "kind": "django_redis", "location": redis.url(),
         "down": format!("redis://127.0.0.1:{}/0", free_port()),
     });
-    let env = [("OBSERVER_TEST_PG", settings.as_str()), ("OBSERVER_TEST_CACHE", &cache.to_string())];
+    let env = [(var, settings.as_str()), ("OBSERVER_TEST_CACHE", &cache.to_string())];
     let app = Gunicorn::start_with(worker, 1, true, &env);
     let obs = ObserverRun::start(&["--pid", &app.pid().to_string()]);
     assert_eq!(http_status(app.port, "/db/seed-tags"), Some(200));
-    App { _pg: pg, _redis: redis, app, obs }
+    App { _db: db, _redis: redis, app, obs }
 }
 
 /// Sends `n` requests to each view in turn and checks, per view: requests profiled,
@@ -113,6 +127,16 @@ fn statements_per_request_and_n_plus_one_for_sync_workers() {
         return;
     }
     sequential(&start("sync"), 5);
+}
+
+#[test]
+fn statements_per_request_and_n_plus_one_on_sqlite() {
+    if !ebpf_available() {
+        return;
+    }
+    for worker in ["sync", "gthread"] {
+        sequential(&start_sqlite(worker), 5);
+    }
 }
 
 #[test]
