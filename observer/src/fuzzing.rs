@@ -6,7 +6,7 @@
 
 use crate::{
     ebpf::btf::Btf,
-    events::{Direction, Record, Role, decode},
+    events::{Direction, Record, Role, SqliteCall, SqliteOp, decode},
     protocol::{
         CacheEvent, CacheLimits, CacheParser, Chunk, KEY_HEAD,
         detect::{self as detection, Peer, Protocol},
@@ -14,6 +14,7 @@ use crate::{
         memcached::{self, MemcachedParser},
         postgres::{self, PgParser, sql},
         redis::{self, RedisParser},
+        sqlite::{self, Sqlite},
     },
     targets::procfs,
     views::{self, RouteTable},
@@ -33,6 +34,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("proc_tables", proc_tables),
     ("redis", redis),
     ("routes", routes),
+    ("sqlite", sqlite),
     ("unix_diag", unix_diag),
 ];
 
@@ -139,6 +141,87 @@ pub fn split_invariant<E: PartialEq + std::fmt::Debug>(
     let resplit = resplit(&whole, seed);
     let second = run(&resplit);
     assert_eq!(first, second, "the same bytes split otherwise gave other events");
+}
+
+/// The SQLite call follower on arbitrary call sequences, as records would decode to.
+///
+/// Input: a config byte (bit 0: default limits, else two connections and two statements;
+/// bit 1: keep shapes), then calls of seven bytes and a text: the op (its value mod 13:
+/// the nine calls, then a thread's socket record, an idle timer, a process gone, threads
+/// exiting; bit 7: the text repeated 64 times, past the capture limit, and marked
+/// truncated), the thread (bits 0-1 the tid, bit 2 the process), the handle (mod 6, so
+/// that handles collide), a clock step (bit 7: backwards), the result code (i16, little
+/// endian: any code, extended ones too), the text's length, then the text.
+pub fn sqlite(data: &[u8]) {
+    const OPS: [SqliteOp; 9] = [
+        SqliteOp::Open,
+        SqliteOp::Prepare,
+        SqliteOp::Bind,
+        SqliteOp::Readonly,
+        SqliteOp::Changes,
+        SqliteOp::LastRowid,
+        SqliteOp::Errcode,
+        SqliteOp::Finalize,
+        SqliteOp::Close,
+    ];
+    let Some((&config, mut rest)) = data.split_first() else { return };
+    let limits = if config & 1 == 1 {
+        sqlite::Limits::default()
+    } else {
+        sqlite::Limits { max_connections: 2, max_statements: 2, keep_shapes: false }
+    };
+    let limits = sqlite::Limits { keep_shapes: config & 2 != 0, ..limits };
+    let mut s = Sqlite::new(limits);
+    let mut out = Vec::new();
+    let mut t = 1_000_000u64;
+    while let Some((&[op, who, handle, dt, lo, hi, len], tail)) = rest.split_first_chunk::<7>() {
+        let n = usize::from(len).min(tail.len());
+        let (text, tail) = tail.split_at(n);
+        rest = tail;
+        let long = op & 0x80 != 0;
+        let text = if long { text.repeat(64) } else { text.to_vec() };
+        t = if dt & 0x80 != 0 { t.saturating_sub(u64::from(dt & 0x7f)) } else { t + u64::from(dt) * 1000 };
+        let (tgid, tid) = (100 + u32::from(who >> 2 & 1), 200 + u32::from(who & 3));
+        let before = out.len();
+        match (op & 0x7f) % 13 {
+            i @ 0..9 => {
+                let handle = 0x1000 + u64::from(handle % 6);
+                let c = SqliteCall {
+                    enter_ns: t,
+                    exit_ns: t + u64::from(dt),
+                    tgid,
+                    tid,
+                    op: OPS[usize::from(i)],
+                    handle,
+                    arg: handle ^ 1,
+                    ret: i64::from(i16::from_le_bytes([lo, hi])),
+                    text: &text,
+                    truncated: long,
+                };
+                s.call(&c, &mut out);
+            }
+            9 => s.quiesce(tgid, tid, &mut out),
+            10 => s.expire(t, &mut out),
+            11 => s.process_gone(tgid, &mut out),
+            _ => s.retain_threads(|_, tid| tid % 2 == 0),
+        }
+        // One call ends at most a batch, an execute and what it starts; housekeeping
+        // ends at most every thread's batch (eight threads).
+        assert!(out.len() - before <= 8);
+        let (conns, stmts, threads) = s.sizes();
+        assert!(conns <= limits.max_connections && stmts <= limits.max_statements && threads <= 8);
+        for e in out.drain(..) {
+            if let sqlite::Event::Statement(st) = e.event {
+                assert!(st.end_ns >= st.start_ns);
+                assert!(st.many || st.executes == 1);
+                assert!(st.writes.iter().all(|(w, _)| w.table.len() <= 64 * 255));
+            }
+        }
+    }
+    s.expire(u64::MAX, &mut out);
+    s.process_gone(100, &mut out);
+    s.process_gone(101, &mut out);
+    assert_eq!(s.sizes(), (0, 0, 0));
 }
 
 /// The BTF member-offset parser on arbitrary blobs.

@@ -116,6 +116,10 @@ pub const ENDPOINTS: &[(&str, &str)] =
 /// Redis connections over TLS.
 pub const TLS_ENDPOINTS: &[(&str, &str)] = &[("db-tls", "/db/list"), ("cache-tls", "/cache/hit")];
 
+/// The SQLite part's endpoints (the app's database a SQLite file, read through uprobes
+/// on its libsqlite3): a view making ten queries, and one reading 10,000 rows.
+pub const SQLITE_ENDPOINTS: &[(&str, &str)] = &[("sqlite-10", "/db/ten"), ("sqlite-rows", "/db/rows")];
+
 /// One wrk run of one endpoint in one arm, and what it cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -156,7 +160,7 @@ impl Drop for Scratch {
 }
 
 /// The parts of the benchmark, in the order they run.
-pub const PARTS: &[&str] = &["arms", "tls", "uprobe", "flood", "capacity", "memory", "replay"];
+pub const PARTS: &[&str] = &["arms", "tls", "sqlite", "uprobe", "flood", "capacity", "memory", "replay"];
 
 pub fn bench(quick: bool, only: &[String]) -> Result<()> {
     if let Some(bad) = only.iter().find(|p| !PARTS.contains(&p.as_str())) {
@@ -175,9 +179,10 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
     let mut flood_result = None;
     if on("arms") || on("flood") {
         let pg = Postgres::start()?;
-        migrate(&pg)?;
+        let env = AppEnv::postgres(&pg)?;
+        migrate(&env)?;
         let (redis, redis_port) = start_redis(&pg.dir)?;
-        let env = AppEnv { pg: pg.settings(), redis_port, redis_tls: false, down_port: free_port()? };
+        let env = AppEnv { redis_port, ..env };
         if on("arms") {
             runs.extend(rounds(&plan, &env, ENDPOINTS, &scratch.0)?);
             eprintln!("bench: arm K ({}), once", Arm::K.describe());
@@ -193,12 +198,38 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
     if on("tls") {
         eprintln!("bench: the arms again, PostgreSQL and Redis over TLS");
         let pg = Postgres::start_tls()?;
-        migrate(&pg)?;
+        let env = AppEnv::postgres(&pg)?;
+        migrate(&env)?;
         let (redis, redis_port) = start_redis_tls(&pg.dir)?;
-        let env = AppEnv { pg: pg.settings(), redis_port, redis_tls: true, down_port: free_port()? };
+        let env = AppEnv { redis_port, redis_tls: true, ..env };
         runs.extend(rounds(&plan, &env, TLS_ENDPOINTS, &scratch.0)?);
         drop(redis);
         drop(pg);
+    }
+    if on("sqlite") {
+        eprintln!("bench: the arms on a SQLite database (10,000 rows)");
+        let dir = scratch.0.join("sqlite");
+        fs::create_dir_all(&dir)?;
+        let (redis, redis_port) = start_redis(&dir)?;
+        let file = dir.join("db.sqlite3");
+        let settings = serde_json::json!({"name": file, "conn_max_age": 600}).to_string();
+        let env = AppEnv {
+            db: ("OBSERVER_TEST_SQLITE", settings),
+            redis_port,
+            redis_tls: false,
+            down_port: free_port()?,
+        };
+        migrate(&env)?;
+        manage(
+            &env,
+            &[
+                "shell",
+                "-c",
+                "from shop.models import Item; Item.objects.bulk_create([Item(name='row-%d' % i, price=i % 100) for i in range(10000)], batch_size=500)",
+            ],
+        )?;
+        runs.extend(rounds(&plan, &env, SQLITE_ENDPOINTS, &scratch.0)?);
+        drop(redis);
     }
     let uprobe = if on("uprobe") {
         eprintln!("bench: the cost of one probed library call");
@@ -252,11 +283,22 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
 
 /// Where the app's database and cache are.
 struct AppEnv {
-    pg: String,
+    /// The test app's settings variable for its database and their JSON.
+    db: (&'static str, String),
     redis_port: u16,
     /// Redis serves TLS (`rediss://`).
     redis_tls: bool,
     down_port: u16,
+}
+
+impl AppEnv {
+    /// On `pg`, its failing aliases left out; the cache's port set by the caller.
+    fn postgres(pg: &Postgres) -> Result<Self> {
+        let mut settings: serde_json::Value = serde_json::from_str(&pg.settings())?;
+        settings["failing_aliases"] = false.into();
+        let db = ("OBSERVER_TEST_PG", settings.to_string());
+        Ok(Self { db, redis_port: 0, redis_tls: false, down_port: free_port()? })
+    }
 }
 
 /// Arms A, B and C in alternating rounds, each round in a rotated order.
@@ -286,15 +328,21 @@ fn app_dir() -> PathBuf {
     root().join("tests/apps/djangoapp")
 }
 
-fn migrate(pg: &Postgres) -> Result<()> {
+fn migrate(env: &AppEnv) -> Result<()> {
+    manage(env, &["migrate", "--verbosity", "0"])
+}
+
+/// `manage.py ARGS` of the test app on `env`'s database.
+fn manage(env: &AppEnv, args: &[&str]) -> Result<()> {
     let out = Command::new(venv().join("python"))
-        .args(["manage.py", "migrate", "--verbosity", "0"])
+        .arg("manage.py")
+        .args(args)
         .current_dir(app_dir())
-        .env("OBSERVER_TEST_PG", pg.settings())
+        .env(env.db.0, &env.db.1)
         .output()
-        .context("manage.py migrate (cargo xtask setup makes the venv)")?;
+        .context("manage.py (cargo xtask setup makes the venv)")?;
     if !out.status.success() {
-        bail!("migrate: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("manage.py {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
@@ -311,15 +359,13 @@ fn start_app(plan: &Plan, arm: Arm, env: &AppEnv, port: u16) -> Result<Guard> {
         r#"{{"kind": "django_redis", "location": "{location}", "down": "redis://127.0.0.1:{}/0"}}"#,
         env.down_port
     );
-    let mut pg: serde_json::Value = serde_json::from_str(&env.pg)?;
-    pg["failing_aliases"] = false.into();
     let mut cmd = Command::new(venv().join("python"));
     cmd.arg(venv().join("gunicorn"))
         .args(["--chdir", app_dir().to_str().context("path")?])
         .args(["--bind", &format!("127.0.0.1:{port}"), "--workers", &plan.workers.to_string()])
         .args(["--log-level", "warning", "--backlog", "2048"])
         .arg("testproj.wsgi:application")
-        .env("OBSERVER_TEST_PG", pg.to_string())
+        .env(env.db.0, &env.db.1)
         .env("OBSERVER_TEST_CACHE", cache)
         .stdout(Stdio::null())
         .stderr(Stdio::null());

@@ -8,7 +8,8 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use super::{
-    Arm, ENDPOINTS, Flood, Plan, Run, TLS_ENDPOINTS, capacity::Capacity, scale::Memory, uprobe::UprobeCost,
+    Arm, ENDPOINTS, Flood, Plan, Run, SQLITE_ENDPOINTS, TLS_ENDPOINTS, capacity::Capacity, scale::Memory,
+    uprobe::UprobeCost,
 };
 use crate::{cargo, root, run};
 
@@ -127,6 +128,9 @@ pub struct Results {
     pub overall: Overall,
     /// The same over the TLS part's endpoints.
     pub tls_overall: Option<Overall>,
+    /// The same over the SQLite part's endpoints.
+    #[serde(default)]
+    pub sqlite_overall: Option<Overall>,
     pub uprobe: Option<UprobeCost>,
     pub capacity: Option<Capacity>,
     pub memory: Option<Memory>,
@@ -165,7 +169,9 @@ impl Results {
         let mut summary = Vec::new();
         let mut ratios = Vec::new();
         let ran = |e: &str| runs.iter().any(|r| r.endpoint == e);
-        for (endpoint, _) in ENDPOINTS.iter().chain(TLS_ENDPOINTS).filter(|(e, _)| ran(e)) {
+        for (endpoint, _) in
+            ENDPOINTS.iter().chain(TLS_ENDPOINTS).chain(SQLITE_ENDPOINTS).filter(|(e, _)| ran(e))
+        {
             for arm in [Arm::A, Arm::B, Arm::C, Arm::K] {
                 let rs: Vec<&Run> = runs.iter().filter(|r| r.arm == arm && r.endpoint == *endpoint).collect();
                 if rs.is_empty() {
@@ -267,6 +273,7 @@ impl Results {
             b_over_a_p99: 0.0,
         });
         let tls_overall = overall_of(TLS_ENDPOINTS);
+        let sqlite_overall = overall_of(SQLITE_ENDPOINTS);
         let commit = Command::new("git")
             .args(["rev-parse", "--short", "HEAD"])
             .current_dir(root())
@@ -285,6 +292,7 @@ impl Results {
             ratios,
             overall,
             tls_overall,
+            sqlite_overall,
             uprobe,
             capacity,
             memory,
@@ -333,6 +341,13 @@ impl Results {
                 let _ = writeln!(
                     s,
                     "TLS (`db-tls`, `cache-tls`: PostgreSQL with `sslmode=require`, Redis over `rediss://`, the plaintext read from the app's OpenSSL): **C/A throughput {:.3}, B/A throughput {:.3}; C/A p99 {:.3}, B/A p99 {:.3}.**\n",
+                    t.c_over_a_rps, t.b_over_a_rps, t.c_over_a_p99, t.b_over_a_p99
+                );
+            }
+            if let Some(t) = &self.sqlite_overall {
+                let _ = writeln!(
+                    s,
+                    "SQLite (`sqlite-10`: ten queries, `sqlite-rows`: one query of 10,000 rows; the calls read through uprobes on the app's libsqlite3): **C/A throughput {:.3}, B/A throughput {:.3}; C/A p99 {:.3}, B/A p99 {:.3}.**\n",
                     t.c_over_a_rps, t.b_over_a_rps, t.c_over_a_p99, t.b_over_a_p99
                 );
             }

@@ -64,9 +64,10 @@ pub fn soak(minutes: f64, interval: u64) -> Result<()> {
     fs::create_dir_all(&scratch.0)?;
     let plan = Plan::new(true);
     let pg = Postgres::start()?;
-    migrate(&pg)?;
+    let env = AppEnv::postgres(&pg)?;
+    migrate(&env)?;
     let (redis, redis_port) = start_redis(&pg.dir)?;
-    let env = AppEnv { pg: pg.settings(), redis_port, redis_tls: false, down_port: free_port()? };
+    let env = AppEnv { redis_port, ..env };
     let app_port = free_port()?;
     let app = start_app(&plan, Arm::A, &env, app_port)?;
     let (churn_server, churn_port) = scale::serve(scale::Mode::Churn)?;

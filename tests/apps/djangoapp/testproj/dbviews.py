@@ -222,3 +222,15 @@ def memory(request):
         c.execute("SELECT count(*) FROM scratch")
         (n,) = c.fetchone()
     return HttpResponse("%d\n" % n)
+
+
+def ten(request):
+    """Ten small queries (the bench's per-statement cost)."""
+    found = sum(Item.objects.filter(price=i).exists() for i in range(10))
+    return HttpResponse("%d\n" % found)
+
+
+def rows(request):
+    """One query returning 10,000 rows (the bench's per-row cost: no probe runs per row)."""
+    n = len(list(Item.objects.values_list("id", "price")[:10000]))
+    return HttpResponse("%d\n" % n)
