@@ -259,3 +259,80 @@ fn sqlite_metrics_match_django_prometheus() {
         }
     }
 }
+
+/// SQLite linked statically into the program (as python.org builds link it into
+/// `_sqlite3`): its functions are found in the ELF's static symbol table, the probes set
+/// on the executable itself, and the calls read as from a shared libsqlite3.
+#[test]
+fn sqlite_calls_are_read_from_a_statically_linked_sqlite() {
+    use std::io::{BufRead as _, Write as _};
+    if !ebpf_available() {
+        return;
+    }
+    let dir = TempDir::new("static-sqlite");
+    let exe = dir.0.join("static-sqlite-client");
+    let out = std::process::Command::new("gcc")
+        .args(["-O1", "-o"])
+        .arg(&exe)
+        .arg(harness::django::root().join("tests/apps/static_sqlite/client.c"))
+        .args(["/usr/lib/x86_64-linux-gnu/libsqlite3.a", "-lm", "-ldl", "-lpthread"])
+        .output()
+        .expect("gcc (cargo xtask setup installs it and libsqlite3-dev)");
+    assert!(out.status.success(), "gcc: {}", String::from_utf8_lossy(&out.stderr));
+    let file = format!("{}/static.sqlite3", dir.path());
+    let mut client = std::process::Command::new(&exe)
+        .arg(&file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the static client");
+    let pid = client.id();
+    let mut obs = harness::Observer::start(&["--pid", &pid.to_string()]);
+    obs.wait_for_log("uprobes set on a library", harness::patience(10));
+    client.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut said = String::new();
+    std::io::BufReader::new(client.stdout.take().unwrap()).read_line(&mut said).unwrap();
+    let status = client.wait().unwrap();
+    let trace = obs.stop();
+    assert!(status.success() && said.trim() == "done", "client: {status} {said:?}");
+    let calls: Vec<(String, String, i64)> = trace
+        .of("sqlite", pid)
+        .iter()
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap().to_string(),
+                r["text"].as_str().unwrap().to_string(),
+                r["ret"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    eprintln!("{calls:#?}");
+    let ops: Vec<&str> = calls.iter().map(|c| c.0.as_str()).collect();
+    // CREATE TABLE re-reads the schema from inside its step (sqlite3_exec of a prepare
+    // of its own): not the program's, not seen.
+    assert_eq!(
+        ops,
+        [
+            "Open",
+            "Prepare",
+            "Bind",
+            "Readonly",
+            "Changes",
+            "LastRowid",
+            "Finalize",
+            "Prepare",
+            "Bind",
+            "Readonly",
+            "Changes",
+            "LastRowid",
+            "Finalize",
+            "Prepare",
+            "Errcode",
+            "Close"
+        ]
+    );
+    assert_eq!(calls[0].1, file);
+    assert!(calls[7].1.starts_with("INSERT INTO t (n) VALUES (?)"), "{:?}", calls[7]);
+    assert_eq!((calls[13].2, calls[14].2), (1, 1), "the failed prepare and its error code");
+    assert_eq!(trace.counters["observer_uprobe_libraries_attached_total"], 1, "the executable itself");
+}

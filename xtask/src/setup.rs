@@ -41,6 +41,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // A client with OpenSSL linked in statically (its symbols in .symtab only).
     "gcc",
     "libssl-dev",
+    // ... and one with SQLite linked in statically (libsqlite3.a).
+    "libsqlite3-dev",
     // deploy checks: systemd-analyze verify; setpriv and unshare for the capability test.
     "systemd",
     "util-linux",
