@@ -287,7 +287,8 @@ impl Sink for Printer {
             Record::ProcMap { pid, ts_ns } => format!("{} pid={pid} mapped a file executable", self.wall(*ts_ns)),
             Record::Sqlite(c) if self.json => json!({"type": "sqlite", "ts_ns": c.enter_ns, "exit_ns": c.exit_ns,
                 "pid": c.tgid, "tid": c.tid, "op": format!("{:?}", c.op), "handle": c.handle, "arg": c.arg,
-                "ret": c.ret, "text": self.preview(c.text), "truncated": c.truncated})
+                "ret": c.ret, "text": self.preview(c.text), "truncated": c.truncated,
+                "data": base64::engine::general_purpose::STANDARD.encode(c.text)})
             .to_string(),
             Record::Sqlite(c) => format!(
                 "{} pid={}/{} sqlite {:?} handle={:#x} arg={:#x} ret={} {}us {}",

@@ -341,3 +341,106 @@ proptest! {
         prop_assert_eq!(s.sizes(), (0, 0, 0));
     }
 }
+
+/// A real pass: the test app's /db/ views (and a write refused by another process's
+/// lock, a file that is not a database, an in-memory alias twice) on one gunicorn sync
+/// worker with django-prometheus's sqlite3 engine, its calls recorded with `observer trace
+/// --json` (and the worker's socket records, which close a batch). Replayed, the counts
+/// are what django-prometheus counted in the app for the same pass.
+#[test]
+fn a_recorded_pass_counts_what_django_prometheus_counted() {
+    use base64::Engine as _;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/protocol/testdata/sqlite-django-pass.jsonl");
+    let mut s = Sqlite::default();
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string(path).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let n = |k: &str| v[k].as_u64().unwrap();
+        let tid = n("tid") as u32;
+        if v.get("io_ns").is_some() {
+            s.quiesce(1, tid, &mut out);
+            continue;
+        }
+        let op = match v["op"].as_str().unwrap() {
+            "Open" => SqliteOp::Open,
+            "Prepare" => SqliteOp::Prepare,
+            "Bind" => SqliteOp::Bind,
+            "Readonly" => SqliteOp::Readonly,
+            "Changes" => SqliteOp::Changes,
+            "LastRowid" => SqliteOp::LastRowid,
+            "Errcode" => SqliteOp::Errcode,
+            "Finalize" => SqliteOp::Finalize,
+            "Close" => SqliteOp::Close,
+            o => panic!("op {o}"),
+        };
+        let text = base64::engine::general_purpose::STANDARD.decode(v["data"].as_str().unwrap()).unwrap();
+        let c = SqliteCall {
+            enter_ns: n("enter_ns"),
+            exit_ns: n("exit_ns"),
+            tgid: 1,
+            tid,
+            op,
+            handle: n("handle"),
+            arg: n("arg"),
+            ret: v["ret"].as_i64().unwrap(),
+            text: &text,
+            truncated: v["truncated"].as_bool().unwrap(),
+        };
+        s.call(&c, &mut out);
+    }
+    let alias = |file: &str| match file {
+        "/tmp/fx/db.sqlite3" => "default",
+        "/tmp/fx/notadb.sqlite3" => "notadb",
+        ":memory:" => "memory",
+        "/nonexistent-observer-dir/broken.sqlite3" => "broken",
+        f => panic!("file {f}"),
+    };
+    let mut got: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut add = |k: String, n: u64| *got.entry(k).or_default() += n;
+    for e in &out {
+        match &e.event {
+            Event::Attempt { file, failed } => {
+                add(format!("new_connections {}", alias(file)), 1);
+                if *failed {
+                    add(format!("new_connection_errors {}", alias(file)), 1);
+                }
+            }
+            Event::ConnectFailed { .. } => panic!("no connect statement failed"),
+            Event::Statement(st) => {
+                let a = alias(st.file.as_deref().expect("every connection opened while traced"));
+                add(format!("execute {a}"), u64::from(st.executes));
+                if st.many {
+                    add(format!("execute_many {a}"), u64::from(st.executes));
+                }
+                if let Some(t) = st.error {
+                    add(format!("errors {a} {t}"), 1);
+                }
+                add(format!("duration_count {a}"), 1);
+            }
+        }
+    }
+    // django-prometheus's deltas over the same pass (its /metrics before and after).
+    let theirs: std::collections::BTreeMap<String, u64> = [
+        ("errors default IntegrityError", 2),
+        ("errors default OperationalError", 3),
+        ("errors notadb DatabaseError", 1),
+        ("execute_many default", 4),
+        ("execute default", 26),
+        ("execute memory", 6),
+        ("execute notadb", 1),
+        ("new_connection_errors broken", 1),
+        ("new_connections broken", 1),
+        ("new_connections default", 15),
+        ("new_connections memory", 1),
+        ("new_connections notadb", 1),
+        ("duration_count default", 23),
+        ("duration_count memory", 6),
+        ("duration_count notadb", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(got, theirs);
+    assert_eq!((s.stats.unmatched_ends, s.stats.abandoned, s.stats.unknown_statements), (0, 0, 0));
+    assert!(s.stats.connect_statements > 0);
+}
