@@ -18,6 +18,7 @@ mod probe;
 mod report;
 pub mod scale;
 pub mod soak;
+mod syscall;
 mod uprobe;
 
 use std::{
@@ -160,7 +161,8 @@ impl Drop for Scratch {
 }
 
 /// The parts of the benchmark, in the order they run.
-pub const PARTS: &[&str] = &["arms", "tls", "sqlite", "uprobe", "flood", "capacity", "memory", "replay"];
+pub const PARTS: &[&str] =
+    &["arms", "tls", "sqlite", "uprobe", "syscall", "flood", "capacity", "memory", "replay"];
 
 pub fn bench(quick: bool, only: &[String]) -> Result<()> {
     if let Some(bad) = only.iter().find(|p| !PARTS.contains(&p.as_str())) {
@@ -237,6 +239,12 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
     } else {
         None
     };
+    let syscall = if on("syscall") {
+        eprintln!("bench: the cost of the syscall tracepoints per syscall");
+        Some(syscall::measure(&plan, &scratch.0)?)
+    } else {
+        None
+    };
     let capacity = if on("capacity") {
         eprintln!("bench: capacity ramp (nginx traced by the observer)");
         Some(capacity::ramp(&plan, &scratch.0)?)
@@ -264,6 +272,7 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
         memory,
         flood_result,
         uprobe,
+        syscall,
         replay,
         started.elapsed(),
     );

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{
     Arm, ENDPOINTS, Flood, Plan, Run, SQLITE_ENDPOINTS, TLS_ENDPOINTS, capacity::Capacity, scale::Memory,
+    syscall::{CALLS, SyscallCost},
     uprobe::UprobeCost,
 };
 use crate::{cargo, root, run};
@@ -132,6 +133,8 @@ pub struct Results {
     #[serde(default)]
     pub sqlite_overall: Option<Overall>,
     pub uprobe: Option<UprobeCost>,
+    #[serde(default)]
+    pub syscall: Option<SyscallCost>,
     pub capacity: Option<Capacity>,
     pub memory: Option<Memory>,
     pub flood: Option<Flood>,
@@ -163,6 +166,7 @@ impl Results {
         memory: Option<Memory>,
         flood: Option<Flood>,
         uprobe: Option<UprobeCost>,
+        syscall: Option<SyscallCost>,
         replay: Vec<Replay>,
         elapsed: Duration,
     ) -> Self {
@@ -294,6 +298,7 @@ impl Results {
             tls_overall,
             sqlite_overall,
             uprobe,
+            syscall,
             capacity,
             memory,
             flood,
@@ -430,6 +435,28 @@ impl Results {
                     sp(c.bare_ns, 1.0, 1),
                     sp(c.traced_ns, 1.0, 0),
                     sp(c.untraced_ns, 1.0, 0)
+                );
+            }
+        }
+        if let Some(c) = &self.syscall {
+            let _ = writeln!(
+                s,
+                "\nOne syscall ({} calls per sample), ns per call, and what the observer adds:\n",
+                c.calls_per_sample
+            );
+            let _ = writeln!(
+                s,
+                "| syscall | bare | traced | observer running, not traced | added, traced | added, not traced |\n|---|---|---|---|---|---|"
+            );
+            for ((_, bare, on, off), (_, name)) in c.calls.iter().zip(CALLS) {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {} | {:.0} | {:.0} |",
+                    sp(*bare, 1.0, 0),
+                    sp(*on, 1.0, 0),
+                    sp(*off, 1.0, 0),
+                    on.median - bare.median,
+                    off.median - bare.median
                 );
             }
         }

@@ -104,15 +104,16 @@ impl Samples {
 
 const FUNCTIONS: [&str; 2] = ["read", "free"];
 
-/// A driver process, waiting for a number of calls to make.
-struct Driver {
+/// A driver process, waiting for a number of calls to make: reads "WHAT N", makes N
+/// calls of WHAT, prints the ns they took (the syscall part drives its own the same way).
+pub(super) struct Driver {
     guard: Guard,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Driver {
-    fn start(dir: &Path) -> Result<Self> {
+    pub(super) fn start(dir: &Path) -> Result<Self> {
         let mut child: Child = Command::new(dir.join("driver"))
             .env("LD_LIBRARY_PATH", dir)
             .stdin(Stdio::piped())
@@ -124,12 +125,12 @@ impl Driver {
         Ok(Self { guard: Guard(child), stdin, stdout })
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.guard.0.id()
     }
 
-    /// ns per call of `what` (read, free) over `n` calls.
-    fn sample(&mut self, what: &str, n: u64) -> Result<f64> {
+    /// ns per call of `what` over `n` calls.
+    pub(super) fn sample(&mut self, what: &str, n: u64) -> Result<f64> {
         writeln!(self.stdin, "{what} {n}")?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
@@ -138,7 +139,7 @@ impl Driver {
     }
 }
 
-fn rustc(dir: &Path, args: &[&str]) -> Result<()> {
+pub(super) fn rustc(dir: &Path, args: &[&str]) -> Result<()> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let out = Command::new(rustc).current_dir(dir).args(["--edition", "2024", "-O"]).args(args).output()?;
     if !out.status.success() {
