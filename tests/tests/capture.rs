@@ -415,12 +415,13 @@ fn go(client: &mut std::process::Child) -> (std::process::ExitStatus, String) {
 /// after tracing started, as a worker's first request does), and over two connections
 /// sends lines and reads their echoes.
 const TLS_CLIENT: &str = r#"
-import socket, sys
+import os, socket, sys
 sys.stdin.readline()
 import ssl, time
 # The probes are set a few ms after the library is mapped (README: TLS); an app that
-# calls OpenSSL sooner than that loses its first exchange to it.
-time.sleep(0.2)
+# calls OpenSSL sooner than that loses its first exchange to it. (Under emulation, as
+# in the kernel matrix, everything is OBSERVER_TEST_SLOWDOWN times slower.)
+time.sleep(0.2 * float(os.environ.get("OBSERVER_TEST_SLOWDOWN", "1")))
 ctx = ssl.create_default_context(cafile=sys.argv[2])
 for conn in range(2):
     with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as s:
