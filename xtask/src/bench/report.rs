@@ -8,7 +8,9 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use super::{
-    Arm, ENDPOINTS, Flood, Plan, Run, SQLITE_ENDPOINTS, TLS_ENDPOINTS, capacity::Capacity, scale::Memory,
+    Arm, ENDPOINTS, Flood, Plan, Run, SQLITE_ENDPOINTS, TLS_ENDPOINTS,
+    capacity::Capacity,
+    scale::Memory,
     syscall::{CALLS, SyscallCost},
     uprobe::UprobeCost,
 };
@@ -115,6 +117,9 @@ pub struct Replay {
     pub records_per_iteration: f64,
     pub ns_per_iteration: f64,
     pub records_per_s: f64,
+    /// Heap allocations per record, over a pass after a warm one.
+    #[serde(default)]
+    pub allocations_per_record: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -485,10 +490,17 @@ impl Results {
         }
         if !self.replay.is_empty() {
             let _ = writeln!(s, "\nUserspace replay of recorded streams (criterion, one core):\n");
-            let _ = writeln!(s, "| stream | records per pass | records/s |\n|---|---|---|");
+            let _ = writeln!(
+                s,
+                "| stream | records per pass | records/s | allocations/record |\n|---|---|---|---|"
+            );
             for r in &self.replay {
-                let _ =
-                    writeln!(s, "| {} | {:.0} | {:.0} |", r.name, r.records_per_iteration, r.records_per_s);
+                let allocs = r.allocations_per_record.map_or("–".to_string(), |a| format!("{a:.2}"));
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.0} | {:.0} | {allocs} |",
+                    r.name, r.records_per_iteration, r.records_per_s
+                );
             }
         }
         s
@@ -563,13 +575,13 @@ impl Memory {
 /// Runs the criterion replay benchmarks and reads their estimates.
 pub fn replay(quick: bool) -> Result<Vec<Replay>> {
     let secs = if quick { "2" } else { "5" };
-    run(cargo().args(["bench", "--package", "observer", "--bench", "replay", "--"]).args([
-        "--warm-up-time",
-        "1",
-        "--measurement-time",
-        secs,
-        "--noplot",
-    ]))?;
+    let counted = root().join("target/bench/replay-allocations.txt");
+    fs::create_dir_all(root().join("target/bench"))?;
+    let _ = fs::remove_file(&counted);
+    run(cargo()
+        .env("OBSERVER_REPLAY_ALLOCATIONS", &counted)
+        .args(["bench", "--package", "observer", "--bench", "replay", "--"])
+        .args(["--warm-up-time", "1", "--measurement-time", secs, "--noplot"]))?;
     let dir = root().join("target/criterion/replay");
     let mut out = Vec::new();
     for e in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -586,7 +598,19 @@ pub fn replay(quick: bool) -> Result<Vec<Replay>> {
         let meta = read("benchmark.json")?;
         let ns = est["mean"]["point_estimate"].as_f64().unwrap_or(0.0);
         let records = meta["throughput"]["Elements"].as_f64().unwrap_or(0.0);
+        let allocations_per_record = fs::read_to_string(&counted).ok().and_then(|t| {
+            t.lines().find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                match f.as_slice() {
+                    [n, records, allocs] if *n == name => {
+                        Some(allocs.parse::<f64>().ok()? / records.parse::<f64>().ok()?.max(1.0))
+                    }
+                    _ => None,
+                }
+            })
+        });
         out.push(Replay {
+            allocations_per_record,
             name,
             records_per_iteration: records,
             ns_per_iteration: ns,
