@@ -10,7 +10,7 @@
 //!   before the view, like a CSRF 403, is counted where django-prometheus would not);
 //! - absent: template names and exception types and views, which never reach the wire.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
@@ -31,6 +31,9 @@ pub const OTHER: &str = "<other>";
 const MAX_RAW_METHODS: usize = 16;
 /// Distinct charsets kept per target.
 const MAX_CHARSETS: usize = 16;
+/// Kinds of exchange whose series are kept resolved (past it, each exchange resolves its
+/// own, as before).
+const MAX_RESOLVED: usize = 4096;
 
 /// What one request/response pair contributes.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +94,69 @@ pub struct HttpMetrics {
     streaming: IntCounter,
     raw_methods: HashSet<String>,
     charsets: HashSet<String>,
+    /// By view: the series each kind of exchange moves, resolved once.
+    resolved: HashMap<Box<str>, Vec<(Kind, Series)>>,
+    resolved_len: usize,
     pub overflows: Overflows,
+}
+
+/// What picks an exchange's labelled series, besides its view.
+#[derive(Debug, PartialEq, Eq)]
+struct Kind {
+    method: Box<str>,
+    secure: bool,
+    status: u16,
+    charset: Box<str>,
+    resolved: bool,
+}
+
+impl Kind {
+    fn of(o: &HttpObservation<'_>) -> Self {
+        Self {
+            method: o.method.into(),
+            secure: o.secure,
+            status: o.status,
+            charset: o.charset.into(),
+            resolved: o.resolved,
+        }
+    }
+
+    fn is(&self, o: &HttpObservation<'_>) -> bool {
+        self.status == o.status
+            && self.secure == o.secure
+            && self.resolved == o.resolved
+            && *self.method == *o.method
+            && *self.charset == *o.charset
+    }
+}
+
+/// The labelled series one kind of exchange moves: `with_label_values` hashes every
+/// label value on each call, the costliest part of an exchange in the agent's profile.
+struct Series {
+    latency: Histogram,
+    by_method: IntCounter,
+    by_transport: IntCounter,
+    by_view_transport_method: Option<IntCounter>,
+    by_status: IntCounter,
+    by_status_view_method: IntCounter,
+    by_charset: IntCounter,
+    /// Its method or charset was folded into `<other>` (counted per exchange).
+    method_overflow: bool,
+    charset_overflow: bool,
+}
+
+impl Series {
+    fn count(&self, o: &HttpObservation<'_>) {
+        self.latency.observe(o.latency_s);
+        self.by_method.inc();
+        self.by_transport.inc();
+        if let Some(c) = &self.by_view_transport_method {
+            c.inc();
+        }
+        self.by_status.inc();
+        self.by_status_view_method.inc();
+        self.by_charset.inc();
+    }
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -205,6 +270,8 @@ impl HttpMetrics {
             streaming: counter(r, "django_http_responses_streaming_total", "Count of streaming responses.")?,
             raw_methods: HashSet::new(),
             charsets: HashSet::new(),
+            resolved: HashMap::new(),
+            resolved_len: 0,
             overflows: Overflows::default(),
         })
     }
@@ -238,33 +305,58 @@ impl HttpMetrics {
     /// Records one request/response pair, as django-prometheus's Before and After
     /// middlewares would.
     pub fn observe(&mut self, o: &HttpObservation<'_>) {
-        let method = sanitize_method(o.method);
-        let raw = self.raw_method(o.method);
-        let transport = if o.secure { "https" } else { "http" };
-        let status = o.status.to_string();
-        let charset = self.charset(o.charset);
-
         self.requests_before.inc();
         self.responses_before.inc();
         self.latency_including.observe(o.latency_s);
-        self.latency_by_view_method.with_label_values(&[o.view, raw]).observe(o.latency_s);
         if o.ajax {
             self.ajax.inc();
         }
-        self.by_method.with_label_values(&[method]).inc();
-        self.by_transport.with_label_values(&[transport]).inc();
-        if o.resolved {
-            self.by_view_transport_method.with_label_values(&[o.view, transport, method]).inc();
-        }
         self.request_body.observe(o.request_body);
-        self.by_status.with_label_values(&[status.as_str()]).inc();
-        self.by_status_view_method.with_label_values(&[status.as_str(), o.view, method]).inc();
         match o.response_body {
             Body::Size(n) => self.response_body.observe(n as f64),
             Body::Streaming => self.streaming.inc(),
             Body::Unknown => {}
         }
-        self.by_charset.with_label_values(&[charset]).inc();
+        let known = self.resolved.get(o.view).and_then(|v| v.iter().find(|(k, _)| k.is(o)));
+        if let Some((_, s)) = known {
+            self.overflows.methods += u64::from(s.method_overflow);
+            self.overflows.charsets += u64::from(s.charset_overflow);
+            s.count(o);
+            return;
+        }
+        let s = self.resolve(o);
+        s.count(o);
+        if self.resolved_len < MAX_RESOLVED {
+            self.resolved_len += 1;
+            self.resolved.entry(o.view.into()).or_default().push((Kind::of(o), s));
+        }
+    }
+
+    /// The labelled series of an exchange like `o`, looked up in the families.
+    fn resolve(&mut self, o: &HttpObservation<'_>) -> Series {
+        let before = self.overflows;
+        let method = sanitize_method(o.method);
+        let raw = self.raw_method(o.method);
+        let transport = if o.secure { "https" } else { "http" };
+        let status = o.status.to_string();
+        let charset = self.charset(o.charset);
+        Series {
+            latency: self.latency_by_view_method.with_label_values(&[o.view, raw]),
+            by_method: self.by_method.with_label_values(&[method]),
+            by_transport: self.by_transport.with_label_values(&[transport]),
+            by_view_transport_method: o
+                .resolved
+                .then(|| self.by_view_transport_method.with_label_values(&[o.view, transport, method])),
+            by_status: self.by_status.with_label_values(&[status.as_str()]),
+            by_status_view_method: self.by_status_view_method.with_label_values(&[
+                status.as_str(),
+                o.view,
+                method,
+            ]),
+            by_charset: self.by_charset.with_label_values(&[charset]),
+            method_overflow: self.overflows.methods > before.methods,
+            charset_overflow: self.overflows.charsets > before.charsets,
+        }
     }
 }
 
@@ -402,5 +494,31 @@ mod tests {
             .filter(|l| l.starts_with("django_http_requests_latency_seconds_by_view_method_count"))
             .count();
         assert_eq!(series, MAX_RAW_METHODS + 1);
+    }
+
+    /// The series an exchange moves are resolved once per kind of exchange: a repeated
+    /// exchange counts in every family as the first did, and an overflowing method still
+    /// counts once per exchange.
+    #[test]
+    fn repeated_exchanges_count_through_their_resolved_series() {
+        let (r1, r2) = (Registry::new(), Registry::new());
+        let (mut once, mut twice) = (HttpMetrics::new(&r1).unwrap(), HttpMetrics::new(&r2).unwrap());
+        for m in [&mut once, &mut twice] {
+            for i in 0..MAX_RAW_METHODS {
+                m.observe(&obs(&format!("M{i}"), "v", 405));
+            }
+        }
+        let repeated = [obs("GET", "shop:item", 200), obs("POST", "shop:item", 302), obs("MOVE", "v", 405)];
+        for o in &repeated {
+            once.observe(o);
+            once.observe(o);
+            twice.observe(o);
+        }
+        for o in &repeated {
+            twice.observe(o);
+        }
+        assert_eq!(values(&r1), values(&r2));
+        assert_eq!(values(&r1)[r#"django_http_requests_total_by_method_total{method="GET"}"#], 2.0);
+        assert_eq!((once.overflows.methods, twice.overflows.methods), (2, 2), "MOVE folded, twice");
     }
 }
