@@ -19,12 +19,15 @@ use serde::Serialize;
 use super::{
     Observer, Plan,
     report::Spread,
-    uprobe::{Driver, rustc},
+    uprobe::{Driver, driver_source, rustc},
 };
 
-const DRIVER: &str = r#"
-use std::io::{BufRead, Read, Write};
-fn main() {
+const DRIVER_HEAD: &str = r#"
+use std::io::{Read, Write};
+unsafe extern "C" { #[link_name = "getppid"] fn libc_getppid() -> i32; }
+"#;
+
+const DRIVER_SETUP: &str = r#"
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (mut server, _) = l.accept().unwrap();
@@ -32,23 +35,15 @@ fn main() {
     let mut null = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
     let msg = [7u8; 64];
     let mut buf = [0u8; 64];
-    for line in std::io::stdin().lock().lines() {
-        let line = line.unwrap();
-        let (what, n) = line.trim().split_once(' ').unwrap();
-        let n: u64 = n.parse().unwrap();
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            match what {
-                // SAFETY: a syscall without arguments.
-                "getppid" => { std::hint::black_box(unsafe { libc_getppid() }); }
-                "devnull" => { null.write_all(&msg).unwrap(); }
-                _ => { client.write_all(&msg).unwrap(); server.read_exact(&mut buf).unwrap(); }
-            }
-        }
-        println!("{}", t.elapsed().as_nanos());
+"#;
+
+const DRIVER_CALL: &str = r#"
+    match what {
+        // SAFETY: a syscall without arguments.
+        "getppid" => { std::hint::black_box(unsafe { libc_getppid() }); }
+        "devnull" => { null.write_all(&msg).unwrap(); }
+        _ => { client.write_all(&msg).unwrap(); server.read_exact(&mut buf).unwrap(); }
     }
-}
-unsafe extern "C" { #[link_name = "getppid"] fn libc_getppid() -> i32; }
 "#;
 
 /// The kinds of call, as the driver names them, and as the report does.
@@ -68,7 +63,7 @@ pub struct SyscallCost {
 pub fn measure(plan: &Plan, scratch: &Path) -> Result<SyscallCost> {
     let dir = scratch.join("syscall");
     fs::create_dir_all(&dir)?;
-    fs::write(dir.join("driver.rs"), DRIVER)?;
+    fs::write(dir.join("driver.rs"), driver_source(DRIVER_HEAD, DRIVER_SETUP, DRIVER_CALL))?;
     rustc(&dir, &["-o", "driver", "driver.rs"])?;
     let n: u64 = if plan.quick { 100_000 } else { 400_000 };
     let (mut traced, mut other) = (Driver::start(&dir)?, Driver::start(&dir)?);

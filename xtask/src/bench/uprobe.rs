@@ -41,34 +41,39 @@ pub extern "C" fn SSL_write_ex(_ssl: *mut u8, _buf: *const u8, _num: usize, _don
 pub extern "C" fn SSL_free(_ssl: *mut u8) {}
 "#;
 
-const DRIVER: &str = r#"
-use std::io::BufRead;
+const DRIVER_HEAD: &str = r#"
 #[link(name = "ssl-observer-bench")]
 unsafe extern "C" {
     fn SSL_read(ssl: *mut u8, buf: *mut u8, num: i32) -> i32;
     fn SSL_free(ssl: *mut u8);
 }
-fn main() {
-    let mut buf = [0u8; 16];
-    for line in std::io::stdin().lock().lines() {
-        let line = line.unwrap();
-        let (what, n) = line.trim().split_once(' ').unwrap();
-        let n: u64 = n.parse().unwrap();
-        let t = std::time::Instant::now();
-        for _ in 0..n {
-            // SAFETY: the bench's library ignores its arguments.
-            unsafe {
-                if what == "read" {
-                    std::hint::black_box(SSL_read(std::ptr::null_mut(), buf.as_mut_ptr(), 16));
-                } else {
-                    SSL_free(std::hint::black_box(std::ptr::null_mut()));
-                }
-            }
-        }
-        println!("{}", t.elapsed().as_nanos());
-    }
-}
 "#;
+
+const DRIVER_SETUP: &str = "let mut buf = [0u8; 16];";
+
+const DRIVER_CALL: &str = r#"
+    // SAFETY: the bench's library ignores its arguments.
+    unsafe {
+        if what == "read" {
+            std::hint::black_box(SSL_read(std::ptr::null_mut(), buf.as_mut_ptr(), 16));
+        } else {
+            SSL_free(std::hint::black_box(std::ptr::null_mut()));
+        }
+    }
+"#;
+
+/// A driver's source: `head` (items), then a main that runs `setup` once and, for each
+/// "WHAT N" line on stdin, `call` (a block that reads `what`) N times, and prints the ns
+/// they took.
+pub(super) fn driver_source(head: &str, setup: &str, call: &str) -> String {
+    format!(
+        "{head}\nfn main() {{\n    use std::io::BufRead;\n    {setup}\n    \
+         for line in std::io::stdin().lock().lines() {{\n        let line = line.unwrap();\n        \
+         let (what, n) = line.trim().split_once(' ').unwrap();\n        let n: u64 = n.parse().unwrap();\n        \
+         let t = std::time::Instant::now();\n        for _ in 0..n {{ {call} }}\n        \
+         println!(\"{{}}\", t.elapsed().as_nanos());\n    }}\n}}\n"
+    )
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct UprobeCost {
@@ -152,7 +157,7 @@ pub fn measure(plan: &Plan, scratch: &Path) -> Result<UprobeCost> {
     let dir = scratch.join("uprobe");
     fs::create_dir_all(&dir)?;
     fs::write(dir.join("lib.rs"), LIBRARY)?;
-    fs::write(dir.join("driver.rs"), DRIVER)?;
+    fs::write(dir.join("driver.rs"), driver_source(DRIVER_HEAD, DRIVER_SETUP, DRIVER_CALL))?;
     // Named like OpenSSL's library, so the observer looks at it first.
     rustc(&dir, &["--crate-type", "cdylib", "-o", "libssl-observer-bench.so", "lib.rs"])?;
     rustc(&dir, &["-L", ".", "-l", "dylib=ssl-observer-bench", "-o", "driver", "driver.rs"])?;
