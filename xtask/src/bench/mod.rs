@@ -95,6 +95,10 @@ pub enum Arm {
     /// for the per-program kernel time only: the statistics themselves cost about a
     /// clock read per program run, so C runs without them.
     K,
+    /// The plain app with the observer tracing another, idle process: what the syscall
+    /// tracepoints, which run for every task on the node, cost a process that is not
+    /// traced ([11]'s breakdown: C minus D is what tracing the app itself costs).
+    D,
 }
 
 impl Arm {
@@ -104,6 +108,7 @@ impl Arm {
             Arm::B => "django-prometheus",
             Arm::C => "plain app + observer",
             Arm::K => "observer, BPF statistics on",
+            Arm::D => "plain app, observer tracing another process",
         }
     }
 }
@@ -186,7 +191,7 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
         let (redis, redis_port) = start_redis(&pg.dir)?;
         let env = AppEnv { redis_port, ..env };
         if on("arms") {
-            runs.extend(rounds(&plan, &env, ENDPOINTS, &scratch.0)?);
+            runs.extend(rounds(&plan, &env, ENDPOINTS, &scratch.0, &[Arm::A, Arm::B, Arm::C, Arm::D])?);
             eprintln!("bench: arm K ({}), once", Arm::K.describe());
             runs.extend(run_arm(&plan, 0, Arm::K, &env, ENDPOINTS, &scratch.0)?);
         }
@@ -204,7 +209,7 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
         migrate(&env)?;
         let (redis, redis_port) = start_redis_tls(&pg.dir)?;
         let env = AppEnv { redis_port, redis_tls: true, ..env };
-        runs.extend(rounds(&plan, &env, TLS_ENDPOINTS, &scratch.0)?);
+        runs.extend(rounds(&plan, &env, TLS_ENDPOINTS, &scratch.0, &[Arm::A, Arm::B, Arm::C])?);
         drop(redis);
         drop(pg);
     }
@@ -230,7 +235,7 @@ pub fn bench(quick: bool, only: &[String]) -> Result<()> {
                 "from shop.models import Item; Item.objects.bulk_create([Item(name='row-%d' % i, price=i % 100) for i in range(10000)], batch_size=500)",
             ],
         )?;
-        runs.extend(rounds(&plan, &env, SQLITE_ENDPOINTS, &scratch.0)?);
+        runs.extend(rounds(&plan, &env, SQLITE_ENDPOINTS, &scratch.0, &[Arm::A, Arm::B, Arm::C])?);
         drop(redis);
     }
     let uprobe = if on("uprobe") {
@@ -310,14 +315,14 @@ impl AppEnv {
     }
 }
 
-/// Arms A, B and C in alternating rounds, each round in a rotated order.
+/// `arms` in alternating rounds, each round in a rotated order.
 fn rounds(
     plan: &Plan,
     env: &AppEnv,
     endpoints: &[(&'static str, &'static str)],
     scratch: &Path,
+    arms: &[Arm],
 ) -> Result<Vec<Run>> {
-    let arms = [Arm::A, Arm::B, Arm::C];
     let mut runs = Vec::new();
     for round in 0..plan.rounds {
         for i in 0..arms.len() {
@@ -454,6 +459,15 @@ fn run_arm(
     let app_pid = app.0.id();
     let observer = match arm {
         Arm::C | Arm::K => Some(Observer::start(&["--pid", &app_pid.to_string()], scratch, arm == Arm::K)?),
+        _ => None,
+    };
+    // Arm D: the observer runs, tracing an idle process of its own.
+    let _elsewhere = match arm {
+        Arm::D => {
+            let idle = Guard(Command::new("sleep").arg("3600").spawn().context("starting sleep")?);
+            let o = Observer::start(&["--pid", &idle.0.id().to_string()], scratch, false)?;
+            Some((o, idle))
+        }
         _ => None,
     };
     // Warm up every endpoint (imports, connections; in C the app's discovery).

@@ -181,7 +181,7 @@ impl Results {
         for (endpoint, _) in
             ENDPOINTS.iter().chain(TLS_ENDPOINTS).chain(SQLITE_ENDPOINTS).filter(|(e, _)| ran(e))
         {
-            for arm in [Arm::A, Arm::B, Arm::C, Arm::K] {
+            for arm in [Arm::A, Arm::B, Arm::C, Arm::D, Arm::K] {
                 let rs: Vec<&Run> = runs.iter().filter(|r| r.arm == arm && r.endpoint == *endpoint).collect();
                 if rs.is_empty() {
                     continue;
