@@ -106,22 +106,22 @@ def rollback(request):
     return HttpResponse("rolled back\n")
 
 
-def broken(request):
+def _refused(alias, sql, error, said):
+    """A query on `alias` that must raise `error` (a 200 saying `said`), else a 500."""
     try:
-        with connections["broken"].cursor() as c:
-            c.execute("SELECT 1")
-    except OperationalError:
-        return HttpResponse("refused\n")
-    return HttpResponse("connected?\n", status=500)
+        with connections[alias].cursor() as c:
+            c.execute(sql)
+    except error:
+        return HttpResponse(said + "\n")
+    return HttpResponse("no error?\n", status=500)
+
+
+def broken(request):
+    return _refused("broken", "SELECT 1", OperationalError, "refused")
 
 
 def wrongpw(request):
-    try:
-        with connections["wrongpw"].cursor() as c:
-            c.execute("SELECT 1")
-    except OperationalError:
-        return HttpResponse("denied\n")
-    return HttpResponse("connected?\n", status=500)
+    return _refused("wrongpw", "SELECT 1", OperationalError, "denied")
 
 
 @csrf_exempt
@@ -205,12 +205,7 @@ def notadb(request):
     that reads the schema fails (SQLITE_NOTADB, a DatabaseError)."""
     from django.db import DatabaseError
 
-    try:
-        with connections["notadb"].cursor() as c:
-            c.execute("SELECT count(*) FROM sqlite_master")
-    except DatabaseError:
-        return HttpResponse("not a database\n")
-    return HttpResponse("a database?\n", status=500)
+    return _refused("notadb", "SELECT count(*) FROM sqlite_master", DatabaseError, "not a database")
 
 
 def memory(request):
