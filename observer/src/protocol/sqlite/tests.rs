@@ -217,13 +217,8 @@ fn a_statement_finalized_on_another_thread() {
     s.call(&prepare(6, ST, b"DELETE FROM \"shop_item\" WHERE id = ?\0"), &mut out);
     s.call(&call(SqliteOp::Bind, 7, ST), &mut out);
     s.call(&call(SqliteOp::LastRowid, 8, DB), &mut out);
-    let st: Vec<&Statement> = out
-        .iter()
-        .filter_map(|e| match &e.event {
-            Event::Statement(s) => Some(s),
-            _ => None,
-        })
-        .collect();
+    let events: Vec<Event> = out.into_iter().map(|e| e.event).collect();
+    let st = statements(&events);
     assert_eq!(st.len(), 2);
     assert_eq!((st[0].start_ns, st[0].end_ns, st[0].writes[0].0.op), (1, 4, WriteOp::Insert));
     assert_eq!((st[1].start_ns, st[1].writes[0].0.op), (6, WriteOp::Delete));
