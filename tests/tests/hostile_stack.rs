@@ -628,14 +628,8 @@ const HTTP_EXACT: [&str; 15] = [
     "django_http_requests_unknown_latency_including_middlewares_total",
     "django_http_responses_body_total_bytes_count",
 ];
-const DB_EXACT: [&str; 6] = [
-    "django_db_new_connections_total",
-    "django_db_new_connection_errors_total",
-    "django_db_execute_total",
-    "django_db_execute_many_total",
-    "django_db_errors_total",
-    "django_db_query_duration_seconds_count",
-];
+/// The database families, as every fidelity test lists them.
+const DB_EXACT: [&str; 6] = harness::django::DB_EXACT;
 const REDIS_EXACT: [&str; 4] = [
     "django_cache_get_total",
     "django_cache_get_hits_total",
